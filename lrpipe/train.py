@@ -1,0 +1,175 @@
+"""The training loop: one config in, one History out.
+
+``train()`` evaluates before any update (epoch 0) and after every epoch, on a fixed training
+subset and on the validation split, both in eval mode. A non-finite training loss stops the
+run at once: it is recorded as ``diverged`` with the epoch it happened in, and the finite
+history is kept. The loop emits (``on_epoch``); the caller logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrpipe.config import TrainConfig
+from lrpipe.data import Dataset, Split, iterate_batches, load_data
+from lrpipe.models import make_model
+from lrpipe.optim import make_optimizer
+from lrpipe.schedules import make_schedule
+
+METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
+EVAL_BATCH = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` means cuda when available, else cpu; an unavailable cuda is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: got {name!r} but CUDA is not available here; allowed: "
+                         "auto, cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``history`` has one row per evaluated epoch (0 = before training)."""
+
+    history: pd.DataFrame
+    status: str  # "ok" | "diverged"
+    diverged_epoch: int | None = None
+    device: str = "cpu"
+    model: nn.Module | None = field(default=None, repr=False)
+    lr_trace: list[float] = field(default_factory=list, repr=False)  # base rate at every step
+
+    def final(self) -> dict[str, float]:
+        """Metrics of the last finite epoch (plus status), small enough to pass between tasks."""
+        last = self.history.iloc[-1]
+        out = {m: float(last[m]) for m in METRICS if m in last}
+        out.update(epoch=int(last["epoch"]), status=self.status,
+                   diverged_epoch=self.diverged_epoch,
+                   best_val_loss=float(self.history["val_loss"].min()),
+                   best_val_error=float(self.history["val_error"].min()))
+        return out
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean training loss of a batch: cross-entropy, or squared error against one-hot targets."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, y)
+    target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return F.mse_loss(logits, target, reduction="sum") / len(y)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """(cross-entropy, classification error) of ``model`` on ``split``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, wrong = 0.0, 0
+    for start in range(0, len(split), EVAL_BATCH):
+        x, y = split.x[start:start + EVAL_BATCH], split.y[start:start + EVAL_BATCH]
+        logits = model(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        wrong += int((logits.argmax(1) != y).sum())
+    model.train(was_training)
+    return total_loss / len(split), wrong / len(split)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base rate: a group's rate divided by its multiplier (schedules scale all groups)."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"]) / float(group.get("lr_mult", 1.0))
+
+
+def eval_train_split(data: Dataset, cfg: TrainConfig) -> Split:
+    """A fixed, seeded training subset as large as the validation split (or eval_train_size)."""
+    size = min(len(data.train), cfg.eval_train_size or len(data.val))
+    if size == len(data.train):
+        return data.train
+    gen = torch.Generator().manual_seed(cfg.data.split_seed + 1)
+    idx = torch.randperm(len(data.train), generator=gen)[:size].to(data.train.y.device)
+    return Split(data.train.x[idx], data.train.y[idx])
+
+
+def _row(epoch: int, model: nn.Module, train_eval: Split, val: Split, lr: float,
+         seconds: float) -> dict:
+    train_loss, train_error = evaluate(model, train_eval)
+    val_loss, val_error = evaluate(model, val)
+    return dict(epoch=epoch, train_loss=train_loss, val_loss=val_loss, train_error=train_error,
+                val_error=val_error, lr=lr, time_s=seconds)
+
+
+def train(
+    cfg: TrainConfig,
+    data: Dataset | None = None,
+    *,
+    model: nn.Module | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    keep_model: bool = False,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.epochs`` epochs.
+
+    Args:
+        data: a loaded Dataset on the run's device (loaded from ``cfg.data`` when None).
+        model: start from this model (e.g. a pretrained backbone with a new head) instead of a
+            fresh seeded one; it is trained in place.
+        on_epoch: called with each History row as soon as it exists (for live logging).
+        keep_model: return the trained model in the result.
+    Returns:
+        TrainResult with the per-epoch history; status ``diverged`` if a loss was non-finite.
+    """
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_data(cfg.data, device)
+    if model is None:
+        model = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, device)
+    optimizer = make_optimizer(model, cfg.optim)
+    if cfg.batch_size > len(data.train):
+        raise ValueError(f"batch_size: got {cfg.batch_size}; allowed: <= {len(data.train)} "
+                         "(training examples)")
+    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    schedule = make_schedule(optimizer, cfg.schedule, cfg.epochs, steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_eval = eval_train_split(data, cfg)
+    check_every = 1 if device.type == "cpu" else 25  # a finiteness check syncs the GPU
+
+    rows = [_row(0, model, train_eval, data.val, base_lr(optimizer), 0.0)]
+    if on_epoch:
+        on_epoch(rows[0])
+    lr_trace: list[float] = []
+    status, diverged_epoch, elapsed = "ok", None, 0.0
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        epoch_lr = base_lr(optimizer)
+        for step, (x, y) in enumerate(iterate_batches(data.train, cfg.batch_size, gen)):
+            lr_trace.append(base_lr(optimizer))
+            loss = batch_loss(model(x), y, cfg.loss)
+            if step % check_every == 0 and not torch.isfinite(loss):
+                status, diverged_epoch = "diverged", epoch
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.after_batch()
+        elapsed += time.perf_counter() - start
+        if status == "ok":
+            row = _row(epoch, model, train_eval, data.val, epoch_lr, elapsed)
+            if not all(torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]]))):
+                status, diverged_epoch = "diverged", epoch
+        if status == "diverged":
+            break
+        rows.append(row)
+        if on_epoch:
+            on_epoch(row)
+        schedule.after_epoch(row["val_loss"])
+    return TrainResult(
+        history=pd.DataFrame(rows), status=status, diverged_epoch=diverged_epoch,
+        device=str(device), model=model if keep_model else None, lr_trace=lr_trace,
+    )
