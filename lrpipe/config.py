@@ -233,6 +233,8 @@ class TrainConfig:
     eval_train_size: training examples evaluated after each epoch for the train curves
         (in eval mode, fixed and seeded, so the train/validation gap is measured fairly);
         None = as many as the validation split.
+    diverge_factor: a batch loss above this multiple of the initial (epoch 0) training loss,
+        or a non-finite one, counts as divergence and stops the run (x initial loss).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -245,6 +247,7 @@ class TrainConfig:
     device: str = "auto"
     loss: str = "cross_entropy"
     eval_train_size: int | None = None
+    diverge_factor: float = 10.0
 
     def __post_init__(self) -> None:
         for name, cls in (("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
@@ -258,6 +261,7 @@ class TrainConfig:
         check_choice("loss", self.loss, LOSSES)
         if self.eval_train_size is not None:
             check_number("eval_train_size", self.eval_train_size, low=1, integer=True)
+        check_number("diverge_factor", self.diverge_factor, low=1.0, low_open=True)
         if self.data.subset is not None and self.batch_size > self.data.subset:
             _fail("batch_size", self.batch_size, f"<= data.subset ({self.data.subset})")
 

@@ -3,11 +3,14 @@
 ``train()`` evaluates before any update (epoch 0) and after every epoch, on a fixed training
 subset and on the validation split, both in eval mode. A non-finite training loss stops the
 run at once: it is recorded as ``diverged`` with the epoch it happened in, and the finite
-history is kept. The loop emits (``on_epoch``); the caller logs.
+history is kept. A batch loss above ``diverge_factor`` x the initial loss counts as
+divergence too: ReLU networks at too high a rate often blow up to huge but finite losses.
+The loop emits (``on_epoch``); the caller logs.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +145,7 @@ def train(
     rows = [_row(0, model, train_eval, data.val, base_lr(optimizer), 0.0)]
     if on_epoch:
         on_epoch(rows[0])
+    threshold = cfg.diverge_factor * rows[0]["train_loss"]
     lr_trace: list[float] = []
     status, diverged_epoch, elapsed = "ok", None, 0.0
     model.train()
@@ -151,7 +155,8 @@ def train(
         for step, (x, y) in enumerate(iterate_batches(data.train, cfg.batch_size, gen)):
             lr_trace.append(base_lr(optimizer))
             loss = batch_loss(model(x), y, cfg.loss)
-            if step % check_every == 0 and not torch.isfinite(loss):
+            # One comparison catches both: NaN <= x is False, inf <= x is False.
+            if step % check_every == 0 and not bool(loss <= threshold):
                 status, diverged_epoch = "diverged", epoch
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -161,7 +166,7 @@ def train(
         elapsed += time.perf_counter() - start
         if status == "ok":
             row = _row(epoch, model, train_eval, data.val, epoch_lr, elapsed)
-            if not all(torch.isfinite(torch.tensor([row["train_loss"], row["val_loss"]]))):
+            if not (row["train_loss"] <= threshold and math.isfinite(row["val_loss"])):
                 status, diverged_epoch = "diverged", epoch
         if status == "diverged":
             break
