@@ -266,7 +266,7 @@ class TrainConfig:
             _fail("batch_size", self.batch_size, f"<= data.subset ({self.data.subset})")
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with top-level fields or dotted sub-fields changed: ``replace(**{"optim.lr": 1})``."""
+        """A copy with fields changed, dotted for sub-fields: ``replace(**{"optim.lr": 1})``."""
         return from_dict(_merge(to_dict(self), changes))
 
     def to_dict(self) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import mlflow
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -48,7 +47,8 @@ def tracking_uri(store: Path | str | None = None) -> str:
 
 def check_tracking_uri(uri: str) -> None:
     """Raise TrackingError for a malformed URI or an unwritable local store, before any run."""
-    schemes = ("sqlite:///", "http://", "https://", "postgresql://", "mysql://", "file:", "databricks")
+    schemes = ("sqlite:///", "http://", "https://", "postgresql://", "mysql://", "file:",
+               "databricks")
     if not isinstance(uri, str) or not uri.startswith(schemes):
         raise TrackingError(f"tracking_uri: got {uri!r}; allowed: sqlite:///<path>/mlflow.db, "
                             "http(s)://host:port of an MLflow server, or a database URI")

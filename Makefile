@@ -1,0 +1,72 @@
+# lrpipe: the front door. `make sweep` and `make test` do all their own setup.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DATA := data/FashionMNIST/raw/train-images-idx3-ubyte
+PREFECT_DB := .prefect/.db-ready
+
+# Quiet, offline, project-local Prefect and MLflow (see ../shared/FIELD_NOTES.md).
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL := WARNING
+export PREFECT_SERVER_LOGGING_LEVEL := CRITICAL
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export OMP_WAIT_POLICY := PASSIVE
+MLFLOW_URI := sqlite:///$(CURDIR)/mlruns/mlflow.db
+
+# make sweep LRS=0.01,0.1,1 EPOCHS=3 ARGS="--set optim.name=momentum"
+LRS ?=
+EPOCHS ?=
+ARGS ?=
+SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data sweep test ui lint clean
+
+help: ## list the targets
+	@echo "lrpipe: a learning-rate laboratory for PyTorch"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  e.g. make sweep LRS=0.01,0.1,1 EPOCHS=3"
+
+setup: $(STAMP) $(DATA) $(PREFECT_DB) ## virtualenv, editable install, data, Prefect database (idempotent)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(DATA): | $(STAMP)
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || true; \
+	fi
+	$(PY) -m lrpipe.data --root data
+
+$(PREFECT_DB): $(STAMP)
+	@mkdir -p .prefect
+	$(VENV)/bin/prefect server database upgrade -y >/dev/null
+	touch $@
+
+data: $(DATA) ## prepare Fashion-MNIST under data/
+
+sweep: setup ## run the learning-rate sweep (LRS=..., EPOCHS=..., ARGS=...)
+	$(VENV)/bin/lrpipe sweep $(SWEEP_FLAGS)
+
+test: setup ## run the test suite
+	$(VENV)/bin/pytest -q
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000 --workers 1
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check lrpipe flows tests
+
+clean: ## remove runs, caches and the Prefect database (keeps .venv and data)
+	rm -rf mlruns/mlflow.db mlruns/artifacts .prefect .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

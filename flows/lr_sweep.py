@@ -1,0 +1,116 @@
+"""Flow ``lr_sweep``: one training task per learning rate, fanned out with Prefect's mapping.
+
+Each rate becomes an MLflow child run of one parent run (experiment ``lr-sweep``) that holds
+the overlaid figures. Every config is built and validated before anything is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+from prefect import flow, unmapped
+
+from flows.common import check_runner, make_task_runner, set_torch_threads, train_and_log
+from lrpipe import plots, tracking
+from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
+
+EXPERIMENT = "lr-sweep"
+DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3.0 diverges for the MLP
+DEFAULT_EPOCHS = 5
+
+
+def sweep_configs(base: TrainConfig, lrs) -> list[TrainConfig]:
+    """One config per rate; bad rates are a ConfigError naming ``lrs`` before any work."""
+    if isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__iter__") or len(lrs) == 0:
+        raise ConfigError(f"lrs: got {lrs!r}; allowed: a non-empty list of finite rates > 0")
+    for lr in lrs:
+        check_number("lrs", lr, low=0.0, low_open=True)
+    if len(set(lrs)) != len(lrs):
+        raise ConfigError(f"lrs: got {list(lrs)}; allowed: distinct rates")
+    return [merge(base, {"optim.lr": float(lr)}) for lr in sorted(lrs)]
+
+
+def summarize(results: list[dict]) -> pd.DataFrame:
+    cols = ["lr", "status", "val_loss", "val_error", "best_val_error", "diverged_epoch",
+            "run_id"]
+    return pd.DataFrame(results)[cols].sort_values("lr").reset_index(drop=True)
+
+
+def best_rate(summary: pd.DataFrame) -> pd.Series | None:
+    ok = summary[summary["status"] == "ok"]
+    return None if ok.empty else ok.loc[ok["val_loss"].idxmin()]
+
+
+def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float) -> None:
+    print(f"\nlr_sweep: {len(summary)} rates in {seconds:.0f} s")
+    print(summary.drop(columns=["run_id"]).to_string(index=False, float_format="%.4g"))
+    best = best_rate(summary)
+    if best is None:
+        print("Every rate diverged: lower the rates (e.g. LRS=0.0001,0.001,0.01).")
+    else:
+        print(f"Best rate: lr={best['lr']:g}  validation loss {best['val_loss']:.4f}, "
+              f"validation accuracy {1 - best['val_error']:.4f}")
+    print(f"MLflow: {tracking.run_url(parent_id, EXPERIMENT)}  (start the UI with `make ui`)")
+
+
+@flow(name="lr-sweep")
+def lr_sweep(
+    lrs: list[float] | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    overrides: dict | None = None,
+    runner: str = "threads",
+    workers: int | None = None,
+    experiment: str = EXPERIMENT,
+) -> dict:
+    """Train ``overrides``' config (default: MLP, SGD, Fashion-MNIST) at every rate in ``lrs``.
+
+    Returns the parent run id, the per-rate summary records and the best rate.
+    """
+    check_runner(runner)
+    lrs = list(DEFAULT_LRS) if lrs is None else lrs
+    base = merge(TrainConfig(), {"epochs": epochs, **(overrides or {})})
+    cfgs = sweep_configs(base, lrs)
+    start = time.perf_counter()
+    threads = set_torch_threads(runner, workers)
+    parent = tracking.start_run(experiment, f"sweep {base.optim.name} {base.model.name} "
+                                f"{len(cfgs)} rates", params={
+                                    "lrs": list(lrs), "epochs": epochs, "runner": runner,
+                                    "base_config": tracking.to_json(to_dict(base))})
+    try:
+        futures = train_and_log.map(
+            [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
+            [tracking.training_run_name(c) for c in cfgs], unmapped(threads))
+        results = [f.result() for f in futures]
+        history = pd.DataFrame([row for r in results for row in r["history"]])
+        for name, fig in plots.sweep_figures(history).items():
+            tracking.log_figure(parent, fig, name)
+        summary = summarize(results)
+        tracking.log_table(parent, summary, "summary.csv")
+        best = best_rate(summary)
+        if best is not None:
+            tracking.log_metrics(parent, {"best_lr": best["lr"], "best_val_loss":
+                                          best["val_loss"], "best_val_error": best["val_error"]},
+                                 step=0)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    print_summary(summary, parent, time.perf_counter() - start)
+    return {"parent_run_id": parent, "summary": summary.to_dict("records"),
+            "best_lr": None if best is None else float(best["lr"])}
+
+
+def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
+        workers=None) -> dict:
+    """Validate every input, then run the flow with the chosen task runner."""
+    check_runner(runner)
+    base = merge(TrainConfig(), {"epochs": epochs, **(overrides or {})})
+    sweep_configs(base, list(lrs))
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    return lr_sweep.with_options(task_runner=make_task_runner(runner, workers))(
+        lrs=list(lrs), epochs=epochs, overrides=overrides, runner=runner, workers=workers)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,51 @@
+"""Shared fixtures: small real data, a throwaway MLflow store, one Prefect test server."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import flows  # noqa: F401  (sets Prefect/MLflow environment defaults before they are imported)
+from lrpipe.config import DataConfig, ModelConfig, TrainConfig
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def digits_cfg() -> TrainConfig:
+    """scikit-learn's real 8x8 digits, a small MLP, 2 epochs: a training run in ~0.2 s."""
+    return TrainConfig(data=DataConfig(dataset="digits", val_size=300),
+                       model=ModelConfig(name="mlp", hidden=(32,)), epochs=2, batch_size=64,
+                       device="cpu")
+
+
+@pytest.fixture(scope="session")
+def _session_store(tmp_path_factory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"
+    from lrpipe import tracking
+
+    tracking.experiment_id("warm-up", uri)  # pay the schema migrations (~3-10 s) once
+    return uri
+
+
+@pytest.fixture
+def mlflow_store(_session_store, monkeypatch) -> str:
+    """A throwaway sqlite MLflow store shared by the session (creating one costs seconds);
+    MLFLOW_TRACKING_URI points at it. Tests keep apart by experiment name or run id."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _session_store)
+    return _session_store
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (building it costs 15-20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def pytest_configure(config):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,0 +1,66 @@
+"""End to end: the lr_sweep flow on real digits under Prefect's test harness, tracked in a
+temporary MLflow store."""
+
+import pytest
+
+from lrpipe import tracking
+from lrpipe.config import ConfigError
+
+OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+             "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def sweep(prefect_harness, _session_store):
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    from flows.lr_sweep import run
+
+    try:
+        return run(lrs=[0.01, 0.3, 1e4], epochs=3, overrides=OVERRIDES, workers=2), _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_parent_with_one_child_per_rate(sweep):
+    result, uri = sweep
+    c = tracking.client(uri)
+    parent = c.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = c.search_runs([parent.info.experiment_id],
+                             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.01, 0.3, 1e4]
+    assert all(r.info.status == "FINISHED" for r in children)
+    status = {float(r.data.params["optim.lr"]): r.data.tags["status"] for r in children}
+    assert status == {0.01: "ok", 0.3: "ok", 1e4: "diverged"}
+    assert all(r.info.run_name.startswith("lr=") for r in children)
+
+
+def test_children_have_per_epoch_metrics(sweep):
+    result, uri = sweep
+    c = tracking.client(uri)
+    for row in result["summary"]:
+        for key in ("train_loss", "val_loss", "train_error", "val_error", "lr"):
+            steps = [m.step for m in c.get_metric_history(row["run_id"], key)]
+            assert steps == ([0, 1, 2, 3] if row["status"] == "ok" else [0])
+
+
+def test_figures_on_the_parent_and_best_rate(sweep):
+    result, uri = sweep
+    c = tracking.client(uri)
+    files = {f.path for f in c.list_artifacts(result["parent_run_id"], "figures")}
+    assert {"figures/loss_vs_epoch.png", "figures/error_vs_epoch.png",
+            "figures/final_vs_lr.png"} <= files
+    assert result["best_lr"] in (0.01, 0.3)
+
+
+def test_bad_rates_are_refused_before_any_run(prefect_harness, mlflow_store):
+    from flows.lr_sweep import run
+
+    before = len(tracking.client(mlflow_store).search_experiments())
+    with pytest.raises(ConfigError, match="lrs"):
+        run(lrs=[0.1, -1.0], epochs=1, overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="runner"):
+        run(lrs=[0.1], epochs=1, overrides=OVERRIDES, runner="ray")
+    assert len(tracking.client(mlflow_store).search_experiments()) == before

@@ -1,0 +1,76 @@
+import threading
+
+import pytest
+
+from lrpipe import tracking
+from lrpipe.train import train
+
+
+def test_training_run_logs_params_metrics_per_epoch_and_ends(mlflow_store, digits_cfg):
+    parent = tracking.start_run("t", "parent")
+    with tracking.training_run(digits_cfg, "t", parent) as run_id:
+        result = train(digits_cfg, on_epoch=tracking.epoch_logger(run_id))
+    tracking.end_run(parent)
+    c = tracking.client(mlflow_store)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.PARENT_TAG] == parent
+    assert run.data.tags["config_hash"] == digits_cfg.hash()
+    assert run.data.params["optim.lr"] == "0.1"
+    steps = [m.step for m in c.get_metric_history(run_id, "val_loss")]
+    assert steps == [0, 1, 2]
+    assert len(result.history) == 3
+
+
+def test_an_error_in_the_body_marks_the_run_failed(mlflow_store, digits_cfg):
+    with pytest.raises(RuntimeError):
+        with tracking.training_run(digits_cfg, "t", None) as run_id:
+            raise RuntimeError("boom")
+    assert tracking.client(mlflow_store).get_run(run_id).info.status == "FAILED"
+
+
+def test_retry_locked_retries_only_lock_errors():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise Exception("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking.retry_locked(flaky) == "ok" and len(calls) == 3
+    with pytest.raises(KeyError):
+        tracking.retry_locked(lambda: {}["x"])
+
+
+def test_concurrent_writers_lose_no_metric_point(mlflow_store):
+    parent = tracking.start_run("c", "parent")
+    runs = [tracking.start_run("c", f"child {i}", parent_run_id=parent) for i in range(8)]
+
+    def write(run_id):
+        for step in range(25):
+            tracking.log_metrics(run_id, {"a": step, "b": -step}, step=step)
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = tracking.client(mlflow_store)
+    assert all(len(c.get_metric_history(r, "a")) == 25 for r in runs)
+    assert all(len(c.get_metric_history(r, "b")) == 25 for r in runs)
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "sqlite:/x.db", "ftp://host", ""])
+def test_malformed_tracking_uri_is_refused(uri):
+    with pytest.raises(tracking.TrackingError, match="tracking_uri"):
+        tracking.check_tracking_uri(uri)
+
+
+def test_unwritable_store_is_refused(tmp_path):
+    # A file where the mlruns folder's parent should be: unwritable even for root.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker / 'mlruns' / 'mlflow.db'}"
+    with pytest.raises(tracking.TrackingError, match="cannot create"):
+        tracking.check_tracking_uri(uri)
