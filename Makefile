@@ -25,7 +25,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sweep test ui lint clean
+.PHONY: help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -54,8 +54,35 @@ $(PREFECT_DB): $(STAMP)
 
 data: $(DATA) ## prepare Fashion-MNIST under data/
 
-sweep: setup ## run the learning-rate sweep (LRS=..., EPOCHS=..., ARGS=...)
+sweep: setup ## the whole pipeline: LR search, full training, decay, transfer (LRS=, EPOCHS=, ARGS=)
+	$(VENV)/bin/lrpipe pipeline $(SWEEP_FLAGS)
+
+grid: setup ## just the learning-rate grid: one training per rate (LRS=, EPOCHS=, ARGS=)
 	$(VENV)/bin/lrpipe sweep $(SWEEP_FLAGS)
+
+search: setup ## halving search + LR range test on a subset, cross-checked (ARGS=)
+	$(VENV)/bin/lrpipe search $(ARGS)
+
+decay: setup ## every decay schedule at the chosen rate over 3 seeds (ARGS=)
+	$(VENV)/bin/lrpipe decay $(ARGS)
+
+schedules: setup ## preview every schedule's rate against epoch, no training (ARGS=)
+	$(VENV)/bin/lrpipe schedules $(ARGS)
+
+transfer: setup ## pretrain, then fine-tune with per-layer rates (ARGS=)
+	$(VENV)/bin/lrpipe transfer $(ARGS)
+
+optimizers: setup ## optimizers side by side on 2D surfaces and real data (ARGS=)
+	$(VENV)/bin/lrpipe optimizers $(ARGS)
+
+bench: setup ## speed ratios side by side, written to bench/results.md
+	$(PY) bench/bench.py $(ARGS)
+
+server: $(STAMP) ## start a persistent Prefect server on 127.0.0.1:4200 (for schedules)
+	$(PY) -m flows.server start
+
+schedule: setup ## serve the pipeline on a cron schedule (CRON="0 3 * * *")
+	$(VENV)/bin/lrpipe schedule $(if $(CRON),--cron "$(CRON)") $(ARGS)
 
 test: setup ## run the test suite
 	$(VENV)/bin/pytest -q

@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 
 EXAMPLES = """examples:
-  lrpipe sweep                                  # MLP, SGD, Fashion-MNIST, 8 rates, 5 epochs
   lrpipe sweep --lrs 0.01,0.1,1 --epochs 3
-  lrpipe sweep --set model.name=softmax --set optim.name=adam --lrs 1e-4,1e-3,1e-2
-  lrpipe sweep --config sweep.yaml              # YAML: {lrs: [...], epochs: 5, overrides: {...}}
+  lrpipe sweep --set model.name=softmax --set optim.name=adam
+  lrpipe search                                 # halving search + LR range test
+  lrpipe <command> --help                       # every command's own flags and examples
 """
 
 
@@ -57,26 +57,54 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="parallel tasks (default: one per core)")
 
 
+# Subcommand -> flow module. Each module defines HELP (one line), EXAMPLES (text),
+# add_arguments(parser) and run(**settings); settings are the parsed flags that were given,
+# merged over the YAML file, with --set overrides collected under "overrides".
+COMMANDS = {
+    "sweep": "flows.lr_sweep",
+    "search": "flows.lr_search",
+    "decay": "flows.decay_compare",
+    "schedules": "flows.schedule_preview",
+    "transfer": "flows.transfer",
+    "optimizers": "flows.optimizer_compare",
+    "pipeline": "flows.pipeline",
+    "schedule": "flows.serve",
+}
+
+
+def available_commands() -> dict:
+    """The flow modules that exist in this checkout, imported lazily."""
+    import importlib.util
+
+    return {name: mod for name, mod in COMMANDS.items() if importlib.util.find_spec(mod)}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="lrpipe", description="A learning-rate laboratory for PyTorch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sweep = sub.add_parser("sweep", help="train one model per learning rate and compare",
-                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sweep.add_argument("--lrs", type=parse_lrs, help="comma-separated learning rates")
-    sweep.add_argument("--epochs", type=int, help="epochs per rate")
-    common_args(sweep)
+    for name, module_name in available_commands().items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           epilog=getattr(module, "EXAMPLES", ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        common_args(p)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> dict:
+    """YAML settings, then every flag the user gave; --set pairs go into "overrides"."""
     settings = load_settings(args.config)
     overrides = dict(settings.pop("overrides", {}) or {})
     overrides.update(dict(args.sets))
-    for key in ("lrs", "epochs", "runner", "workers"):
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
+    skip = {"command", "config", "sets"}
+    for key, value in vars(args).items():
+        if key not in skip and value is not None:
+            settings[key] = value
     settings["overrides"] = overrides
     return settings
 
@@ -84,15 +112,15 @@ def settings_from(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
+    import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
     from lrpipe.config import ConfigError
     from lrpipe.data import DataUnavailable
     from lrpipe.tracking import TrackingError
 
-    try:
-        if args.command == "sweep":
-            from flows.lr_sweep import run
+    import importlib
 
-            run(**settings)
+    try:
+        importlib.import_module(COMMANDS[args.command]).run(**settings)
     except (ConfigError, TrackingError, DataUnavailable, ValueError) as exc:
         print(f"lrpipe {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ from typing import Any
 import pandas as pd
 import torch
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lrpipe import tracking
@@ -67,8 +69,52 @@ def dataset_for(cfg: TrainConfig) -> Dataset:
     return _dataset(cfg.data, str(resolve_device(cfg.device)))
 
 
+def describe_result(result: dict) -> str:
+    """One line about a finished training task."""
+    if result["status"] == "diverged":
+        return f"{result['name']} diverged in epoch {result['diverged_epoch']}"
+    return (f"{result['name']} done: val loss {result['val_loss']:.4f}, "
+            f"val error {result['val_error']:.4f}")
+
+
 def history_records(history: pd.DataFrame, **extra: Any) -> list[dict]:
     return [{**extra, **row} for row in history.to_dict("records")]
+
+
+def epoch_printer(name: str, epochs: int):
+    """An on_epoch hook printing one self-contained line per epoch (readable when interleaved)."""
+
+    def show(row: dict) -> None:
+        print(f"  {name:<28} epoch {int(row['epoch']):>3}/{epochs}  train {row['train_loss']:.4f}"
+              f"  val {row['val_loss']:.4f}  val error {row['val_error']:.4f}", flush=True)
+
+    return show
+
+
+def both(*hooks):
+    def call(row: dict) -> None:
+        for hook in hooks:
+            hook(row)
+
+    return call
+
+
+def collect(futures, label: str, describe=None) -> list:
+    """Wait for mapped tasks as they finish, printing ``[k/N]`` lines and updating a Prefect
+    progress artifact; results come back in submission order."""
+    futures = list(futures)
+    total = len(futures)
+    artifact = create_progress_artifact(0.0, key=f"{label}-progress",
+                                        description=f"{label}: tasks finished")
+    index = {f.task_run_id: i for i, f in enumerate(futures)}
+    results: list = [None] * total
+    for done, future in enumerate(as_completed(futures), start=1):
+        result = future.result()
+        results[index[future.task_run_id]] = result
+        update_progress_artifact(artifact, 100.0 * done / total)
+        note = describe(result) if describe else ""
+        print(f"[{done}/{total}] {label}: {note}", flush=True)
+    return results
 
 
 @task(name="train", task_run_name="train {name}")
@@ -82,10 +128,12 @@ def train_and_log(
     cfg = from_dict(cfg_dict)
     data = dataset_for(cfg)
     with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=tags) as run_id:
-        result = train(cfg, data, on_epoch=tracking.epoch_logger(run_id))
+        result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id),
+                                                 epoch_printer(name, cfg.epochs)))
         tracking.set_tags(run_id, {"status": result.status, "device": result.device,
                                    "diverged_epoch": result.diverged_epoch or ""})
     return {"run_id": run_id, "name": name, "lr": cfg.optim.lr, "seed": cfg.seed,
             "config_hash": cfg.hash(), **result.final(),
             "history": history_records(result.history, lr=cfg.optim.lr, seed=cfg.seed,
-                                       status=result.status)}
+                                       status=result.status,
+                                       diverged_epoch=result.diverged_epoch)}

@@ -11,10 +11,24 @@ import time
 import pandas as pd
 from prefect import flow, unmapped
 
-from flows.common import check_runner, make_task_runner, set_torch_threads, train_and_log
+from flows.common import (
+    check_runner,
+    collect,
+    describe_result,
+    make_task_runner,
+    set_torch_threads,
+    train_and_log,
+)
 from lrpipe import plots, tracking
 from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
 
+HELP = "train one model per learning rate and overlay their learning curves"
+EXAMPLES = """examples:
+  lrpipe sweep                                  # MLP, SGD, Fashion-MNIST, 8 rates, 5 epochs
+  lrpipe sweep --lrs 0.01,0.1,1 --epochs 3
+  lrpipe sweep --set model.name=softmax --set optim.name=adam --lrs 1e-4,1e-3,1e-2
+  lrpipe sweep --config sweep.yaml              # YAML: {lrs: [...], epochs: 5, overrides: {...}}
+"""
 EXPERIMENT = "lr-sweep"
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # 3.0 diverges for the MLP
 DEFAULT_EPOCHS = 5
@@ -81,7 +95,7 @@ def lr_sweep(
         futures = train_and_log.map(
             [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
             [tracking.training_run_name(c) for c in cfgs], unmapped(threads))
-        results = [f.result() for f in futures]
+        results = collect(futures, "lr-sweep", describe_result)
         history = pd.DataFrame([row for r in results for row in r["history"]])
         for name, fig in plots.sweep_figures(history).items():
             tracking.log_figure(parent, fig, name)
@@ -99,6 +113,14 @@ def lr_sweep(
     print_summary(summary, parent, time.perf_counter() - start)
     return {"parent_run_id": parent, "summary": summary.to_dict("records"),
             "best_lr": None if best is None else float(best["lr"])}
+
+
+def add_arguments(parser) -> None:
+    from flows.cli import parse_lrs
+
+    parser.add_argument("--lrs", type=parse_lrs, help="comma-separated learning rates "
+                        f"(default {','.join(f'{x:g}' for x in DEFAULT_LRS)})")
+    parser.add_argument("--epochs", type=int, help=f"epochs per rate (default {DEFAULT_EPOCHS})")
 
 
 def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",

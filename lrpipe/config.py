@@ -217,6 +217,8 @@ class ScheduleConfig:
         check_number("schedule.patience", self.patience, low=0, integer=True)
         check_number("schedule.plateau_factor", self.plateau_factor, low=0.0, high=1.0,
                      low_open=True)
+        if self.plateau_factor >= 1.0:
+            _fail("schedule.plateau_factor", self.plateau_factor, "0 < plateau_factor < 1")
         if not isinstance(self.per_batch, bool):
             _fail("schedule.per_batch", self.per_batch, "true or false")
 

@@ -8,6 +8,7 @@ returns a matplotlib Figure; none saves, shows or logs it. X axes are epochs, ne
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 
@@ -40,23 +41,35 @@ def lr_palette(lrs) -> dict[float, tuple]:
 def plot_learning_curves(df: pd.DataFrame, metric: str = "loss", ax=None):
     """Train (solid) and validation (dashed) ``metric`` against epoch, one colour per rate.
 
-    Diverged runs are drawn up to their last finite epoch and marked with an x and a note.
+    Diverged runs are drawn up to their last finite epoch, then a dotted line climbs to an x at
+    the top of the axes at the epoch where the loss blew up (``diverged_epoch`` if given, else
+    the epoch after the last finite one).
     """
     if metric not in METRIC_LABELS:
         raise ValueError(f"metric: got {metric!r}; allowed: {', '.join(METRIC_LABELS)}")
     fig, ax = _axes(ax)
     colors = lr_palette(df["lr"])
+    diverged = []
     for lr, run in df.sort_values("epoch").groupby("lr"):
         color = colors[float(lr)]
         ax.plot(run["epoch"], run[f"train_{metric}"], "-", color=color, lw=1.6)
         ax.plot(run["epoch"], run[f"val_{metric}"], "--", color=color, lw=1.6)
         if (run["status"] == "diverged").any():
             last = run.iloc[-1]
-            ax.plot(last["epoch"], last[f"val_{metric}"], "x", color="crimson", ms=10, mew=2.5)
-            ax.annotate(f"lr={lr:g} diverged", (last["epoch"], last[f"val_{metric}"]),
-                        textcoords="offset points", xytext=(6, 4), color="crimson", fontsize=8)
+            at = last.get("diverged_epoch")
+            at = last["epoch"] + 1 if at is None or pd.isna(at) else at
+            diverged.append((lr, color, last["epoch"], last[f"val_{metric}"], at))
     if metric == "loss":
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    top = ax.get_ylim()[1]
+    for i, (lr, color, epoch, value, at) in enumerate(diverged):
+        ax.plot([epoch, at], [value, top], ":", color=color, lw=1.4)
+        ax.plot(at, top, "x", color="crimson", ms=10, mew=2.5, clip_on=False)
+        ax.annotate(f"lr={lr:g} diverged (epoch {at:g})", (at, top), textcoords="offset points",
+                    xytext=(8, -12 - 11 * i), color="crimson", fontsize=8)
+    ax.set_ylim(top=top)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_LABELS[metric])
     ax.set_title(f"{METRIC_LABELS[metric]} against epoch, one colour per learning rate")

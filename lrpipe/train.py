@@ -22,7 +22,7 @@ from torch import nn
 
 from lrpipe.config import TrainConfig
 from lrpipe.data import Dataset, Split, iterate_batches, load_data
-from lrpipe.models import make_model
+from lrpipe.models import layer_names, make_model
 from lrpipe.optim import make_optimizer
 from lrpipe.schedules import make_schedule
 
@@ -101,6 +101,40 @@ def eval_train_split(data: Dataset, cfg: TrainConfig) -> Split:
     return Split(data.train.x[idx], data.train.y[idx])
 
 
+class UpdateRatio:
+    """||update|| / ||weight|| per layer, averaged over every ``every``-th step of an epoch.
+
+    The cs231n rule of thumb: about 1e-3 is healthy; far above, the rate is too high; far below,
+    too low. Measured on a sample of steps because it copies the weights.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10) -> None:
+        self.layers = {name: list(getattr(model, name).parameters())
+                       for name in layer_names(model)}
+        self.every, self.before, self.sums, self.counts = every, None, {}, {}
+
+    def before_step(self, step: int) -> None:
+        if step % self.every == 0:
+            self.before = {n: [p.detach().clone() for p in ps] for n, ps in self.layers.items()}
+
+    def after_step(self) -> None:
+        if self.before is None:
+            return
+        for name, params in self.layers.items():
+            delta = sum(float((p.detach() - b).pow(2).sum()) for p, b in
+                        zip(params, self.before[name], strict=True))
+            norm = sum(float(p.detach().pow(2).sum()) for p in params)
+            if norm > 0:
+                self.sums[name] = self.sums.get(name, 0.0) + (delta / norm) ** 0.5
+                self.counts[name] = self.counts.get(name, 0) + 1
+        self.before = None
+
+    def epoch_means(self) -> dict[str, float]:
+        means = {f"ratio/{n}": self.sums[n] / self.counts[n] for n in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 def _row(epoch: int, model: nn.Module, train_eval: Split, val: Split, lr: float,
          seconds: float) -> dict:
     train_loss, train_error = evaluate(model, train_eval)
@@ -146,6 +180,7 @@ def train(
     if on_epoch:
         on_epoch(rows[0])
     threshold = cfg.diverge_factor * rows[0]["train_loss"]
+    ratios = UpdateRatio(model)
     lr_trace: list[float] = []
     status, diverged_epoch, elapsed = "ok", None, 0.0
     model.train()
@@ -161,11 +196,14 @@ def train(
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            ratios.before_step(step)
             optimizer.step()
+            ratios.after_step()
             schedule.after_batch()
         elapsed += time.perf_counter() - start
         if status == "ok":
             row = _row(epoch, model, train_eval, data.val, epoch_lr, elapsed)
+            row.update(ratios.epoch_means())
             if not (row["train_loss"] <= threshold and math.isfinite(row["val_loss"])):
                 status, diverged_epoch = "diverged", epoch
         if status == "diverged":

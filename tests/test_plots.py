@@ -23,8 +23,8 @@ def test_learning_curves_one_train_and_one_val_line_per_rate(metric):
     assert len(solid) == 3 and len(dashed) == 3
     assert ax.get_xlabel() == "epoch"
     markers = [line for line in ax.lines if line.get_marker() == "x"]
-    assert len(markers) == 1  # the diverged rate is marked at its last finite epoch
-    assert list(markers[0].get_xdata()) == [1]
+    assert len(markers) == 1  # the diverged rate is marked where it blew up
+    assert list(markers[0].get_xdata()) == [2]  # last finite epoch 1, so epoch 2
 
 
 def test_final_vs_lr_marks_divergence_and_best():
