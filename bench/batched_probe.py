@@ -1,0 +1,79 @@
+"""Measure K learning rates trained batched (lrpipe.batched) vs K sequential train() runs.
+
+Usage (from the repo root): ``.venv/bin/python bench/batched_probe.py [--k 16] [--epochs 1]``.
+Full Fashion-MNIST (50k train, 10k validation), batch 128, one torch thread by default. Prints,
+per model: total wall seconds (training + per-epoch evaluation), training seconds (train()'s
+``time_s``, summed over the sequential runs), their ratios, and what ``batching_pays`` decides.
+Note the machine's load (printed from /proc/loadavg): on a shared CPU the numbers move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lrpipe.batched import batching_pays, train_batched
+from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.data import load_data
+from lrpipe.train import resolve_device, train
+
+MODELS = {"softmax": ModelConfig(name="softmax"), "mlp": ModelConfig(name="mlp", hidden=(256,))}
+
+
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+
+
+def probe(model: str, k: int, epochs: int, optimizer: str, device: str, data) -> dict:
+    lrs = np.logspace(-3, -0.5, k) if optimizer in ("sgd", "momentum") else np.logspace(-4, -2, k)
+    base = TrainConfig(data=DataConfig(root="data"), model=MODELS[model], epochs=epochs,
+                       optim=OptimConfig(name=optimizer, lr=0.1), device=device)
+    cfgs = [base.replace(**{"optim.lr": float(lr)}) for lr in lrs]
+    start = time.perf_counter()
+    seq = [train(c, data) for c in cfgs]
+    seq_wall = time.perf_counter() - start
+    start = time.perf_counter()
+    bat = train_batched(cfgs, data)
+    bat_wall = time.perf_counter() - start
+    seq_train = sum(r.history["time_s"].iloc[-1] for r in seq)
+    bat_train = float(bat[0].history["time_s"].iloc[-1])
+    gap = max(abs(a.history["val_error"].iloc[-1] - b.history["val_error"].iloc[-1])
+              for a, b in zip(seq, bat, strict=True))
+    pays, timings = batching_pays(MODELS[model], data, k, resolve_device(device), optimizer)
+    return dict(model=model, optimizer=optimizer, k=k, seq_wall=seq_wall, bat_wall=bat_wall,
+                wall_speedup=seq_wall / bat_wall, seq_train=seq_train, bat_train=bat_train,
+                train_speedup=seq_train / bat_train, max_val_error_gap=gap,
+                pays=pays, probe_speedup=timings["speedup"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", default="softmax,mlp")
+    parser.add_argument("--optimizers", default="sgd")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    data = load_data(DataConfig(root="data"), device)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, "
+          f"{len(data.train)} train examples; load {load_average()}")
+    for model in args.models.split(","):
+        for optimizer in args.optimizers.split(","):
+            r = probe(model, args.k, args.epochs, optimizer, args.device, data)
+            print(f"{model:8s} {optimizer:8s} K={r['k']}: wall {r['seq_wall']:.1f} s sequential "
+                  f"vs {r['bat_wall']:.1f} s batched ({r['wall_speedup']:.2f}x); training "
+                  f"{r['seq_train']:.1f} vs {r['bat_train']:.1f} s ({r['train_speedup']:.2f}x); "
+                  f"max |val_error gap| {r['max_val_error_gap']:.4f}; batching_pays="
+                  f"{r['pays']} (probe {r['probe_speedup']:.2f}x); load {load_average()}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
