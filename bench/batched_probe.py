@@ -28,11 +28,13 @@ def load_average() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
 
-def probe(model: str, k: int, epochs: int, optimizer: str, device: str, data) -> dict:
+def probe(model: str, k: int, epochs: int, optimizer: str, device: str, data,
+          distinct_seeds: bool = False) -> dict:
     lrs = np.logspace(-3, -0.5, k) if optimizer in ("sgd", "momentum") else np.logspace(-4, -2, k)
     base = TrainConfig(data=DataConfig(root="data"), model=MODELS[model], epochs=epochs,
                        optim=OptimConfig(name=optimizer, lr=0.1), device=device)
-    cfgs = [base.replace(**{"optim.lr": float(lr)}) for lr in lrs]
+    cfgs = [base.replace(**{"optim.lr": float(lr), "seed": m if distinct_seeds else 0})
+            for m, lr in enumerate(lrs)]
     start = time.perf_counter()
     seq = [train(c, data) for c in cfgs]
     seq_wall = time.perf_counter() - start
@@ -43,7 +45,8 @@ def probe(model: str, k: int, epochs: int, optimizer: str, device: str, data) ->
     bat_train = float(bat[0].history["time_s"].iloc[-1])
     gap = max(abs(a.history["val_error"].iloc[-1] - b.history["val_error"].iloc[-1])
               for a, b in zip(seq, bat, strict=True))
-    pays, timings = batching_pays(MODELS[model], data, k, resolve_device(device), optimizer)
+    pays, timings = batching_pays(MODELS[model], data, k, resolve_device(device), optimizer,
+                                  shared_batches=not distinct_seeds)
     return dict(model=model, optimizer=optimizer, k=k, seq_wall=seq_wall, bat_wall=bat_wall,
                 wall_speedup=seq_wall / bat_wall, seq_train=seq_train, bat_train=bat_train,
                 train_speedup=seq_train / bat_train, max_val_error_gap=gap,
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--models", default="softmax,mlp")
     parser.add_argument("--optimizers", default="sgd")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--distinct-seeds", action="store_true",
+                        help="seed m for member m: per-member batches (a (K, B, ...) gather)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -66,10 +71,13 @@ def main() -> None:
           f"{len(data.train)} train examples; load {load_average()}")
     for model in args.models.split(","):
         for optimizer in args.optimizers.split(","):
-            r = probe(model, args.k, args.epochs, optimizer, args.device, data)
-            print(f"{model:8s} {optimizer:8s} K={r['k']}: wall {r['seq_wall']:.1f} s sequential "
-                  f"vs {r['bat_wall']:.1f} s batched ({r['wall_speedup']:.2f}x); training "
-                  f"{r['seq_train']:.1f} vs {r['bat_train']:.1f} s ({r['train_speedup']:.2f}x); "
+            r = probe(model, args.k, args.epochs, optimizer, args.device, data,
+                      args.distinct_seeds)
+            seeds = "distinct seeds" if args.distinct_seeds else "one seed"
+            print(f"{model:8s} {optimizer:8s} K={r['k']} {seeds}: wall {r['seq_wall']:.1f} s "
+                  f"sequential vs {r['bat_wall']:.1f} s batched ({r['wall_speedup']:.2f}x); "
+                  f"training {r['seq_train']:.1f} vs {r['bat_train']:.1f} s "
+                  f"({r['train_speedup']:.2f}x); "
                   f"max |val_error gap| {r['max_val_error_gap']:.4f}; batching_pays="
                   f"{r['pays']} (probe {r['probe_speedup']:.2f}x); load {load_average()}",
                   flush=True)

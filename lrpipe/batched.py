@@ -507,7 +507,11 @@ def batching_pays(
     shape, k, device, torch threads, optimizer, batch size, shared batches, dtype).
     Returns:
         (pays, {"sequential_s", "batched_s", "speedup", "cached"}), seconds per step of all K.
+    Raises:
+        ValueError: k < 1, or an optimizer that cannot be batched.
     """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: got {k!r}; allowed: an integer >= 1 (members)")
     device = torch.device(device)
     batch_size = min(batch_size, len(data.train))
     key = (model_cfg, tuple(data.input_shape), data.num_classes, k, str(device),
@@ -516,6 +520,7 @@ def batching_pays(
         pays, timings = _PAYS_CACHE[key]
         return pays, {**timings, "cached": True}
     cfgs = _probe_cfgs(model_cfg, k, device, optimizer, batch_size, shared_batches)
+    check_batchable(cfgs)
     seq, bat = measure_step_times(cfgs, data)
     timings = {"sequential_s": seq, "batched_s": bat, "speedup": seq / bat, "cached": False}
     _PAYS_CACHE[key] = (seq / bat >= PAYS_SPEEDUP, timings)
