@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrpipe.batched import batching_pays, train_batched
+from lrpipe.batched import train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import load_data
+from lrpipe.many import batching_pays
 from lrpipe.train import resolve_device, train
 
 MODELS = {"softmax": ModelConfig(name="softmax"), "mlp": ModelConfig(name="mlp", hidden=(256,))}

@@ -9,15 +9,14 @@ seed, is updated with torch.optim's formulas at its own rate, and yields its own
 with ``train()``'s history columns. A diverging member is frozen and dropped; the others go on.
 
 Batching pays for small models and on GPUs; on a busy 2-core CPU a K-batched MLP is about as
-fast as K sequential runs (FIELD_NOTES). ``batching_pays`` measures it per model and device,
-and ``train_many`` (the entry point for flows) batches only where the measurement says so.
+fast as K sequential runs (FIELD_NOTES). ``lrpipe.many`` measures it per model and device
+(``batching_pays``) and holds the entry point for flows (``train_many``), which batches only
+where the measurement says so.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,18 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lrpipe.config import ModelConfig, OptimConfig, TrainConfig
+from lrpipe.config import OptimConfig, TrainConfig
 from lrpipe.data import Dataset, Split, iterate_batches
 from lrpipe.models import SeededDropout, make_model
-from lrpipe.optim import make_optimizer, param_groups
-from lrpipe.train import EVAL_BATCH, TrainResult, batch_loss, eval_train_split, resolve_device
+from lrpipe.optim import param_groups
+from lrpipe.train import EVAL_BATCH, TrainResult, eval_train_split, resolve_device
 
 BATCHED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 # torch.optim's defaults, which the per-member math below reproduces.
 ADAGRAD_EPS = 1e-10
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-PAYS_SPEEDUP = 1.1  # batched must be this many times faster than sequential to be chosen
 _LINEAR_ONLY = (nn.Flatten, nn.Linear, nn.ReLU, SeededDropout)
 
 
@@ -437,135 +435,3 @@ def _emit(on_epoch, runs: list[_MemberRun], rows: list[dict]) -> None:
         if on_epoch:
             on_epoch(m, row)
 
-
-_PAYS_CACHE: dict[tuple, tuple[bool, dict]] = {}
-
-
-def _probe_cfgs(model_cfg: ModelConfig, k: int, device: torch.device, optimizer: str,
-                batch_size: int, shared: bool) -> list[TrainConfig]:
-    base = TrainConfig(model=model_cfg, optim=OptimConfig(name=optimizer, lr=1e-3),
-                       batch_size=batch_size, device=str(device), epochs=1)
-    # Small, distinct, stable rates: the probe times steps, it must not diverge.
-    return [base.replace(**{"optim.lr": 1e-3 * (1 + m / k), "seed": 0 if shared else m})
-            for m in range(k)]
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def measure_step_times(cfgs: list[TrainConfig], data: Dataset, steps: int = 7,
-                       warmup: int = 2) -> tuple[float, float]:
-    """(sequential, batched): median seconds for all K members to make one update.
-
-    Sequential is K train()-style steps (forward, loss, divergence check, backward,
-    torch.optim step); batched is one step of all members. The two alternate round by round,
-    so that load changes on a shared machine hit both; ``warmup`` rounds are not timed.
-    """
-    device, cfg = resolve_device(cfgs[0].device), cfgs[0]
-    model = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, device)
-    opt, batched = make_optimizer(model, cfg.optim), _BatchedStep(cfgs, data, device)
-    rates = torch.tensor([c.optim.lr for c in cfgs], dtype=torch.float64, device=device)
-    gens = _generators([c.seed for c in cfgs])
-    pool = list(itertools.islice(_batches(data.train, cfg.batch_size, gens), warmup + steps))
-
-    def sequential_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = batch_loss(model(x), y, cfg.loss)
-        bool(loss <= math.inf)  # train() checks every step on the CPU
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    model.train()
-    seq, bat = [], []
-    for i in range(warmup + steps):
-        x, y, shared = pool[i % len(pool)]
-        one = (x, y) if shared else (x[0], y[0])
-        seq.append(_seconds(lambda one=one: [sequential_step(*one) for _ in cfgs], device))
-        bat.append(_seconds(lambda x=x, y=y, s=shared: batched(x, y, s, rates), device))
-    return statistics.median(seq[warmup:]), statistics.median(bat[warmup:])
-
-
-def batching_pays(
-    model_cfg: ModelConfig,
-    data: Dataset,
-    k: int,
-    device: torch.device | str,
-    optimizer: str = "sgd",
-    *,
-    batch_size: int = 128,
-    shared_batches: bool = True,
-) -> tuple[bool, dict]:
-    """Whether K batched members train measurably faster than K sequential runs, here.
-
-    Times a few steps of each (``measure_step_times``) and chooses batched only if it is at
-    least ``PAYS_SPEEDUP`` x faster. The decision is cached in-process per (model config, input
-    shape, k, device, torch threads, optimizer, batch size, shared batches, dtype).
-    Returns:
-        (pays, {"sequential_s", "batched_s", "speedup", "cached"}), seconds per step of all K.
-    Raises:
-        ValueError: k < 1, or an optimizer that cannot be batched.
-    """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: got {k!r}; allowed: an integer >= 1 (members)")
-    device = torch.device(device)
-    batch_size = min(batch_size, len(data.train))
-    key = (model_cfg, tuple(data.input_shape), data.num_classes, k, str(device),
-           torch.get_num_threads(), optimizer, batch_size, shared_batches, data.train.x.dtype)
-    if key in _PAYS_CACHE:
-        pays, timings = _PAYS_CACHE[key]
-        return pays, {**timings, "cached": True}
-    cfgs = _probe_cfgs(model_cfg, k, device, optimizer, batch_size, shared_batches)
-    check_batchable(cfgs)
-    seq, bat = measure_step_times(cfgs, data)
-    timings = {"sequential_s": seq, "batched_s": bat, "speedup": seq / bat, "cached": False}
-    _PAYS_CACHE[key] = (seq / bat >= PAYS_SPEEDUP, timings)
-    return _PAYS_CACHE[key][0], timings
-
-
-def group_batchable(cfgs: list[TrainConfig]) -> list[list[int]]:
-    """Indices of ``cfgs`` grouped into batchable sets (first-seen order); an unbatchable
-    config (rprop, gains, plateau, ...) is a group of its own."""
-    groups: dict[tuple, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        if unbatchable_reason(cfg):
-            key: tuple = ("alone", i)
-        else:
-            key = tuple(sorted((f, v) for f, v in cfg.flat().items() if not _varies(f)))
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
-
-
-def train_many(
-    cfgs: list[TrainConfig],
-    data: Dataset,
-    *,
-    on_epoch: Callable[[int, dict], None] | None = None,
-) -> list[TrainResult]:
-    """Train every config, batching compatible ones where ``batching_pays`` says so.
-
-    The one entry point for flows: results come back in ``cfgs`` order, each as train() would
-    return it; ``on_epoch(i, row)`` names the config by its index in ``cfgs``.
-    """
-    from lrpipe.train import train
-
-    results: list[TrainResult | None] = [None] * len(cfgs)
-    for idxs in group_batchable(cfgs):
-        group = [cfgs[i] for i in idxs]
-        first = group[0]
-        pays = len(group) > 1 and batching_pays(
-            first.model, data, len(group), resolve_device(first.device), first.optim.name,
-            batch_size=first.batch_size, shared_batches=len({c.seed for c in group}) == 1)[0]
-        if pays:
-            hook = (lambda m, row, idxs=idxs: on_epoch(idxs[m], row)) if on_epoch else None
-            outs = train_batched(group, data, on_epoch=hook)
-        else:
-            outs = [train(c, data, on_epoch=(lambda row, i=i: on_epoch(i, row))
-                          if on_epoch else None) for i, c in zip(idxs, group, strict=True)]
-        for i, out in zip(idxs, outs, strict=True):
-            results[i] = out
-    return results

@@ -17,18 +17,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lrpipe import batched
-from lrpipe.batched import (
-    _direction,
-    batching_pays,
-    check_batchable,
-    group_batchable,
-    member_losses,
-    train_batched,
-    train_many,
-)
+from lrpipe import batched, many
+from lrpipe.batched import _direction, check_batchable, member_losses, train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import Dataset, Split, load_data
+from lrpipe.many import batching_pays, group_batchable, group_pays, train_many
 from lrpipe.train import batch_loss, train
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
@@ -282,13 +275,13 @@ def test_update_math_matches_torch_optim(f64, opt):
 # The measured rule and the entry point.
 
 def test_batching_pays_measures_and_caches(digits32, monkeypatch):
-    batched._PAYS_CACHE.clear()
+    many._PAYS_CACHE.clear()
     model = ModelConfig(name="softmax")
     pays, timings = batching_pays(model, digits32, 4, "cpu")
     assert isinstance(pays, bool) and timings["cached"] is False
     assert timings["sequential_s"] > 0 and timings["batched_s"] > 0
-    assert pays == (timings["speedup"] >= batched.PAYS_SPEEDUP)
-    monkeypatch.setattr(batched, "measure_step_times", lambda *a, **k: pytest.fail("re-timed"))
+    assert pays == (timings["speedup"] >= many.PAYS_SPEEDUP)
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("re-timed"))
     assert batching_pays(model, digits32, 4, "cpu") == (pays, {**timings, "cached": True})
 
 
@@ -301,11 +294,11 @@ def test_group_batchable_groups_only_compatible_configs():
 
 @pytest.mark.parametrize("seq_s, bat_s, want_batched", [(1.0, 2.0, False), (2.0, 1.0, True)])
 def test_train_many_follows_the_measurement(digits32, monkeypatch, seq_s, bat_s, want_batched):
-    batched._PAYS_CACHE.clear()
-    monkeypatch.setattr(batched, "measure_step_times", lambda *a, **k: (seq_s, bat_s))
+    many._PAYS_CACHE.clear()
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (seq_s, bat_s))
     calls = []
-    real = batched.train_batched
-    monkeypatch.setattr(batched, "train_batched",
+    real = many.train_batched
+    monkeypatch.setattr(many, "train_batched",
                         lambda cfgs, data, **kw: calls.append(len(cfgs)) or real(cfgs, data, **kw))
     cfgs = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.3, 0.1)]
     cfgs.append(base_cfg("softmax", "rprop", **{"optim.lr": 0.01, "optim.weight_decay": 0.0}))
@@ -316,4 +309,21 @@ def test_train_many_follows_the_measurement(digits32, monkeypatch, seq_s, bat_s,
     for cfg, got in zip(cfgs, results, strict=True):
         want = train(cfg, digits32).history
         np.testing.assert_allclose(got.history["val_loss"], want["val_loss"], rtol=1e-4)
-    batched._PAYS_CACHE.clear()
+    many._PAYS_CACHE.clear()
+
+
+def test_group_pays_probes_the_groups_own_arrangement(digits32, monkeypatch):
+    many._PAYS_CACHE.clear()
+    probed = []
+    monkeypatch.setattr(many, "measure_step_times",
+                        lambda cfgs, data: probed.append(cfgs) or (3.0, 1.0))
+    shared = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3)]
+    assert group_pays(shared, digits32) == (True, {"sequential_s": 3.0, "batched_s": 1.0,
+                                                   "speedup": 3.0, "cached": False})
+    distinct = [base_cfg("softmax", seed=s) for s in (0, 1, 2)]
+    assert group_pays(distinct, digits32)[1]["cached"] is False  # another arrangement
+    assert [len({c.seed for c in cfgs}) for cfgs in probed] == [1, 3]
+    assert all(len(cfgs) == 3 and cfgs[0].model.name == "softmax" for cfgs in probed)
+    with pytest.raises(ValueError, match="optim.name"):
+        group_pays([base_cfg(**{"optim.name": "gains"})] * 2, digits32)
+    many._PAYS_CACHE.clear()
