@@ -1,0 +1,403 @@
+"""Flow ``decay_compare``: every decay schedule at one rate, over several seeds, side by side.
+
+One MLflow parent run (experiment ``lr-decay``) holds the schedule preview, the loss and error
+bands, the final errors, the best schedule's generalization gap, the ranking table and the loss
+choice (cross-entropy vs squared error for the best schedule); each schedule x seed is a child
+run. Every name, seed, loss and budget is checked (and each schedule's total decay computed)
+before any run is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+
+import pandas as pd
+from matplotlib.figure import Figure
+from prefect import flow, task, unmapped
+
+from flows.common import (
+    check_runner,
+    collect,
+    describe_result,
+    make_task_runner,
+    set_torch_threads,
+    train_and_log,
+)
+from flows.schedule_preview import (
+    DEFAULT_EPOCHS,
+    DEFAULT_FINAL_DECAY,
+    DEFAULT_SUBSET,
+    EXPERIMENT,
+    FALLBACK_LR,
+    SEARCH_EXPERIMENT,
+    base_config,
+    check_names,
+    decay_table,
+    parse_names,
+    print_table,
+    resolve_lr,
+    select_schedules,
+    steps_per_epoch,
+)
+from lrpipe import decay, decay_plots, tracking
+from lrpipe.config import (
+    LOSSES,
+    ConfigError,
+    ScheduleConfig,
+    TrainConfig,
+    check_number,
+    from_dict,
+    merge,
+    to_dict,
+)
+from lrpipe.schedules import preview
+
+HELP = "train every decay schedule at the chosen rate over 3 seeds and rank them"
+DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band
+DEFAULT_LOSSES = ("cross_entropy", "mse")
+EXAMPLES = f"""examples:
+  lrpipe decay                                  # MLP, SGD, rate from lr-search (else 0.1)
+  lrpipe decay --lr 0.1 --epochs 10 --seeds 0,1,2 --schedules cosine,step
+  lrpipe decay --set model.dropout=0.2 --set optim.weight_decay=5e-4   # against overfitting
+  lrpipe decay --losses cross_entropy           # skip the squared-error comparison
+  lrpipe decay --set data.subset=null           # all 50,000 training examples (~2.5x longer)
+
+Default budget: {DEFAULT_EPOCHS} epochs on a seeded {DEFAULT_SUBSET:,}-example subset of the
+Fashion-MNIST training split (data.subset), validation on the usual 10,000 held-out examples.
+"""
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds: got {text!r}; allowed: comma-separated integers, e.g. 0,1,2") from None
+
+
+def check_seeds(seeds) -> tuple[int, ...]:
+    if isinstance(seeds, str) or not hasattr(seeds, "__iter__") or len(seeds) == 0:
+        raise ConfigError(f"seeds: got {seeds!r}; allowed: a non-empty list of integers >= 0")
+    for seed in seeds:
+        check_number("seeds", seed, low=0, integer=True)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: got {list(seeds)}; allowed: distinct integers >= 0")
+    return tuple(seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecayPlan:
+    """Everything the comparison will run, validated: base config (rate applied), schedules,
+    seeds, losses, updates per epoch and the decay table."""
+
+    base: TrainConfig
+    lr_source: str
+    schedules: dict[str, ScheduleConfig]
+    seeds: tuple[int, ...]
+    losses: tuple[str, ...]
+    final_decay: float
+    steps_per_epoch: int
+    decays: pd.DataFrame
+
+
+def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
+              final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None) -> DecayPlan:
+    """Validate every input (ConfigError naming the field) and size the budget."""
+    base = base_config(epochs, overrides)
+    selected = select_schedules(schedules, final_decay, base.epochs)
+    seeds = check_seeds(seeds)
+    losses = tuple(check_names("losses", losses, LOSSES))
+    rate, source = resolve_lr(lr)
+    base = merge(base, {"optim.lr": rate})
+    spe = steps_per_epoch(base)
+    return DecayPlan(base, source, selected, seeds, losses, float(final_decay), spe,
+                     decay_table(selected, base.epochs, spe))
+
+
+def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
+    """One training per schedule in ``names`` x seed: config dict, run name, tags, decay."""
+    planned = plan.decays.set_index("schedule")
+    specs = []
+    for name in names:
+        for seed in plan.seeds:
+            cfg = dataclasses.replace(plan.base, schedule=plan.schedules[name], seed=seed,
+                                      loss=loss)
+            label = name if loss == plan.base.loss else f"{name} {loss}"
+            decay_value = float(planned.loc[name, "total_decay"])
+            tags = {"schedule": name, "loss": loss,
+                    "total_decay": "val-loss driven" if math.isnan(decay_value)
+                    else f"{decay_value:.4g}"}
+            if planned.loc[name, "warning"]:
+                tags["decay_warning"] = planned.loc[name, "warning"]
+            specs.append({"cfg": to_dict(cfg), "schedule": name, "loss": loss, "tags": tags,
+                          "name": tracking.training_run_name(cfg, prefix=f"{label} "),
+                          "total_decay": None if math.isnan(decay_value) else decay_value})
+    return specs
+
+
+@task(name="train-schedule", task_run_name="train {name}")
+def train_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
+                   threads: int, tags: dict, planned_decay: float | None,
+                   updates_per_epoch: int) -> dict:
+    """One training child run (``train_and_log``) plus its total decay as a metric and its
+    per-update rate curve (``schedules.preview``) as ``schedule/lr_per_step.csv``."""
+    result = train_and_log.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
+    cfg = from_dict(cfg_dict)
+    if planned_decay is not None:
+        tracking.log_metrics(result["run_id"], {"total_decay": planned_decay}, step=0)
+    curve = preview(cfg.schedule, cfg.epochs, updates_per_epoch, cfg.optim.lr)
+    tracking.log_table(result["run_id"], curve, "schedule/lr_per_step.csv")
+    return result
+
+
+def train_stage(plan: DecayPlan, specs: list[dict], parent: str, experiment: str,
+                threads: int, label: str) -> pd.DataFrame:
+    """Run ``specs`` as mapped tasks; their histories stacked with schedule and loss columns."""
+    futures = train_schedule.map(
+        [s["cfg"] for s in specs], unmapped(parent), unmapped(experiment),
+        [s["name"] for s in specs], unmapped(threads), [s["tags"] for s in specs],
+        [s["total_decay"] for s in specs], unmapped(plan.steps_per_epoch))
+    results = collect(futures, label, describe_result)
+    return pd.DataFrame([{**row, "schedule": s["schedule"], "loss": s["loss"]}
+                         for s, r in zip(specs, results, strict=True) for row in r["history"]])
+
+
+def mean_curve(history: pd.DataFrame) -> pd.DataFrame:
+    """Train and validation loss per epoch, mean over seeds (one schedule's rows)."""
+    return history.groupby("epoch", as_index=False)[["train_loss", "val_loss"]].mean()
+
+
+def rank_schedules(history: pd.DataFrame, decays: pd.DataFrame) -> pd.DataFrame:
+    """``decay.summarize_runs`` plus, per schedule, the gap-growth epoch of the seed-mean
+    curves and the mean final gap (val - train loss)."""
+    planned = {r.schedule: None if math.isnan(r.total_decay) else r.total_decay
+               for r in decays.itertuples()}
+    ranking = decay.summarize_runs(history, planned)
+    last = decay.final_rows(history)
+    gaps = (last["val_loss"] - last["train_loss"]).groupby(last["schedule"]).mean()
+    growth = {name: decay.gap_growth_epoch(mean_curve(rows))
+              for name, rows in history.groupby("schedule")}
+    ranking["gap_growth_epoch"] = pd.array([growth[s] for s in ranking["schedule"]],
+                                           dtype="Int64")
+    ranking["final_gap_mean"] = ranking["schedule"].map(gaps)
+    return ranking
+
+
+def loss_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Final cross-entropy and error per training loss (mean, std, min, max over seeds)."""
+    table = decay.summarize_runs(history.assign(schedule=history["loss"]))
+    cols = [c for c in table.columns if c.startswith(("final_val_", "n_"))]
+    return table[["rank", "schedule", *cols]].rename(columns={"schedule": "loss"})
+
+
+def loss_figure(history: pd.DataFrame, schedule: str) -> Figure:
+    """Validation cross-entropy and error against epoch per training loss, side by side."""
+    fig = Figure(figsize=(12.0, 4.5), layout="constrained")
+    by_loss = history.assign(schedule=history["loss"])
+    for ax, metric in zip(fig.subplots(1, 2), ("val_loss", "val_error"), strict=True):
+        decay_plots.plot_metric_band(by_loss, metric, ax=ax)
+        ax.legend(title="training loss", fontsize="small")
+    fig.suptitle(f"Loss choice for {schedule}: evaluated as cross-entropy and error")
+    return fig
+
+
+def parent_figures(plan: DecayPlan, history: pd.DataFrame,
+                   ranking: pd.DataFrame) -> dict[str, Figure]:
+    best = ranking.iloc[0]["schedule"]
+    previews = decay.schedule_previews(plan.schedules, plan.base.epochs, plan.steps_per_epoch,
+                                       plan.base.optim.lr)
+    gap = decay_plots.plot_gap(mean_curve(history[history["schedule"] == best]))
+    gap.axes[0].set_title(f"{gap.axes[0].get_title()}: {best}, mean over seeds")
+    return {"schedules": decay_plots.plot_schedules(previews),
+            "val_loss_band": decay_plots.plot_metric_band(history, "val_loss"),
+            "val_error_band": decay_plots.plot_metric_band(history, "val_error"),
+            "final_val_error": decay_plots.plot_final_errors(ranking),
+            "gap_best": gap}
+
+
+def versus_constant(ranking: pd.DataFrame) -> dict | None:
+    """The best decaying schedule against constant on mean final val loss (None without
+    constant or another schedule)."""
+    rows = ranking.set_index("schedule")["final_val_loss_mean"]
+    if "constant" not in rows or len(rows) < 2:
+        return None
+    best = rows.drop("constant").idxmin()
+    return {"best_decaying": best, "best_val_loss": float(rows[best]),
+            "constant_val_loss": float(rows["constant"]),
+            "beats_constant": bool(rows[best] < rows["constant"])}
+
+
+def start_parent(plan: DecayPlan, experiment: str, runner: str) -> str:
+    base = plan.base
+    parent = tracking.start_run(
+        experiment, f"decay {len(plan.schedules)} schedules lr={base.optim.lr:g} "
+        f"{base.optim.name} {base.model.name} {len(plan.seeds)} seeds",
+        params={"lr": base.optim.lr, "lr_source": plan.lr_source, "epochs": base.epochs,
+                "seeds": list(plan.seeds), "schedules": list(plan.schedules),
+                "final_decay": plan.final_decay,
+                "losses": list(plan.losses), "steps_per_epoch": plan.steps_per_epoch,
+                "runner": runner, "base_config": tracking.to_json(to_dict(base))})
+    tracking.log_metrics(parent, {f"total_decay/{r.schedule}": r.total_decay
+                                  for r in plan.decays.itertuples()
+                                  if not math.isnan(r.total_decay)}, step=0)
+    tracking.log_table(parent, plan.decays, "total_decay.csv")
+    warnings = [w for w in plan.decays["warning"] if w]
+    if warnings:
+        tracking.log_text(parent, "\n".join(warnings) + "\n", "decay_warnings.txt")
+    return parent
+
+
+def print_plan(plan: DecayPlan) -> None:
+    base = plan.base
+    print(f"decay_compare: lr={base.optim.lr:g} ({plan.lr_source}), {base.epochs} epochs x "
+          f"{plan.steps_per_epoch} updates, {len(plan.schedules)} schedules x "
+          f"{len(plan.seeds)} seeds, {base.model.name} {base.optim.name} on "
+          f"{base.data.dataset} (subset {base.data.subset or 'all'})", flush=True)
+    print_table(plan.decays)
+
+
+def spread(table: pd.DataFrame, metric: str) -> pd.Series:
+    """``mean +- std [min, max]`` of ``final_<metric>_*`` per row, as text."""
+    cols = [table[f"final_{metric}_{stat}"] for stat in ("mean", "std", "min", "max")]
+    return pd.Series([f"{m:.4f} +- {s:.4f} [{lo:.4f}, {hi:.4f}]"
+                      for m, s, lo, hi in zip(*cols, strict=True)], index=table.index)
+
+
+def ranking_text(ranking: pd.DataFrame) -> str:
+    """The ranking as a printable table: spread of final val loss and error over seeds."""
+    shown = pd.DataFrame({
+        "rank": ranking["rank"], "schedule": ranking["schedule"],
+        "decay": ranking["total_decay"].map(lambda d: "val-loss" if math.isnan(d) else f"{d:.3g}x"),
+        "seen": ranking["epoch_lr_decay"].map("{:.3g}x".format),  # per-epoch lr, max/last
+        "val loss mean +- std [min, max]": spread(ranking, "val_loss"),
+        "val error mean +- std [min, max]": spread(ranking, "val_error"),
+        "gap grows from": ranking["gap_growth_epoch"].map(lambda e: "-" if pd.isna(e) else e),
+        "final gap": ranking["final_gap_mean"].map("{:.4f}".format),
+        "short": ranking["n_short"]})
+    return shown.to_string(index=False)
+
+
+def loss_text(table: pd.DataFrame) -> str:
+    return pd.DataFrame({"loss": table["loss"], "seeds": table["n_seeds"],
+                         "val cross-entropy mean +- std [min, max]": spread(table, "val_loss"),
+                         "val error mean +- std [min, max]": spread(table, "val_error"),
+                         }).to_string(index=False)
+
+
+def print_summary(ranking, losses, vs, parent, experiment, seconds) -> None:
+    print(f"\ndecay_compare: {ranking['n_seeds'].sum()} schedule runs in {seconds:.0f} s; "
+          "final validation loss and error over seeds (mean, std, min, max)")
+    print(ranking_text(ranking))
+    best = ranking.iloc[0]
+    print(f"Best schedule: {best['schedule']}  validation loss {best['final_val_loss_mean']:.4f}"
+          f" +- {best['final_val_loss_std']:.4f}, validation error "
+          f"{best['final_val_error_mean']:.4f} +- {best['final_val_error_std']:.4f}")
+    if vs is not None:
+        verdict = "beats" if vs["beats_constant"] else "does NOT beat"
+        print(f"Best decaying schedule {vs['best_decaying']} ({vs['best_val_loss']:.4f}) "
+              f"{verdict} constant ({vs['constant_val_loss']:.4f}) on mean final val loss")
+    if losses is not None:
+        print(f"\nLoss choice for {best['schedule']} (evaluated as cross-entropy and error):")
+        print(loss_text(losses))
+    print(f"MLflow: {tracking.run_url(parent, experiment)}  (start the UI with `make ui`)")
+
+
+def compare_losses(plan, history, best, parent, experiment, threads) -> pd.DataFrame | None:
+    """Train ``best`` with the other losses of ``plan.losses``; log the table and figure."""
+    extra = [loss for loss in plan.losses if loss != plan.base.loss]
+    if not extra:
+        return None
+    runs = [train_stage(plan, run_specs(plan, [best], loss), parent, experiment, threads,
+                        f"lr-decay-{loss.replace('_', '-')}") for loss in extra]
+    both = pd.concat([history[history["schedule"] == best], *runs], ignore_index=True)
+    table = loss_table(both)
+    tracking.log_table(parent, table, "loss_choice.csv")
+    tracking.log_figure(parent, loss_figure(both, best), "loss_choice")
+    return table
+
+
+@flow(name="lr-decay")
+def decay_compare(
+    lr: float | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    seeds: tuple[int, ...] = DEFAULT_SEEDS,
+    schedules: list[str] | None = None,
+    final_decay: float = DEFAULT_FINAL_DECAY,
+    losses: tuple[str, ...] = DEFAULT_LOSSES,
+    overrides: dict | None = None,
+    runner: str = "threads",
+    workers: int | None = None,
+    experiment: str = EXPERIMENT,
+) -> dict:
+    """Train every schedule x seed at ``lr`` (None: lr-search's latest choice, else 0.1), rank
+    the schedules by mean final validation loss, then train the best with the other losses.
+
+    Returns the parent run id, the rate, the ranking and loss-choice records and the verdict
+    of the best decaying schedule against constant.
+    """
+    check_runner(runner)
+    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
+    start = time.perf_counter()
+    threads = set_torch_threads(runner, workers)
+    print_plan(plan)
+    parent = start_parent(plan, experiment, runner)
+    try:
+        history = train_stage(plan, run_specs(plan, plan.schedules, plan.base.loss), parent,
+                              experiment, threads, "lr-decay")
+        ranking = rank_schedules(history, plan.decays)
+        tracking.log_table(parent, ranking, "ranking.csv")
+        for name, fig in parent_figures(plan, history, ranking).items():
+            tracking.log_figure(parent, fig, name)
+        best = ranking.iloc[0]
+        vs = versus_constant(ranking)
+        tracking.set_tags(parent, {"best_schedule": best["schedule"],
+                                   **({} if vs is None else {"beats_constant": vs[
+                                       "beats_constant"]})})
+        tracking.log_metrics(parent, {"best_val_loss": best["final_val_loss_mean"],
+                                      "best_val_error": best["final_val_error_mean"]}, step=0)
+        losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)
+    return {"parent_run_id": parent, "lr": plan.base.optim.lr, "lr_source": plan.lr_source,
+            "best_schedule": best["schedule"], "ranking": ranking.to_dict("records"),
+            "loss_choice": None if losses_df is None else losses_df.to_dict("records"),
+            "versus_constant": vs}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--lr", type=float, help="base learning rate (default: the latest "
+                        f"chosen_lr of experiment {SEARCH_EXPERIMENT}, else {FALLBACK_LR:g})")
+    parser.add_argument("--epochs", type=int, help=f"epochs per run (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--seeds", type=parse_ints, help="comma-separated seeds (default "
+                        f"{','.join(map(str, DEFAULT_SEEDS))})")
+    parser.add_argument("--schedules", type=parse_names,
+                        help="comma-separated schedule names (default: all of constant, step, "
+                        "multistep, exponential, cosine, onecycle, warmup_cosine, "
+                        "inverse_time, plateau)")
+    parser.add_argument("--final-decay", dest="final_decay", type=float,
+                        help=f"peak/last rate of every schedule (default {DEFAULT_FINAL_DECAY:g})")
+    parser.add_argument("--losses", type=parse_names, help="training losses compared for the "
+                        f"best schedule (default {','.join(DEFAULT_LOSSES)})")
+
+
+def run(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
+        final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
+        runner="threads", workers=None, experiment=EXPERIMENT) -> dict:
+    """Validate every input, then run the flow with the chosen task runner."""
+    check_runner(runner)
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
+    return decay_compare.with_options(task_runner=make_task_runner(runner, workers))(
+        lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules, final_decay=final_decay,
+        losses=tuple(losses), overrides=overrides, runner=runner, workers=workers,
+        experiment=experiment)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,218 @@
+"""``lrpipe schedules``: every default decay schedule's rate against epoch, without training.
+
+Also the planning shared with ``flows.decay_compare`` (which schedules, at which rate, over how
+many updates, and how far each one decays), so the preview shows exactly what
+``lrpipe decay`` would run. A plain function, not a Prefect flow: there is nothing to fan out,
+and starting Prefect's temporary API server would cost more than the preview itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from flows.common import dataset_for
+from lrpipe import decay, decay_plots, tracking
+from lrpipe.config import ConfigError, ScheduleConfig, TrainConfig, check_number, merge
+from lrpipe.schedules import decay_warning, plateau_max_decay, total_decay
+
+HELP = "preview every decay schedule's rate against epoch (no training) and its total decay"
+EXPERIMENT = "lr-decay"
+SEARCH_EXPERIMENT = "lr-search"
+FALLBACK_LR = 0.1  # the MLP's best SGD rate on Fashion-MNIST in the lr-sweep
+DEFAULT_EPOCHS = 8
+DEFAULT_FINAL_DECAY = 100.0  # peak/last rate: the usual ~100x target
+# 27 runs (9 schedules x 3 seeds) + 3 squared-error runs of 8 epochs on a 20,000-example
+# training subset: about 0.85 s of CPU per epoch, so ~2 minutes on 2 quiet cores.
+DEFAULT_SUBSET = 20_000
+DEFAULT_OUT = "out/schedules.png"
+EXAMPLES = """examples:
+  lrpipe schedules                              # 8 epochs, 100x, rate from lr-search
+  lrpipe schedules --epochs 20 --final-decay 1000 --schedules cosine,step,plateau
+  lrpipe schedules --set batch_size=32 --out /tmp/schedules.png
+"""
+
+
+def parse_names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def check_names(field: str, names, allowed) -> list[str]:
+    """``names`` as a list, each one of ``allowed`` and distinct; else ConfigError naming
+    ``field`` and the allowed names."""
+    allowed_text = ", ".join(allowed)
+    if isinstance(names, str) or not hasattr(names, "__iter__") or len(names) == 0:
+        raise ConfigError(f"{field}: got {names!r}; allowed: a non-empty list of {allowed_text}")
+    bad = [n for n in names if n not in allowed]
+    if bad or len(set(names)) != len(names):
+        raise ConfigError(f"{field}: got {list(names)}; allowed: distinct names among "
+                          f"{allowed_text}")
+    return list(names)
+
+
+def base_config(epochs: int, overrides: dict | None) -> TrainConfig:
+    """Default config + ``overrides``; Fashion-MNIST/MNIST train on ``DEFAULT_SUBSET`` examples
+    unless the overrides say otherwise (``data.subset``, or a whole ``data`` section)."""
+    overrides = dict(overrides or {})
+    cfg = merge(TrainConfig(), {"epochs": epochs, **overrides})
+    if "data.subset" in overrides or "data" in overrides or cfg.data.dataset == "digits":
+        return cfg
+    return merge(cfg, {"data.subset": DEFAULT_SUBSET})
+
+
+def select_schedules(names, final_decay: float, epochs: int) -> dict[str, ScheduleConfig]:
+    """The named entries of ``decay.default_schedules`` (all when ``names`` is None)."""
+    check_number("final_decay", final_decay, low=1.0)
+    try:
+        available = decay.default_schedules(final_decay=final_decay, epochs=epochs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    chosen = list(available) if names is None else check_names("schedules", names, available)
+    return {name: available[name] for name in chosen}
+
+
+def steps_per_epoch(cfg: TrainConfig, load: bool = True) -> int:
+    """Updates per epoch of ``cfg``. Loads the dataset (once per process), which also checks
+    the split sizes; with ``load=False`` a plain ``data.subset`` is taken at its word."""
+    d = cfg.data
+    if not load and d.subset is not None and d.classes is None and d.per_class is None:
+        n = d.subset
+    else:
+        n = len(dataset_for(cfg).train)
+    if cfg.batch_size > n:
+        raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: <= {n} (training examples)")
+    return -(-n // cfg.batch_size)
+
+
+def decay_table(schedules: dict[str, ScheduleConfig], epochs: int, spe: int) -> pd.DataFrame:
+    """Per schedule: total_decay (peak/last, NaN for plateau), max_decay (plateau: the most it
+    can reach) and the decay warning ('' when it decays >= 10x). Raises ConfigError when a
+    schedule does not fit the budget."""
+    rows = []
+    for name, cfg in schedules.items():
+        planned = total_decay(cfg, epochs, spe)
+        most = plateau_max_decay(cfg, epochs, spe) if planned is None else planned
+        rows.append({"schedule": name, "total_decay": math.nan if planned is None else planned,
+                     "max_decay": most, "warning": decay_warning(cfg, epochs, spe) or ""})
+    return pd.DataFrame(rows)
+
+
+def latest_chosen_lr(experiment: str = SEARCH_EXPERIMENT) -> tuple[float, str] | None:
+    """The ``chosen_lr`` (metric, else tag) of the newest finished parent run of ``experiment``
+    and that run's id; None when there is none."""
+    c = tracking.client()
+    exp = tracking.retry_locked(c.get_experiment_by_name, experiment)
+    if exp is None:
+        return None
+    runs = tracking.retry_locked(c.search_runs, [exp.experiment_id],
+                                 "attributes.status = 'FINISHED'", max_results=200,
+                                 order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if tracking.PARENT_TAG in run.data.tags:
+            continue
+        value = run.data.metrics.get("chosen_lr", run.data.tags.get("chosen_lr"))
+        try:
+            lr = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(lr) and lr > 0:
+            return lr, run.info.run_id
+    return None
+
+
+def resolve_lr(lr: float | None) -> tuple[float, str]:
+    """(rate, where it came from): ``lr`` if given, else lr-search's latest choice, else 0.1."""
+    if lr is not None:
+        check_number("lr", lr, low=0.0, low_open=True)
+        return float(lr), "given"
+    found = latest_chosen_lr()
+    if found is None:
+        return FALLBACK_LR, f"fallback: no chosen_lr in experiment {SEARCH_EXPERIMENT!r}"
+    return found[0], f"{SEARCH_EXPERIMENT} run {found[1]}"
+
+
+
+def preview_schedules(epochs: int = DEFAULT_EPOCHS, schedules=None,
+                      final_decay: float = DEFAULT_FINAL_DECAY, lr: float | None = None,
+                      out: str = DEFAULT_OUT, overrides: dict | None = None,
+                      experiment: str = EXPERIMENT) -> dict:
+    """Draw every schedule's per-update rate, save it to ``out`` and log it to MLflow.
+
+    Returns:
+        {"path", "run_id", "lr", "decays"}: the PNG written, the run "schedule preview" of
+        ``experiment`` (figure ``figures/schedules.png``, table ``total_decay.csv``, metrics
+        ``total_decay/<schedule>``), the base rate drawn and the decay table records.
+    Raises:
+        ConfigError: a bad name, number or budget, before anything is written.
+    """
+    base = base_config(epochs, overrides)
+    selected = select_schedules(schedules, final_decay, base.epochs)
+    rate, source = resolve_lr(lr)
+    spe = steps_per_epoch(base, load=False)  # the preview needs no images
+    table = decay_table(selected, base.epochs, spe)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = decay_plots.plot_schedules(decay.schedule_previews(selected, base.epochs, spe, rate))
+    fig.savefig(path, dpi=100)
+    run_id = tracking.start_run(experiment, "schedule preview", params={
+        "lr": rate, "lr_source": source, "epochs": base.epochs, "final_decay": final_decay,
+        "steps_per_epoch": spe, "schedules": list(selected), "out": str(path.resolve())})
+    try:
+        tracking.log_metrics(run_id, {f"total_decay/{r.schedule}": r.total_decay
+                                      for r in table.itertuples()
+                                      if not math.isnan(r.total_decay)}, step=0)
+        tracking.log_table(run_id, table, "total_decay.csv")
+        tracking.log_figure(run_id, fig, "schedules")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return {"path": str(path), "run_id": run_id, "lr": rate, "lr_source": source,
+            "epochs": base.epochs, "steps_per_epoch": spe, "decays": table.to_dict("records")}
+
+
+def print_table(table: pd.DataFrame) -> None:
+    """The decay table, then one warning line per schedule decaying < 10x."""
+    print(table[["schedule", "total_decay", "max_decay"]].to_string(
+        index=False, float_format="%.4g"))
+    for warning in table["warning"]:
+        if warning:
+            print(f"warning: {warning}", flush=True)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, help=f"budget in epochs (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--schedules", type=parse_names,
+                        help="comma-separated schedule names (default: all of constant, step, "
+                        "multistep, exponential, cosine, onecycle, warmup_cosine, "
+                        "inverse_time, plateau)")
+    parser.add_argument("--final-decay", dest="final_decay", type=float,
+                        help=f"peak/last rate of every schedule (default {DEFAULT_FINAL_DECAY:g})")
+    parser.add_argument("--lr", type=float, help="base rate drawn (default: the latest "
+                        f"chosen_lr of experiment {SEARCH_EXPERIMENT}, else {FALLBACK_LR:g})")
+    parser.add_argument("--out", help=f"where the PNG goes (default {DEFAULT_OUT})")
+
+
+def run(epochs=DEFAULT_EPOCHS, schedules=None, final_decay=DEFAULT_FINAL_DECAY, lr=None,
+        out=DEFAULT_OUT, overrides=None, runner="threads", workers=None,
+        experiment=EXPERIMENT) -> dict:
+    """Validate, preview, print the decay table and where the figure went. ``runner`` and
+    ``workers`` (common to every command) are accepted and unused: nothing is fanned out."""
+    del runner, workers
+    start = time.perf_counter()
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    result = preview_schedules(epochs, schedules, final_decay, lr, out, overrides, experiment)
+    print(f"schedule preview: lr={result['lr']:g} ({result['lr_source']}), "
+          f"{result['epochs']} epochs x {result['steps_per_epoch']} updates")
+    print_table(pd.DataFrame(result["decays"]))
+    print(f"Figure: {Path(result['path']).resolve()}  ({time.perf_counter() - start:.1f} s)")
+    print(f"MLflow: {tracking.run_url(result['run_id'], experiment)}  "
+          "(start the UI with `make ui`)")
+    return result
+
+
+if __name__ == "__main__":
+    run()

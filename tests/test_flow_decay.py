@@ -1,0 +1,298 @@
+"""The decay comparison wired into Prefect and MLflow: pure planning helpers by hand, the
+schedule preview, and the decay_compare flow end to end on real digits under Prefect's test
+harness with a temporary MLflow store."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pandas as pd
+import pytest
+
+from flows import decay_compare as dc
+from flows import schedule_preview as sp
+from lrpipe import tracking
+from lrpipe.config import ConfigError, TrainConfig
+
+OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+             "batch_size": 64, "device": "cpu"}
+SCHEDULES = ["constant", "cosine", "step"]
+SEEDS = (0, 1)
+EPOCHS = 2
+
+
+def _children(c, parent_id: str) -> list:
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=500)
+
+
+def _files(c, run_id: str, path: str | None = None) -> set[str]:
+    out: set[str] = set()
+    for f in c.list_artifacts(run_id, path):
+        out |= _files(c, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+# --- pure planning helpers ------------------------------------------------------------------
+
+def test_bad_names_and_seeds_name_the_field_and_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"schedules: got \['cosine', 'bogus'\]; allowed: .*"
+                       r"constant, step, multistep, exponential, cosine, onecycle, "
+                       r"warmup_cosine, inverse_time, plateau"):
+        sp.select_schedules(["cosine", "bogus"], 100.0, 8)
+    with pytest.raises(ConfigError, match="schedules"):
+        sp.select_schedules(["cosine", "cosine"], 100.0, 8)
+    with pytest.raises(ConfigError, match="schedules"):
+        sp.select_schedules("cosine", 100.0, 8)  # a string is not a list of names
+    with pytest.raises(ConfigError, match="final_decay"):
+        sp.select_schedules(None, 0.5, 8)
+    with pytest.raises(ConfigError, match="epochs"):
+        sp.select_schedules(None, 100.0, 1)
+    with pytest.raises(ConfigError, match="losses.*cross_entropy, mse"):
+        dc.check_names("losses", ["hinge"], ("cross_entropy", "mse"))
+    for bad in ([], [0, 0], [-1], [0.5], "0,1"):
+        with pytest.raises(ConfigError, match="seeds"):
+            dc.check_seeds(bad)
+    assert dc.check_seeds([2, 0]) == (2, 0)
+    assert dc.parse_ints("0, 1,2") == [0, 1, 2] and sp.parse_names("a, b,") == ["a", "b"]
+
+
+def test_base_config_takes_a_fashion_subset_unless_told_otherwise():
+    assert sp.base_config(8, None).data.subset == sp.DEFAULT_SUBSET
+    assert sp.base_config(8, {"data.subset": None}).data.subset is None
+    assert sp.base_config(8, {"data.subset": 5000}).data.subset == 5000
+    assert sp.base_config(3, OVERRIDES).data.subset is None  # digits: all 1,200 examples
+    assert sp.base_config(3, {"model.dropout": 0.2, "optim.weight_decay": 5e-4}).model.dropout \
+        == 0.2
+
+
+def test_steps_per_epoch_by_hand():
+    cfg = TrainConfig().replace(**{"data.subset": 1000, "batch_size": 128})
+    assert sp.steps_per_epoch(cfg, load=False) == 8  # ceil(1000 / 128)
+    digits = sp.base_config(2, OVERRIDES)
+    assert sp.steps_per_epoch(digits) == 19  # 1,500 - 300 validation = 1,200; ceil(1200 / 64)
+    with pytest.raises(ConfigError, match="batch_size"):
+        sp.steps_per_epoch(digits.replace(batch_size=1201))
+
+
+def test_decay_table_by_hand_and_warnings():
+    schedules = sp.select_schedules(["constant", "cosine", "step", "plateau"], 100.0, 8)
+    table = sp.decay_table(schedules, 8, 10).set_index("schedule")
+    assert table.loc["constant", "total_decay"] == 1.0
+    assert table.loc["cosine", "total_decay"] == pytest.approx(100.0)
+    assert table.loc["step", "total_decay"] == pytest.approx(100.0)
+    assert math.isnan(table.loc["plateau", "total_decay"])
+    # plateau, patience 1, factor 0.1: first judged epoch 1, reductions (8-1-1)//2 = 3 -> 1000x
+    assert table.loc["plateau", "max_decay"] == pytest.approx(1000.0)
+    assert "constant decays the rate only 1x" in table.loc["constant", "warning"]
+    assert (table.drop(index="constant")["warning"] == "").all()
+
+
+def test_rank_schedules_adds_gap_columns_by_hand():
+    def run(schedule, seed, train, val):
+        return pd.DataFrame({"schedule": schedule, "seed": seed, "epoch": range(len(val)),
+                             "train_loss": train, "val_loss": val, "train_error": 0.1,
+                             "val_error": [v / 10 for v in val], "lr": 1.0})
+
+    history = pd.concat([
+        # gap 0.1, 0.1, 0.2, 0.3, 0.4 -> grows for good from epoch 1 (epoch 0 is skipped)
+        run("cosine", 0, [2.0, 1.0, 0.8, 0.6, 0.4], [2.1, 1.1, 1.0, 0.9, 0.8]),
+        run("cosine", 1, [2.0, 1.0, 0.8, 0.6, 0.4], [2.1, 1.1, 1.0, 0.9, 0.8]),
+        run("constant", 0, [2.0, 1.5, 1.2, 1.1, 1.0], [2.1, 1.6, 1.3, 1.2, 1.1]),
+        run("constant", 1, [2.0, 1.5, 1.2, 1.1, 1.0], [2.1, 1.6, 1.3, 1.2, 1.3]),
+    ], ignore_index=True)
+    decays = pd.DataFrame({"schedule": ["cosine", "constant"], "total_decay": [100.0, 1.0]})
+    ranking = dc.rank_schedules(history, decays).set_index("schedule")
+    assert list(ranking.index) == ["cosine", "constant"]
+    assert ranking.loc["cosine", "gap_growth_epoch"] == 1
+    assert pd.isna(ranking.loc["constant", "gap_growth_epoch"])  # gap flat, then one blip
+    assert ranking.loc["cosine", "final_gap_mean"] == pytest.approx(0.4)
+    assert ranking.loc["constant", "final_gap_mean"] == pytest.approx(0.2)
+    vs = dc.versus_constant(ranking.reset_index())
+    assert vs == {"best_decaying": "cosine", "best_val_loss": pytest.approx(0.8),
+                  "constant_val_loss": pytest.approx(1.2), "beats_constant": True}
+    assert dc.versus_constant(ranking.reset_index().iloc[:1]) is None
+    text = dc.ranking_text(ranking.reset_index())
+    assert "0.8000 +- 0.0000 [0.8000, 0.8000]" in text and "100x" in text
+
+
+def test_loss_table_summarizes_per_training_loss():
+    rows = [{"loss": loss, "schedule": "cosine", "seed": seed, "epoch": 1, "train_loss": 0.0,
+             "val_loss": v, "train_error": 0.0, "val_error": v / 10, "lr": 0.1}
+            for loss, seed, v in [("cross_entropy", 0, 0.4), ("cross_entropy", 1, 0.6),
+                                  ("mse", 0, 1.0), ("mse", 1, 1.2)]]
+    table = dc.loss_table(pd.DataFrame(rows)).set_index("loss")
+    assert table.loc["cross_entropy", "final_val_loss_mean"] == pytest.approx(0.5)
+    assert table.loc["mse", "final_val_error_mean"] == pytest.approx(0.11)
+    assert table.loc["mse", "n_seeds"] == 2 and table.loc["cross_entropy", "rank"] == 1
+
+
+def test_latest_chosen_lr_reads_the_newest_finished_parent(mlflow_store):
+    name = f"lr-search-decay-test-{time.time_ns()}"
+    assert sp.latest_chosen_lr(name) is None  # no such experiment: nothing created either
+    assert tracking.client().get_experiment_by_name(name) is None
+    old = tracking.start_run(name, "search old")
+    tracking.log_metrics(old, {"chosen_lr": 0.05}, step=0)
+    tracking.end_run(old)
+    assert sp.latest_chosen_lr(name) == (0.05, old)
+    time.sleep(0.01)
+    new = tracking.start_run(name, "search new", tags={"chosen_lr": "0.02"})
+    tracking.end_run(new)
+    time.sleep(0.01)
+    child = tracking.start_run(name, "a rung", parent_run_id=new)
+    tracking.log_metrics(child, {"chosen_lr": 0.9}, step=0)
+    tracking.end_run(child)
+    failed = tracking.start_run(name, "search failed")
+    tracking.log_metrics(failed, {"chosen_lr": 7.0}, step=0)
+    tracking.end_run(failed, "FAILED")
+    assert sp.latest_chosen_lr(name) == (0.02, new)
+
+
+def test_resolve_lr_given_found_or_fallback(monkeypatch):
+    assert sp.resolve_lr(0.3) == (0.3, "given")
+    with pytest.raises(ConfigError, match="lr"):
+        sp.resolve_lr(-1.0)
+    monkeypatch.setattr(sp, "latest_chosen_lr", lambda: None)
+    rate, source = sp.resolve_lr(None)
+    assert rate == sp.FALLBACK_LR == 0.1 and "fallback" in source
+    monkeypatch.setattr(sp, "latest_chosen_lr", lambda: (0.05, "abc"))
+    assert sp.resolve_lr(None) == (0.05, "lr-search run abc")
+
+
+# --- schedule preview -----------------------------------------------------------------------
+
+def test_schedule_preview_writes_a_png_and_logs_a_run(mlflow_store, tmp_path, capsys):
+    out = tmp_path / "deep" / "schedules.png"
+    result = sp.run(epochs=4, lr=0.2, out=str(out), overrides=OVERRIDES)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    c = tracking.client(mlflow_store)
+    run = c.get_run(result["run_id"])
+    assert run.info.run_name == "schedule preview" and run.info.status == "FINISHED"
+    assert c.get_experiment(run.info.experiment_id).name == "lr-decay"
+    assert {"figures/schedules.png", "total_decay.csv"} <= _files(c, result["run_id"])
+    assert run.data.metrics["total_decay/cosine"] == pytest.approx(100.0)
+    assert run.data.metrics["total_decay/constant"] == 1.0
+    assert "total_decay/plateau" not in run.data.metrics
+    assert result["steps_per_epoch"] == 19 and len(result["decays"]) == 9
+    printed = capsys.readouterr().out
+    assert "warning: schedule constant decays the rate only 1x" in printed
+    assert str(out) in printed
+
+
+def test_schedule_preview_refuses_bad_names_before_writing(mlflow_store, tmp_path):
+    out = tmp_path / "never.png"
+    with pytest.raises(ConfigError, match="schedules.*allowed.*constant"):
+        sp.run(schedules=["cosine", "linear"], out=str(out), overrides=OVERRIDES)
+    assert not out.exists()
+
+
+# --- the flow, end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def decay(prefect_harness, _session_store):
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    try:
+        result = dc.run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
+                        overrides=OVERRIDES, workers=2)
+        return result, _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_parent_with_one_child_per_schedule_and_seed(decay):
+    result, uri = decay
+    c = tracking.client(uri)
+    parent = c.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["lr"] == "0.3" and parent.data.params["lr_source"] == "given"
+    kids = _children(c, result["parent_run_id"])
+    assert all(k.info.status == "FINISHED" for k in kids)
+    main = [k for k in kids if k.data.tags["loss"] == "cross_entropy"]
+    assert sorted((k.data.tags["schedule"], int(k.data.params["seed"])) for k in main) == \
+        sorted((s, seed) for s in SCHEDULES for seed in SEEDS)
+    names = {k.info.run_name for k in main}
+    assert "cosine lr=0.3 sgd mlp seed=0" in names and "constant lr=0.3 sgd mlp seed=1" in names
+    for k in main:
+        steps = [m.step for m in c.get_metric_history(k.info.run_id, "val_loss")]
+        assert steps == list(range(EPOCHS + 1))
+
+
+def test_total_decay_on_children_and_parent(decay):
+    result, uri = decay
+    c = tracking.client(uri)
+    parent = c.get_run(result["parent_run_id"])
+    assert parent.data.metrics["total_decay/constant"] == 1.0
+    assert parent.data.metrics["total_decay/cosine"] == pytest.approx(100.0)
+    assert parent.data.metrics["total_decay/step"] == pytest.approx(100.0)
+    for k in _children(c, result["parent_run_id"]):
+        expected = 1.0 if k.data.tags["schedule"] == "constant" else 100.0
+        assert k.data.metrics["total_decay"] == pytest.approx(expected)
+        assert ("decay_warning" in k.data.tags) == (k.data.tags["schedule"] == "constant")
+        assert "schedule/lr_per_step.csv" in _files(c, k.info.run_id)
+    warnings = c.download_artifacts(result["parent_run_id"], "decay_warnings.txt")
+    assert "constant" in open(warnings).read()
+
+
+def test_rate_curve_artifact_matches_the_schedule(decay):
+    result, uri = decay
+    c = tracking.client(uri)
+    kid = next(k for k in _children(c, result["parent_run_id"])
+               if k.info.run_name == "cosine lr=0.3 sgd mlp seed=0")
+    curve = pd.read_csv(c.download_artifacts(kid.info.run_id, "schedule/lr_per_step.csv"))
+    assert len(curve) == EPOCHS * 19 and curve["lr"].iloc[0] == pytest.approx(0.3)
+    assert curve["lr"].iloc[-1] == pytest.approx(0.003)
+    # train()'s per-epoch lr is the rate at the first update of each epoch
+    logged = [m.value for m in c.get_metric_history(kid.info.run_id, "lr")]
+    assert logged[1:] == pytest.approx(list(curve["lr"].iloc[[0, 19]]))
+
+
+def test_figures_and_ranking_on_the_parent(decay):
+    result, uri = decay
+    c = tracking.client(uri)
+    files = _files(c, result["parent_run_id"])
+    assert {f"figures/{n}.png" for n in ("schedules", "val_loss_band", "val_error_band",
+                                         "final_val_error", "gap_best", "loss_choice")} <= files
+    assert {"ranking.csv", "total_decay.csv", "loss_choice.csv"} <= files
+    ranking = pd.read_csv(c.download_artifacts(result["parent_run_id"], "ranking.csv"))
+    assert sorted(ranking["schedule"]) == sorted(SCHEDULES)
+    assert list(ranking["rank"]) == sorted(ranking["rank"])
+    assert (ranking["n_seeds"] == len(SEEDS)).all() and "gap_growth_epoch" in ranking
+    assert ranking["final_val_loss_mean"].is_monotonic_increasing
+    assert result["best_schedule"] == ranking["schedule"].iloc[0]
+    assert c.get_run(result["parent_run_id"]).data.tags["best_schedule"] == \
+        result["best_schedule"]
+
+
+def test_loss_choice_trains_the_best_schedule_with_mse(decay):
+    result, uri = decay
+    c = tracking.client(uri)
+    mse = [k for k in _children(c, result["parent_run_id"]) if k.data.tags["loss"] == "mse"]
+    assert sorted(int(k.data.params["seed"]) for k in mse) == list(SEEDS)
+    assert {k.data.tags["schedule"] for k in mse} == {result["best_schedule"]}
+    assert all(k.data.params["loss"] == "mse" and " mse lr=0.3" in k.info.run_name for k in mse)
+    table = pd.DataFrame(result["loss_choice"]).set_index("loss")
+    assert set(table.index) == {"cross_entropy", "mse"}
+    assert (table["n_seeds"] == len(SEEDS)).all()
+    assert table["final_val_error_mean"].between(0, 1).all()
+
+
+def test_bad_schedule_names_refused_before_any_run(prefect_harness, mlflow_store):
+    c = tracking.client(mlflow_store)
+
+    def count() -> int:
+        exp = c.get_experiment_by_name("lr-decay")
+        return 0 if exp is None else len(c.search_runs([exp.experiment_id], max_results=1000))
+
+    before = count()
+    with pytest.raises(ConfigError, match=r"schedules: got \['cosine', 'bogus'\]; allowed: .*"
+                       "constant, step"):
+        dc.run(lr=0.3, epochs=2, schedules=["cosine", "bogus"], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="seeds"):
+        dc.run(lr=0.3, epochs=2, seeds=[0, 0], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="losses"):
+        dc.run(lr=0.3, epochs=2, losses=["hinge"], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="runner"):
+        dc.run(lr=0.3, epochs=2, overrides=OVERRIDES, runner="ray")
+    assert count() == before
