@@ -147,21 +147,33 @@ def group_pays(group: list[TrainConfig], data: Dataset) -> tuple[bool, dict]:
                          shared_batches=len({c.seed for c in group}) == 1)
 
 
+def plan_many(cfgs: list[TrainConfig], data: Dataset) -> list[tuple[list[int], bool]]:
+    """How ``train_many`` trains ``cfgs``: ``(indices, batched)`` per ``group_batchable`` group,
+    batched where the group has several members and ``group_pays`` says it is faster."""
+    return [(idxs, len(idxs) > 1 and group_pays([cfgs[i] for i in idxs], data)[0])
+            for idxs in group_batchable(cfgs)]
+
+
 def train_many(
     cfgs: list[TrainConfig],
     data: Dataset,
     *,
     on_epoch: Callable[[int, dict], None] | None = None,
+    plan: list[tuple[list[int], bool]] | None = None,
 ) -> list[TrainResult]:
     """Train every config, batching compatible ones where ``batching_pays`` says so.
 
     The one entry point for flows: results come back in ``cfgs`` order, each as train() would
-    return it; ``on_epoch(i, row)`` names the config by its index in ``cfgs``.
+    return it; ``on_epoch(i, row)`` names the config by its index in ``cfgs``. ``plan`` (from
+    ``plan_many``, e.g. to tag runs with how they trained) is measured here when None.
     """
+    plan = plan_many(cfgs, data) if plan is None else plan
+    if sorted(i for idxs, _ in plan for i in idxs) != list(range(len(cfgs))):
+        raise ValueError(f"plan: got {plan!r}; allowed: every index of cfgs exactly once")
     results: list[TrainResult | None] = [None] * len(cfgs)
-    for idxs in group_batchable(cfgs):
+    for idxs, batched in plan:
         group = [cfgs[i] for i in idxs]
-        if len(group) > 1 and group_pays(group, data)[0]:
+        if batched:
             hook = (lambda m, row, idxs=idxs: on_epoch(idxs[m], row)) if on_epoch else None
             outs = train_batched(group, data, on_epoch=hook)
         else:

@@ -327,3 +327,19 @@ def test_group_pays_probes_the_groups_own_arrangement(digits32, monkeypatch):
     with pytest.raises(ValueError, match="optim.name"):
         group_pays([base_cfg(**{"optim.name": "gains"})] * 2, digits32)
     many._PAYS_CACHE.clear()
+
+
+def test_plan_many_is_what_train_many_follows(digits32, monkeypatch):
+    many._PAYS_CACHE.clear()
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (2.0, 1.0))
+    cfgs = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.3, 0.1)]
+    cfgs.append(base_cfg("softmax", "rprop", **{"optim.lr": 0.01, "optim.weight_decay": 0.0}))
+    assert many.plan_many(cfgs, digits32) == [([0, 1], True), ([2], False)]
+    # A given plan is followed as is: here nothing batched, so every run is train()'s.
+    results = train_many(cfgs[:2], digits32, plan=[([1], False), ([0], False)])
+    for cfg, got in zip(cfgs, results, strict=False):
+        pd.testing.assert_frame_equal(got.history.drop(columns="time_s"),
+                                      train(cfg, digits32).history.drop(columns="time_s"))
+    with pytest.raises(ValueError, match="plan: got"):
+        train_many(cfgs[:2], digits32, plan=[([0, 0], False)])
+    many._PAYS_CACHE.clear()

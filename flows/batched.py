@@ -1,0 +1,147 @@
+"""Wiring for many rates per pass: a group of configs trained in one task (batched where it
+pays, lrpipe.many), each member logged as its own MLflow child run.
+
+``train_group_and_log`` returns what ``flows.common.train_and_log`` returns, one dict per
+member, so a flow can swap one for the other. ``plan_groups`` says which configs to put in one
+task, by the measured rule (``lrpipe.many.batching_pays``); a flow submits its plan like this::
+
+    for idxs in plan_groups(cfgs, dataset_for(cfgs[0]), workers):
+        if len(idxs) == 1:
+            futures.append(train_and_log.submit(dicts[idxs[0]], parent, experiment,
+                                                names[idxs[0]], threads))
+        else:
+            futures.append(train_group_and_log.submit([dicts[i] for i in idxs], parent,
+                                                      experiment, [names[i] for i in idxs],
+                                                      threads))
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from prefect import task
+
+from flows.common import (
+    RESULTS,
+    ResumeCache,
+    both,
+    dataset_for,
+    epoch_printer,
+    result_from_run,
+    task_result,
+)
+from lrpipe import tracking
+from lrpipe.config import TrainConfig, from_dict
+from lrpipe.data import Dataset
+from lrpipe.many import group_batchable, group_pays, plan_many, train_many
+
+
+def chunks(idxs: list[int], parts: int) -> list[list[int]]:
+    """``idxs`` cut into ``min(parts, len(idxs))`` contiguous chunks whose sizes differ by at
+    most one, larger first: [0..6] in 3 -> [[0, 1, 2], [3, 4], [5, 6]]."""
+    if not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"workers: got {parts!r}; allowed: an integer >= 1")
+    parts = min(parts, len(idxs))
+    size, extra = divmod(len(idxs), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (p < extra)
+        out.append(idxs[start:end])
+        start = end
+    return out
+
+
+def plan_groups(cfgs: list[TrainConfig], data: Dataset, workers: int = 1) -> list[list[int]]:
+    """Which configs to train together: lists of indices into ``cfgs``, one list per task.
+
+    Each batchable set (``lrpipe.many.group_batchable``) is cut into ``workers`` chunks, one per
+    parallel worker. A chunk becomes one ``train_group_and_log`` task if batching it is
+    measurably faster than running its members one after another on one worker
+    (``group_pays``: the chunk's size, model, optimizer and threads, measured here); otherwise
+    each member is a task of its own (``train_and_log``), and the workers run them in parallel.
+    Call it with torch's thread count set as in the tasks (``set_torch_threads``): the
+    measurement is cached per thread count, so the tasks then reuse it.
+    Raises:
+        ValueError: workers < 1.
+    """
+    tasks: list[list[int]] = []
+    for idxs in group_batchable(cfgs):
+        for part in chunks(idxs, workers):
+            if len(part) > 1 and group_pays([cfgs[i] for i in part], data)[0]:
+                tasks.append(part)
+            else:
+                tasks.extend([i] for i in part)
+    return tasks
+
+
+def _group_run_name(parameters: dict) -> str:
+    names = parameters["names"]
+    return f"train {names[0]}" if len(names) == 1 else \
+        f"train {len(names)} together: {names[0]} .. {names[-1]}"
+
+
+def _check_group(cfgs: list[TrainConfig], names: list[str]) -> None:
+    if not cfgs or len(names) != len(cfgs):
+        raise ValueError(f"names: got {len(names)} for {len(cfgs)} configs; allowed: one name "
+                         "per config, at least one")
+    for cfg in cfgs:
+        if (cfg.data, cfg.device) != (cfgs[0].data, cfgs[0].device):
+            raise ValueError("cfg_dicts: members differ in data or device; allowed: one "
+                             "dataset and device per group (they train on one loaded copy)")
+
+
+@task(name="train-group", task_run_name=_group_run_name, cache_policy=ResumeCache(),
+      persist_result=True, result_storage=RESULTS)
+def train_group_and_log(
+    cfg_dicts: list[dict], parent_run_id: str, experiment: str, names: list[str],
+    threads: int = 1, tags: dict | None = None, uri: str | None = None,
+) -> list[dict]:
+    """Train a group of configs in one task, each member its own MLflow child run.
+
+    ``lrpipe.many.train_many`` trains them batched where ``batching_pays`` says so. Each child
+    gets params (the flattened config), per-epoch metrics (step=epoch, train()'s names) and
+    tags status, config_hash, device, diverged_epoch and ``trained`` (batched k=N | alone).
+    As in ``train_and_log``, a member whose config already has a FINISHED child under the
+    parent (a resumed sweep) is reused, not trained; ``uri`` names the tracking store.
+    Returns:
+        One dict per member, in order, as ``train_and_log`` returns it.
+    Raises:
+        ValueError: names do not match the configs, or members differ in data or device.
+    """
+    torch.set_num_threads(threads)  # per OS thread under OpenMP: set it in the task's thread
+    cfgs = [from_dict(d) for d in cfg_dicts]
+    _check_group(cfgs, names)
+    results: list[dict | None] = [None] * len(cfgs)
+    for i, cfg in enumerate(cfgs):
+        if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
+            results[i] = result_from_run(done, cfg, names[i], uri)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        trained = _train_members([cfgs[i] for i in todo], [names[i] for i in todo],
+                                 parent_run_id, experiment, {**tracking.process_tags(),
+                                                             **(tags or {})}, uri)
+        for i, result in zip(todo, trained, strict=True):
+            results[i] = result
+    return results
+
+
+def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str,
+                   experiment: str, tags: dict, uri: str | None) -> list[dict]:
+    """Open every member's child run, train them all with train_many, log, close the runs."""
+    data = dataset_for(cfgs[0])
+    plan = plan_many(cfgs, data)
+    trained = {i: f"batched k={len(idxs)}" if batched else "alone"
+               for idxs, batched in plan for i in idxs}
+    with contextlib.ExitStack() as stack:  # every child ends FAILED if training raises
+        run_ids = [stack.enter_context(tracking.training_run(
+            cfg, experiment, parent_run_id, name=name, tags={**tags, "trained": trained[i]},
+            uri=uri)) for i, (cfg, name) in enumerate(zip(cfgs, names, strict=True))]
+        hooks = [both(tracking.epoch_logger(run_id, uri), epoch_printer(name, cfg.epochs))
+                 for run_id, name, cfg in zip(run_ids, names, cfgs, strict=True)]
+        results = train_many(cfgs, data, on_epoch=lambda i, row: hooks[i](row), plan=plan)
+        for run_id, result in zip(run_ids, results, strict=True):
+            tracking.set_tags(run_id, {"status": result.status, "device": result.device,
+                                       "diverged_epoch": result.diverged_epoch or ""}, uri=uri)
+    return [task_result(run_id, name, cfg, result)
+            for run_id, name, cfg, result in zip(run_ids, names, cfgs, results, strict=True)]

@@ -1,0 +1,184 @@
+"""flows.batched: a group of rates trained in one task, each member its own MLflow child run,
+against train_and_log on the same configs; and the plan that says what to group."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.batched import chunks, plan_groups, train_group_and_log
+from lrpipe import many, tracking
+from lrpipe.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from lrpipe.data import load_data
+
+LRS = (0.05, 0.1, 0.2)
+EXPERIMENT = "test-flow-batched"
+METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
+
+
+def digits(**changes) -> TrainConfig:
+    cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
+                      model=ModelConfig(name="mlp", hidden=(32,)), epochs=2, batch_size=64,
+                      device="cpu")
+    return cfg.replace(**changes) if changes else cfg
+
+
+@pytest.fixture
+def timings(monkeypatch):
+    """Fix what batching_pays measures: set ``timings.value = (sequential_s, batched_s)``."""
+    class Timings:
+        value = (2.0, 1.0)
+        calls: list = []
+
+    def fake(cfgs, data):
+        Timings.calls.append(len(cfgs))
+        return Timings.value
+
+    many._PAYS_CACHE.clear()
+    monkeypatch.setattr(many, "measure_step_times", fake)
+    yield Timings
+    many._PAYS_CACHE.clear()
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, _session_store):
+    """One flow: the 3 rates as one train_group_and_log task (batching forced to pay) and as 3
+    train_and_log tasks, side by side."""
+    import os
+
+    from prefect import flow, unmapped
+
+    from flows.common import train_and_log
+
+    cfgs = [digits(**{"optim.lr": lr}) for lr in LRS]
+    names = [tracking.training_run_name(c) for c in cfgs]
+
+    @flow(name="test-batched")
+    def both(parent: str, other: str) -> tuple[list[dict], list[dict]]:
+        group = train_group_and_log.submit([to_dict(c) for c in cfgs], parent, EXPERIMENT,
+                                           names, 1, {"flow": "test"})
+        # Another parent: train_and_log would reuse a finished child of the same config.
+        singles = train_and_log.map([to_dict(c) for c in cfgs], unmapped(other),
+                                    unmapped(EXPERIMENT), names)
+        return group.result(), [f.result() for f in singles]
+
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    many._PAYS_CACHE.clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(many, "measure_step_times", lambda cfgs, data: (2.0, 1.0))
+            parent = tracking.start_run(EXPERIMENT, "parent")
+            other = tracking.start_run(EXPERIMENT, "parent of single runs")
+            grouped, singles = both(parent, other)
+            tracking.end_run(parent)
+            tracking.end_run(other)
+        return parent, grouped, singles, _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        many._PAYS_CACHE.clear()
+
+
+def test_one_child_run_per_member_with_params_and_tags(flow_run):
+    parent, grouped, _, uri = flow_run
+    c = tracking.client(uri)
+    for member, lr in zip(grouped, LRS, strict=True):
+        run = c.get_run(member["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.info.run_name == member["name"] == f"lr={lr:g} sgd mlp seed=0"
+        assert float(run.data.params["optim.lr"]) == lr
+        tags = run.data.tags
+        assert (tags["status"], tags["device"], tags["trained"], tags["flow"]) == (
+            "ok", "cpu", "batched k=3", "test")
+        assert tags["config_hash"] == member["config_hash"] == digits(**{"optim.lr": lr}).hash()
+
+
+def test_members_have_per_epoch_metrics(flow_run):
+    _, grouped, _, uri = flow_run
+    c = tracking.client(uri)
+    for member in grouped:
+        for key in (*METRICS, "ratio/fc1", "ratio/head"):
+            assert [m.step for m in c.get_metric_history(member["run_id"], key)] == \
+                ([0, 1, 2] if not key.startswith("ratio/") else [1, 2])
+        history = c.get_metric_history(member["run_id"], "val_loss")
+        assert history[-1].value == pytest.approx(member["val_loss"])
+
+
+def test_results_equal_train_and_logs_within_tolerance(flow_run):
+    _, grouped, singles, _ = flow_run
+    for got, want in zip(grouped, singles, strict=True):
+        assert set(got) == set(want)
+        assert (got["lr"], got["seed"], got["status"], got["epoch"], got["config_hash"]) == (
+            want["lr"], want["seed"], want["status"], want["epoch"], want["config_hash"])
+        # float32: batched GEMMs sum in another order (FIELD_NOTES), so not bit-equal.
+        for key in ("train_loss", "val_loss", "best_val_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-3)
+        assert abs(got["val_error"] - want["val_error"]) <= 2 / 300  # two of 300 examples
+        assert [r["epoch"] for r in got["history"]] == [r["epoch"] for r in want["history"]]
+
+
+def test_resumed_group_reuses_finished_members_and_trains_the_rest(flow_run, mlflow_store):
+    parent, grouped, _, _ = flow_run
+    cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (*LRS, 0.4)]
+    names = [m["name"] for m in grouped] + ["new"]
+    out = train_group_and_log.fn(cfgs, parent, EXPERIMENT, names)
+    assert [m["reused"] for m in out] == [True, True, True, False]
+    assert [m["run_id"] for m in out[:3]] == [m["run_id"] for m in grouped]
+    for got, want in zip(out, grouped, strict=False):
+        assert got["val_loss"] == pytest.approx(want["val_loss"])
+    run = tracking.client(mlflow_store).get_run(out[3]["run_id"])
+    assert (run.data.tags["trained"], run.data.tags["mlflow.parentRunId"]) == ("alone", parent)
+
+
+def test_a_failing_group_leaves_every_child_failed(mlflow_store, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("flows.batched.train_many", boom)
+    monkeypatch.setattr("flows.batched.plan_many", lambda cfgs, data: [([0, 1], True)])
+    cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (0.1, 0.2)]
+    parent = tracking.start_run("test-flow-batched-fail", "parent")
+    with pytest.raises(RuntimeError, match="boom"):
+        train_group_and_log.fn(cfgs, parent, "test-flow-batched-fail", ["a", "b"])
+    c = tracking.client(mlflow_store)
+    exp = c.get_experiment_by_name("test-flow-batched-fail").experiment_id
+    children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == ["a", "b"]
+    assert {r.info.status for r in children} == {"FAILED"}
+
+
+def test_bad_groups_are_refused_before_any_run():
+    cfg = to_dict(digits())
+    with pytest.raises(ValueError, match="names: got 1 for 2 configs"):
+        train_group_and_log.fn([cfg, cfg], "parent", EXPERIMENT, ["a"])
+    other = to_dict(digits(**{"data.val_size": 200}))
+    with pytest.raises(ValueError, match="cfg_dicts: members differ in data"):
+        train_group_and_log.fn([cfg, other], "parent", EXPERIMENT, ["a", "b"])
+
+
+def test_chunks_by_hand():
+    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert chunks([4, 5], 1) == [[4, 5]]
+    assert chunks([4, 5], 8) == [[4], [5]]
+    with pytest.raises(ValueError, match="workers: got 0"):
+        chunks([1], 0)
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
+
+
+def test_plan_groups_batches_chunks_only_where_measured_faster(digits_data, timings):
+    cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    cfgs.append(digits(**{"optim.name": "gains"}))  # cannot be batched: a task of its own
+    assert plan_groups(cfgs, digits_data, workers=2) == [[0, 1, 2], [3, 4], [5]]
+    assert timings.calls == [3, 2]  # the chunks' own sizes were measured
+    many._PAYS_CACHE.clear()
+    timings.value = (1.0, 1.0)  # batched no faster: every rate its own parallel task
+    assert plan_groups(cfgs, digits_data, workers=2) == [[0], [1], [2], [3], [4], [5]]
+    assert plan_groups(cfgs[:3], digits_data, workers=3) == [[0], [1], [2]]  # chunks of 1
+
+
+def test_plan_groups_one_worker_keeps_one_group(digits_data, timings):
+    cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3)]
+    assert plan_groups(cfgs, digits_data) == [[0, 1, 2]]
