@@ -236,3 +236,182 @@ def epoch_logger(run_id: str, uri: str | None = None) -> Callable[[dict], None]:
 
 def to_json(value: Any) -> str:
     return json.dumps(value, default=str)
+
+
+# --- model registry ---
+# A registered version is two files under its run's ``model/`` folder: ``state_dict.pt``
+# (tensors only, read back with torch.load(weights_only=True)) and ``model.json`` (the
+# ModelConfig, input shape and class count); loading rebuilds the nn.Sequential with
+# make_model's builder, so layer names (fc1.., head) survive and transplant() works on it.
+# Why not mlflow.pytorch (3.17): its default "pt2" format (torch.export) needs an input example
+# and loads back as an exported GraphModule without our named layers; its "pickle" format
+# cloudpickles the whole module and load_model passes a pickle_module to torch.load, which
+# turns weights_only off (arbitrary code on load). And mlflow's own models:/ resolution reads
+# the process-global registry URI; here every lookup goes through an explicit client.
+
+MODEL_DIR = "model"
+MODEL_FORMAT = "lrpipe-state-dict/1"
+
+
+def check_model_name(name: Any, field: str = "model_name") -> None:
+    """Registered-model names: 1-128 of letters, digits, '.', '_', '-' (safe in filters)."""
+    from lrpipe.config import ConfigError
+
+    ok = isinstance(name, str) and 0 < len(name) <= 128 and all(
+        ch.isascii() and (ch.isalnum() or ch in "._-") for ch in name)
+    if not ok:
+        raise ConfigError(f"{field}: got {name!r}; allowed: 1-128 letters, digits, '.', '_', '-'")
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name/3`` -> (name, "3", None); ``models:/name@alias`` -> (name, None, alias)."""
+    body = model_uri[len("models:/"):] if str(model_uri).startswith("models:/") else ""
+    name, sep, version = body.partition("/")
+    if name and sep and version.isdigit() and "@" not in name:
+        return name, version, None
+    name, sep, alias = body.partition("@")
+    if name and sep and alias and "/" not in body:
+        return name, None, alias
+    raise ValueError(f"model_uri: got {model_uri!r}; allowed: models:/<name>/<version> or "
+                     "models:/<name>@<alias>")
+
+
+def register_model(
+    run_id: str,
+    model: Any,
+    name: str,
+    config_hash: str,
+    *,
+    model_cfg: Any,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
+    uri: str | None = None,
+) -> str:
+    """Log ``model``'s weights and structure on run ``run_id`` and register them as a new
+    version of ``name`` tagged ``config_hash``; return ``models:/<name>/<version>``.
+
+    The run must exist (it is not started or ended here; the caller's run context marks it
+    FAILED if this raises). Raises ConfigError for a bad name.
+    """
+    check_model_name(name)
+    _check_hash(config_hash)
+    spec = {"format": MODEL_FORMAT, "model": _plain_dict(model_cfg),
+            "input_shape": list(input_shape), "num_classes": int(num_classes),
+            "config_hash": config_hash}
+    _log_model_files(run_id, model, spec, uri)
+    c = client(uri)
+    _ensure_registered_model(name, description, uri)
+    version = retry_locked(
+        c.create_model_version, name, f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id,
+        tags={"config_hash": config_hash, **{k: str(v) for k, v in (tags or {}).items()}},
+        description=description, await_creation_for=0)
+    registered = f"models:/{name}/{version.version}"
+    set_tags(run_id, {"registered_model": registered}, uri=uri)
+    return registered
+
+
+def _plain_dict(cfg: Any) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _check_hash(config_hash: Any) -> None:
+    if not isinstance(config_hash, str) or not config_hash.isalnum():
+        raise ValueError(f"config_hash: got {config_hash!r}; allowed: a hex digest")
+
+
+def _log_model_files(run_id: str, model: Any, spec: dict, uri: str | None) -> None:
+    import tempfile
+
+    import torch
+
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / "state_dict.pt")
+        (Path(tmp) / "model.json").write_text(json.dumps(spec, indent=2))
+        retry_locked(client(uri).log_artifacts, run_id, tmp, MODEL_DIR)
+
+
+def _ensure_registered_model(name: str, description: str | None, uri: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry_locked(client(uri).create_registered_model, name, description=description)
+    except MlflowException as exc:  # another run (or process) registered it first
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def find_registered(name: str, config_hash: str, uri: str | None = None) -> str | None:
+    """The newest READY version of ``name`` tagged ``config_hash`` whose files still exist,
+    as ``models:/<name>/<version>``; None if there is none (or no such registered model)."""
+    check_model_name(name)
+    _check_hash(config_hash)
+    c = client(uri)
+    found = retry_locked(c.search_model_versions,
+                         f"name = '{name}' and tags.config_hash = '{config_hash}'")
+    for version in sorted(found, key=lambda v: int(v.version), reverse=True):
+        if version.status == "READY" and _has_model_files(version.run_id, uri):
+            return f"models:/{name}/{version.version}"
+    return None
+
+
+def _has_model_files(run_id: str | None, uri: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        files = {Path(f.path).name for f in client(uri).list_artifacts(run_id, MODEL_DIR)}
+    except (MlflowException, OSError):  # run or artifact folder deleted since registration
+        return False
+    return {"state_dict.pt", "model.json"} <= files
+
+
+def load_registered(model_uri: str, device: Any = "cpu", uri: str | None = None) -> Any:
+    """Rebuild the nn.Sequential registered at ``model_uri`` (``models:/name/version`` or
+    ``models:/name@alias``) on ``device``; weights are read with ``weights_only=True``.
+
+    Raises ValueError for a malformed URI or files that are not lrpipe's format, and
+    MlflowException for an unknown name, version or alias.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+    import torch
+
+    name, version, alias = parse_model_uri(model_uri)
+    c = client(uri)
+    if alias is not None:
+        version = retry_locked(c.get_model_version_by_alias, name, alias).version
+    source = retry_locked(c.get_model_version_download_uri, name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=tmp, tracking_uri=uri or tracking_uri()))
+        spec = json.loads((local / "model.json").read_text())
+        state = torch.load(local / "state_dict.pt", map_location="cpu", weights_only=True)
+    return _rebuild(spec, state, device, model_uri)
+
+
+def _rebuild(spec: dict, state: dict, device: Any, model_uri: str) -> Any:
+    import torch
+
+    from lrpipe.config import ModelConfig
+    from lrpipe.models import build_model, seed_dropout
+
+    if spec.get("format") != MODEL_FORMAT:
+        raise ValueError(f"model_uri: {model_uri} holds format {spec.get('format')!r}; "
+                         f"allowed: {MODEL_FORMAT} (written by register_model)")
+    # Built on the meta device (no memory, no draws from the global RNG that concurrent tasks
+    # share), then the loaded tensors are assigned as the parameters.
+    with torch.device("meta"):
+        model = build_model(ModelConfig(**spec["model"]), tuple(spec["input_shape"]),
+                            int(spec["num_classes"]))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device)
+    seed_dropout(model, 0, device)
+    return model
+
