@@ -60,10 +60,12 @@ def plot_head_mult(df: pd.DataFrame, ax=None):
     fig, ax = _axes(ax)
     last = final_rows(df, ["base_lr", "head_mult"])
     last = last.assign(base_rate=last["base_lr"].map(lambda v: f"{v:g}"))
-    sns.lineplot(data=last, x="head_mult", y="val_error", hue="base_rate", errorbar="sd",
-                 marker="o", ax=ax)
-    sns.scatterplot(data=last, x="head_mult", y="val_error", hue="base_rate", alpha=0.4,
-                    legend=False, ax=ax)
+    # Colours and legend by rate, not by row order (runs that diverged early come first).
+    rates = [f"{v:g}" for v in sorted(last["base_lr"].unique())]
+    sns.lineplot(data=last, x="head_mult", y="val_error", hue="base_rate", hue_order=rates,
+                 errorbar="sd", marker="o", ax=ax)
+    sns.scatterplot(data=last, x="head_mult", y="val_error", hue="base_rate", hue_order=rates,
+                    alpha=0.4, legend=False, ax=ax)
     ax.set_xscale("log")
     ax.set_xlabel("head learning-rate multiplier (x base rate)")
     ax.set_ylabel("final target validation error")
