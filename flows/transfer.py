@@ -1,0 +1,457 @@
+"""Flow ``transfer``: pretrain once, register the model, fine-tune under per-layer rate rules.
+
+The source network is trained once, as a child run, and registered in the MLflow model registry
+(``lrpipe-pretrained-<model>``) with the hash of its pretraining config as a tag; a later run
+whose pretraining config is the same reuses that version instead of training again. Every
+fine-tuning (strategy x seed, and the base rate x head multiplier grid) is one task that loads
+the pretrained weights by their ``models:/`` URI and logs one child run. Figures and the strategy
+table go on the parent run (experiment ``transfer``). Every setting is validated before anything
+is recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Mapping
+
+import pandas as pd
+import torch
+from prefect import flow, task, unmapped
+
+from flows.common import (
+    both,
+    check_runner,
+    collect,
+    dataset_for,
+    describe_result,
+    epoch_printer,
+    make_task_runner,
+    set_torch_threads,
+)
+from lrpipe import tracking, transfer_plots
+from lrpipe.config import ConfigError, ModelConfig, TrainConfig, check_number
+from lrpipe.models import HEAD, build_model
+from lrpipe.optim import param_groups
+from lrpipe.train import resolve_device, train
+from lrpipe.transfer import (
+    STRATEGIES,
+    TransferConfig,
+    check_layer_mult,
+    finetune,
+    grid_configs,
+    grid_table,
+    source_config,
+    summarize_strategies,
+    target_config,
+    transplant,
+)
+
+# Loading a registered model downloads its files; MLflow would draw a progress bar per task.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+HELP = "pretrain once (kept in the model registry), then fine-tune with per-layer learning rates"
+EXAMPLES = """examples:
+  lrpipe transfer                         # Fashion-MNIST: 5 tops -> the other 5 classes
+  lrpipe transfer --lr 0.003 --epochs 5 --seeds 5
+  lrpipe transfer --strategies uniform,head_mult,scratch --grid-seeds 0   # no grid
+  lrpipe transfer --lr-mult fc1=0.1,fc2=0.3,head=10   # adds a "custom" strategy
+  lrpipe transfer --set per_class=20 --set head_mults=[1,10,100]
+  lrpipe transfer --retrain               # pretrain again though a registered model matches
+"""
+EXPERIMENT = "transfer"
+CUSTOM = "custom"  # the strategy --lr-mult defines: uniform plus the given layer multipliers
+DEFAULT_SEEDS = 3
+# The grid (4 base rates x 5 head multipliers) runs on the first seed only by default: with 3
+# seeds it would triple the flow's cost, and `make sweep` must fit in about 8 minutes.
+DEFAULT_GRID_SEEDS = 1
+# Dotted TrainConfig names the other commands accept in --set, mapped to TransferConfig fields.
+ALIASES = {"data.dataset": "dataset", "data.root": "root", "model.name": "model",
+           "model.hidden": "hidden", "optim.name": "optimizer", "optim.lr": "base_lr",
+           "epochs": "finetune_epochs"}
+
+
+# --- settings: everything is checked here, before any run is recorded -----------------------
+
+def transfer_config(lr=None, epochs=None, seeds=None, overrides=None) -> TransferConfig:
+    """TransferConfig defaults, then ``overrides`` (its field names, or ALIASES), then ``lr``
+    (fine-tuning base rate), ``epochs`` (fine-tuning epochs) and ``seeds`` (a count or a list).
+    """
+    fields = {f.name for f in dataclasses.fields(TransferConfig)}
+    values = {}
+    for key, value in (overrides or {}).items():
+        name = ALIASES.get(key, key)
+        if name not in fields:
+            raise ConfigError(f"overrides: unknown field {key!r}; allowed: "
+                              f"{', '.join(sorted(fields))} (or {', '.join(ALIASES)})")
+        values[name] = value
+    for name, value in (("base_lr", lr), ("finetune_epochs", epochs)):
+        if value is not None:
+            values[name] = value
+    if seeds is not None:
+        values["seeds"] = seed_list(seeds)
+    return TransferConfig(**values)
+
+
+def seed_list(seeds) -> tuple[int, ...]:
+    """A count n -> seeds 0..n-1; a list is taken as given (TransferConfig checks it)."""
+    if isinstance(seeds, (list, tuple)):
+        return tuple(seeds)
+    check_number("seeds", seeds, low=1, integer=True)
+    return tuple(range(seeds))
+
+
+def skeleton(tc: TransferConfig) -> torch.nn.Sequential:
+    """The fine-tuned model's layers on the meta device: names only, no memory, no RNG."""
+    shape = (1, 8, 8) if tc.dataset == "digits" else (1, 28, 28)
+    with torch.device("meta"):
+        return build_model(ModelConfig(name=tc.model, hidden=tc.hidden), shape,
+                           len(tc.target_classes))
+
+
+def check_strategies(strategies, lr_mult) -> tuple[str, ...]:
+    """None -> every strategy (plus custom when ``lr_mult`` is given); names must be known."""
+    if strategies is None:
+        strategies = STRATEGIES
+    elif isinstance(strategies, str):
+        strategies = [s.strip() for s in strategies.split(",") if s.strip()]
+    strategies, allowed = tuple(strategies), (*STRATEGIES, CUSTOM)
+    if (not strategies or len(set(strategies)) != len(strategies)
+            or not set(strategies) <= set(allowed)):
+        raise ConfigError(f"strategies: got {strategies!r}; allowed: distinct names from "
+                          f"{', '.join(allowed)}")
+    if CUSTOM in strategies and lr_mult is None:
+        raise ConfigError("strategies: 'custom' needs lr_mult (--lr-mult layer=mult,...)")
+    return strategies + ((CUSTOM,) if lr_mult is not None and CUSTOM not in strategies else ())
+
+
+def check_custom_mult(tc: TransferConfig, lr_mult) -> dict[str, float] | None:
+    """Validate the custom multipliers against the model's layer names (unknown names list the
+    valid ones), their values (finite, >= 0) and that some layer still trains."""
+    if lr_mult is None:
+        return None
+    if not isinstance(lr_mult, Mapping) or not lr_mult:
+        raise ConfigError(f"lr_mult: got {lr_mult!r}; allowed: a mapping of layer name to "
+                          "multiplier, e.g. {fc1: 0.1, head: 10}")
+    model = skeleton(tc)
+    mult = check_layer_mult(model, lr_mult)
+    param_groups(model, tc.base_lr, mult)  # refuses a mapping that freezes every layer
+    return mult
+
+
+def validate(lr=None, epochs=None, seeds=None, overrides=None, strategies=None,
+             grid_seeds=DEFAULT_GRID_SEEDS, lr_mult=None, model_name=None):
+    """(TransferConfig, strategies, custom lr_mult, registered-model name), or ConfigError."""
+    tc = transfer_config(lr, epochs, DEFAULT_SEEDS if seeds is None else seeds, overrides)
+    mult = check_custom_mult(tc, lr_mult)
+    names = check_strategies(strategies, mult)
+    check_number("grid_seeds", grid_seeds, low=0, high=len(tc.seeds), integer=True)
+    model_name = model_name or f"lrpipe-pretrained-{tc.model}"
+    tracking.check_model_name(model_name)
+    return tc, names, mult, model_name
+
+
+# --- the plan: each distinct fine-tuning once ------------------------------------------------
+
+def pretrain_hash(tc: TransferConfig) -> str:
+    """The identity of the pretrained weights: the hash of the source run's TrainConfig. The
+    fine-tuning fields (base_lr, head_mult, seeds, ...) don't change them, so they don't count."""
+    return source_config(tc).hash()
+
+
+def finetune_config(tc: TransferConfig, strategy: str, seed: int,
+                    lr_mult: Mapping[str, float] | None = None) -> TrainConfig:
+    if strategy == CUSTOM:
+        return target_config(tc, "uniform", seed).replace(**{"optim.lr_mult": dict(lr_mult)})
+    return target_config(tc, strategy, seed)
+
+
+def run_name(strategy: str, cfg: TrainConfig) -> str:
+    """``head_mult x10 lr=0.01 momentum mlp seed=0``: the strategy, its head multiplier, the rest
+    as every flow names a training run."""
+    head = dict(cfg.optim.lr_mult).get(HEAD, 1.0)
+    label = strategy if strategy in ("uniform", "scratch", CUSTOM) else f"{strategy} x{head:g}"
+    return tracking.training_run_name(cfg, prefix=f"{label} ")
+
+
+def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> list[dict]:
+    """Every fine-tuning to run, each once: strategy x seed, then each (base_lr, head_mult) of
+    the grid x the first ``grid_seeds`` seeds. A grid cell that trains exactly like a strategy
+    run (head_mult at the base rate; multiplier 1 = uniform) is that run, labelled for both."""
+    wanted = [(s, tc, seed, False) for s in strategies for seed in tc.seeds]
+    wanted += [("head_mult", dataclasses.replace(tc, base_lr=lr, head_mult=mult), seed, True)
+               for lr, mult in grid_configs(tc) for seed in tc.seeds[:grid_seeds]]
+    runs: dict[tuple, dict] = {}
+    for strategy, run_tc, seed, in_grid in wanted:
+        cfg = finetune_config(run_tc, strategy, seed, lr_mult)
+        kind = strategy if strategy in ("scratch", "gradual_unfreeze") else "transplant"
+        run = runs.setdefault((kind, cfg.hash()), {
+            "strategy": strategy, "seed": seed, "base_lr": cfg.optim.lr,
+            "head_mult": dict(cfg.optim.lr_mult).get(HEAD, 1.0),
+            "tc": dataclasses.asdict(run_tc), "lr_mult": lr_mult if strategy == CUSTOM else None,
+            "name": run_name(strategy, cfg), "strategies": [], "grid": False})
+        if in_grid:
+            run["grid"] = True
+        elif strategy not in run["strategies"]:
+            run["strategies"].append(strategy)
+    return list(runs.values())
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+def log_history(run_id: str, history: pd.DataFrame) -> None:
+    """Per-epoch metrics (train()'s names, step=epoch) of a run that trained without a hook."""
+    log = tracking.epoch_logger(run_id)
+    for row in history.to_dict("records"):
+        log(row)
+
+
+@functools.lru_cache(maxsize=4)
+def _registered(model_uri: str, store: str, device: str) -> torch.nn.Module:
+    return tracking.load_registered(model_uri, device, uri=store)
+
+
+def pretrained_model(model_uri: str, device: str) -> torch.nn.Module:
+    """The registered model, loaded once per process, store and device (a registered version
+    never changes; fine-tuning works on transplant()'s deep copy, never on this one)."""
+    return _registered(model_uri, tracking.tracking_uri(), device)
+
+
+@task(name="pretrain", task_run_name="pretrain {name}")
+def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, name: str,
+                          model_name: str, threads: int = 1) -> dict:
+    """Train the source task as one child run and register the weights; return the URI."""
+    torch.set_num_threads(threads)
+    tc = TransferConfig(**tc_dict)
+    cfg = source_config(tc)
+    data = dataset_for(cfg)
+    with tracking.training_run(cfg, experiment, parent_run_id, name=name,
+                               tags={"phase": "pretrain"}) as run_id:
+        result = train(cfg, data, keep_model=True, on_epoch=both(
+            tracking.epoch_logger(run_id), epoch_printer(name, cfg.epochs)))
+        tracking.set_tags(run_id, {"status": result.status, "device": result.device})
+        if result.status != "ok":
+            raise ValueError(f"pretraining diverged in epoch {result.diverged_epoch}; "
+                             f"allowed: a smaller pretrain_lr than {tc.pretrain_lr:g}")
+        final = result.final()
+        uri = tracking.register_model(
+            run_id, result.model, model_name, pretrain_hash(tc), model_cfg=cfg.model,
+            input_shape=data.input_shape, num_classes=data.num_classes,
+            tags={"dataset": tc.dataset, "source_classes": list(tc.source_classes),
+                  "source_val_error": f"{final['val_error']:.4f}"},
+            description=f"{tc.model} {list(tc.hidden)} pretrained on {tc.dataset} classes "
+                        f"{list(tc.source_classes)}, {tc.pretrain_epochs} epochs")
+    return {"model_uri": uri, "run_id": run_id, "reused": False,
+            "source_val_error": final["val_error"]}
+
+
+@task(name="finetune", task_run_name="finetune {run[name]}")
+def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: str,
+                     threads: int = 1) -> dict:
+    """Fine-tune one planned run (``plan_runs``) from the registered model as one child run;
+    return its labels, final metrics and history rows."""
+    torch.set_num_threads(threads)
+    tc = TransferConfig(**run["tc"])
+    cfg = finetune_config(tc, run["strategy"], run["seed"], run["lr_mult"])
+    data = dataset_for(cfg)
+    tags = {"strategy": run["strategy"], "head_mult": run["head_mult"],
+            "base_lr": run["base_lr"], "grid": run["grid"], "phase": "finetune",
+            "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri}
+    with tracking.training_run(cfg, experiment, parent_run_id, name=run["name"],
+                               tags=tags) as run_id:
+        pretrained = (None if run["strategy"] == "scratch"
+                      else pretrained_model(model_uri, str(resolve_device(cfg.device))))
+        if run["strategy"] == CUSTOM:
+            result = train(cfg, data, model=transplant(pretrained, data.num_classes, cfg.seed))
+        else:
+            result = finetune(tc, run["strategy"], cfg.seed, pretrained, data)
+        log_history(run_id, result.history)
+        tracking.set_tags(run_id, {"status": result.status, "device": result.device,
+                                   "diverged_epoch": result.diverged_epoch or ""})
+    labels = {k: run[k] for k in ("name", "strategy", "seed", "base_lr", "head_mult",
+                                  "strategies", "grid")}
+    return {"run_id": run_id, **labels, **result.final(),
+            "history": result.history.to_dict("records")}
+
+
+# --- results --------------------------------------------------------------------------------
+
+def result_frames(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(strategy histories, grid histories): long-form, labelled as lrpipe.transfer's are."""
+    strategy, grid = [], []
+    for r in results:
+        rows = pd.DataFrame(r["history"]).assign(
+            seed=r["seed"], base_lr=r["base_lr"], head_mult=r["head_mult"], status=r["status"])
+        strategy += [rows.assign(strategy=s) for s in r["strategies"]]
+        if r["grid"]:
+            grid.append(rows.assign(strategy="head_mult"))
+    return (pd.concat(strategy, ignore_index=True),
+            pd.concat(grid, ignore_index=True) if grid else pd.DataFrame())
+
+
+def compare(summary: pd.DataFrame, name: str, rival: str) -> dict | None:
+    """``name`` against ``rival`` on mean final val_error: beat (lower mean), gap, and clear
+    (the gap exceeds both seed standard deviations); None if either is missing."""
+    rows = summary.set_index("strategy")
+    if name not in rows.index or rival not in rows.index:
+        return None
+    a, b = rows.loc[name], rows.loc[rival]
+    gap = float(b["mean"] - a["mean"])
+    spread = max(float(a["std"]), float(b["std"]))  # NaN with one seed: never "clear"
+    return {"strategy": name, "rival": rival, "mean": float(a["mean"]), "std": float(a["std"]),
+            "rival_mean": float(b["mean"]), "rival_std": float(b["std"]), "gap": gap,
+            "beat": gap > 0, "clear": bool(abs(gap) > spread), "seeds": int(a["seeds"])}
+
+
+def verdict_line(c: dict, tc: TransferConfig) -> str:
+    """One sentence: did the head rule beat the rival, by how much, beyond seed noise or not."""
+    word = "beat" if c["beat"] else "did not beat"
+    how = "a clear gap, > 1 sd" if c["clear"] else "a gap within 1 sd: seed noise"
+    return (f"head_mult (head x{tc.head_mult:g}, base lr {tc.base_lr:g}) {word} {c['rival']}: "
+            f"final val error {c['mean']:.4f} ± {c['std']:.4f} vs {c['rival_mean']:.4f} ± "
+            f"{c['rival_std']:.4f} (mean ± sd over {c['seeds']} seeds; {how})")
+
+
+def log_outcome(parent: str, strategy_df: pd.DataFrame, grid_df: pd.DataFrame,
+                summary: pd.DataFrame) -> None:
+    """Figures, tables and per-strategy final errors on the parent run."""
+    tracking.log_figure(parent, transfer_plots.plot_strategy_curves(strategy_df),
+                        "strategy_curves")
+    tracking.log_table(parent, summary, "summary.csv")
+    tracking.log_table(parent, strategy_df, "strategy_history.csv")
+    if not grid_df.empty:
+        tracking.log_figure(parent, transfer_plots.plot_head_mult(grid_df), "head_mult")
+        tracking.log_figure(parent, transfer_plots.plot_grid_heatmap(grid_df), "grid_heatmap")
+        tracking.log_table(parent, grid_frame(grid_df), "grid.csv")
+    tracking.log_metrics(parent, {f"final_val_error/{row.strategy}": row.mean
+                                  for row in summary.itertuples()}, step=0)
+
+
+def grid_frame(grid_df: pd.DataFrame) -> pd.DataFrame:
+    """grid_table as a flat frame: one row per base rate, one ``x<mult>`` column each."""
+    table = grid_table(grid_df)
+    table.columns = [f"x{m:g}" for m in table.columns]
+    return table.reset_index()
+
+
+def print_summary(tc, summary, grid_df, pre, verdicts, parent, seconds, grid_seeds) -> None:
+    seeds = len(tc.seeds)
+    how = "reused" if pre["reused"] else f"source val error {pre['source_val_error']:.4f}"
+    print(f"\ntransfer: {len(summary)} strategies x {seeds} seeds in {seconds:.0f} s; pretrained"
+          f" model {pre['model_uri']} ({how})")
+    print(summary.to_string(index=False, float_format="%.4f"))
+    if not grid_df.empty:
+        note = (f"on the first {grid_seeds} seed(s) only, to fit the default budget"
+                if grid_seeds < seeds else f"over {seeds} seeds")
+        print(f"\nGrid: final val error, base rate x head multiplier ({note}):")
+        print(grid_frame(grid_df).to_string(index=False, float_format="%.4f"))
+    print()
+    for c in verdicts:
+        print(f"Answer: {verdict_line(c, tc)}")
+    if not verdicts:
+        print("Answer: head_mult and uniform/scratch were not both run; no comparison.")
+    print(f"MLflow: {tracking.run_url(parent, EXPERIMENT)}  (start the UI with `make ui`)")
+
+
+# --- the flow -------------------------------------------------------------------------------
+
+def obtain_pretrained(tc, model_name, retrain, parent, experiment, threads) -> dict:
+    """The registered model for ``tc``'s pretraining config: reused if one exists (unless
+    ``retrain``), else pretrained now as a child run and registered."""
+    key = pretrain_hash(tc)
+    found = None if retrain else tracking.find_registered(model_name, key)
+    if found:
+        print(f"Reusing the registered pretrained model {found} (pretraining config {key}); "
+              "pass --retrain to train it again.", flush=True)
+        return {"model_uri": found, "run_id": None, "reused": True}
+    name = tracking.training_run_name(source_config(tc), prefix="pretrain ")
+    print(f"Pretraining {name} (no registered {model_name} for config {key})", flush=True)
+    return pretrain_and_register(dataclasses.asdict(tc), parent, experiment, name, model_name,
+                                 threads)
+
+
+@flow(name="transfer")
+def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
+             overrides: dict | None = None, strategies=None,
+             grid_seeds: int = DEFAULT_GRID_SEEDS, lr_mult: dict | None = None,
+             model_name: str | None = None, retrain: bool = False, runner: str = "threads",
+             workers: int | None = None, experiment: str = EXPERIMENT) -> dict:
+    """Pretrain (or reuse), fine-tune every strategy x seed and the grid, summarize.
+
+    Returns the parent run id, the pretrained model's URI and whether it was reused, the
+    strategy summary records, the head-rule comparisons and every child run id.
+    """
+    check_runner(runner)
+    tc, names, mult, model_name = validate(lr, epochs, seeds, overrides, strategies,
+                                           grid_seeds, lr_mult, model_name)
+    plan = plan_runs(tc, names, grid_seeds, mult)
+    start = time.perf_counter()
+    threads = set_torch_threads(runner, workers)
+    parent = tracking.start_run(
+        experiment, f"transfer {tc.optimizer} {tc.model} {len(names)} strategies x "
+        f"{len(tc.seeds)} seeds", params={**dataclasses.asdict(tc),
+                                          "strategies": list(names), "grid_seeds": grid_seeds,
+                                          "lr_mult": mult, "runner": runner})
+    try:
+        pre = obtain_pretrained(tc, model_name, retrain, parent, experiment, threads)
+        tracking.set_tags(parent, {"pretrained_model": pre["model_uri"],
+                                   "pretrained_reused": pre["reused"]})
+        futures = finetune_and_log.map(plan, unmapped(pre["model_uri"]), unmapped(parent),
+                                       unmapped(experiment), unmapped(threads))
+        results = collect(futures, "transfer", describe_result)
+        strategy_df, grid_df = result_frames(results)
+        summary = summarize_strategies(strategy_df)
+        log_outcome(parent, strategy_df, grid_df, summary)
+        verdicts = [c for rival in ("uniform", "scratch")
+                    if (c := compare(summary, "head_mult", rival)) is not None]
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    print_summary(tc, summary, grid_df, pre, verdicts, parent, time.perf_counter() - start,
+                  grid_seeds)
+    return {"parent_run_id": parent, "model_uri": pre["model_uri"], "reused": pre["reused"],
+            "pretrain_run_id": pre["run_id"], "summary": summary.to_dict("records"),
+            "verdicts": verdicts, "run_ids": [r["run_id"] for r in results]}
+
+
+def add_arguments(parser) -> None:
+    from flows.cli import parse_set
+
+    def lr_mult(text: str) -> dict:
+        return dict(parse_set(part) for part in text.split(",") if part.strip())
+
+    parser.add_argument("--lr", type=float, help="fine-tuning base rate: every backbone "
+                        f"layer's rate (default {TransferConfig.base_lr:g})")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default "
+                        f"{TransferConfig.finetune_epochs})")
+    parser.add_argument("--seeds", type=int, help=f"seeds per strategy (default {DEFAULT_SEEDS})")
+    parser.add_argument("--strategies", help=f"comma-separated, from {', '.join(STRATEGIES)}, "
+                        f"{CUSTOM} (default: all)")
+    parser.add_argument("--grid-seeds", type=int, help="seeds of the base rate x head "
+                        f"multiplier grid, 0 = no grid (default {DEFAULT_GRID_SEEDS})")
+    parser.add_argument("--lr-mult", type=lr_mult, metavar="LAYER=MULT,...",
+                        help="a custom strategy: these layers' multipliers of the base rate")
+    parser.add_argument("--model-name", help="registered model name (default "
+                        "lrpipe-pretrained-<model>)")
+    parser.add_argument("--retrain", action="store_true", default=None,
+                        help="pretrain even if a registered model matches the config")
+
+
+def run(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,
+        lr_mult=None, model_name=None, retrain=False, overrides=None, runner="threads",
+        workers=None) -> dict:
+    """Validate every input, then run the flow with the chosen task runner."""
+    check_runner(runner)
+    validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    return transfer.with_options(task_runner=make_task_runner(runner, workers))(
+        lr=lr, epochs=epochs, seeds=seeds, overrides=overrides, strategies=strategies,
+        grid_seeds=grid_seeds, lr_mult=lr_mult, model_name=model_name, retrain=bool(retrain),
+        runner=runner, workers=workers)
+
+
+if __name__ == "__main__":
+    run()
