@@ -1,24 +1,38 @@
-"""Wiring shared by the flows: task runners, per-process data cache, threads, the train task."""
+"""Wiring shared by the flows: task runners, one Prefect API for process workers, per-process
+data cache, threads, checks before any run, resumable sweeps, and the train task."""
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lrpipe import tracking
-from lrpipe.config import ConfigError, DataConfig, TrainConfig, from_dict
+from lrpipe.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
 from lrpipe.data import Dataset, load_data
-from lrpipe.train import resolve_device, train
+from lrpipe.models import build_model
+from lrpipe.optim import make_optimizer
+from lrpipe.train import TrainResult, resolve_device, train
 
 RUNNERS = ("threads", "dask", "serial")
+PROCESS_RUNNERS = ("dask",)  # and every tcp:// address
+# Resources each task asks of a Dask worker, e.g. "GPU=1" with workers started as
+# `CUDA_VISIBLE_DEVICES=0 dask worker tcp://... --nthreads 1 --resources GPU=1`: one task per GPU.
+RESOURCES_ENV = "LRPIPE_DASK_RESOURCES"
+# Persisted task results for Prefect's cache; a Path, since a string is read as a block name.
+RESULTS = Path(os.environ.get("PREFECT_HOME", ".prefect")).resolve() / "results"
 
 
 def cores() -> int:
@@ -33,11 +47,22 @@ def check_runner(runner: str) -> None:
                       "scheduler address tcp://host:port")
 
 
+def check_workers(workers: int | None) -> None:
+    """None (one per core) or an integer >= 1; 0 must not silently mean 'default'."""
+    if workers is not None:
+        check_number("workers", workers, low=1, integer=True)
+
+
+def is_process_runner(runner: str) -> bool:
+    return runner in PROCESS_RUNNERS or runner.startswith("tcp://")
+
+
 def make_task_runner(runner: str = "threads", workers: int | None = None):
     """threads (default): one thread per task in this process, torch threads split among them;
-    dask: a local Dask cluster of single-threaded worker processes; tcp://...: an existing Dask
-    scheduler; serial: one task at a time."""
+    dask: a local Dask cluster of single-threaded worker processes on 127.0.0.1; tcp://...: an
+    existing Dask scheduler; serial: one task at a time."""
     check_runner(runner)
+    check_workers(workers)
     workers = workers or cores()
     if runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
@@ -46,17 +71,81 @@ def make_task_runner(runner: str = "threads", workers: int | None = None):
     from prefect_dask import DaskTaskRunner
 
     if runner == "dask":
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+        return DaskTaskRunner(cluster_kwargs={
+            "n_workers": workers, "threads_per_worker": 1, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": None})
     return DaskTaskRunner(address=runner)
 
 
 def set_torch_threads(runner: str, workers: int | None) -> int:
-    """Threads per task so that tasks x threads <= cores (oversubscription is 8-26x slower)."""
-    parallel = 1 if runner == "serial" else (workers or cores())
-    threads = max(1, cores() // max(1, parallel))
+    """Threads per task so that tasks x threads <= cores (oversubscription is 8-26x slower);
+    a Dask worker runs one task at a time on one torch thread."""
+    if is_process_runner(runner):
+        threads = 1
+    else:
+        parallel = 1 if runner == "serial" else (workers or cores())
+        threads = max(1, cores() // max(1, parallel))
     torch.set_num_threads(threads)
     return threads
+
+
+def parse_resources(text: str | None) -> dict[str, float]:
+    """``"GPU=1,MEM=4e9"`` -> ``{"GPU": 1.0, "MEM": 4e9}``; empty or None -> {}."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            out[name.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip() or out[name.strip()] <= 0:
+            raise ConfigError(f"{RESOURCES_ENV}: got {text!r}; allowed: NAME=amount pairs "
+                              "separated by commas, amounts > 0, e.g. GPU=1")
+    return out
+
+
+def task_resources(runner: str):
+    """A context in which submitted tasks ask Dask workers for ``$LRPIPE_DASK_RESOURCES``
+    (the scheduler then runs a task only on a worker holding them); no-op for threads."""
+    resources = parse_resources(os.environ.get(RESOURCES_ENV))
+    if not resources or not is_process_runner(runner):
+        return nullcontext()
+    import dask
+
+    return dask.annotate(resources=resources)
+
+
+@contextmanager
+def shared_api(runner: str) -> Iterator[str | None]:
+    """One Prefect API for the flow and all its worker processes.
+
+    Threads need nothing. For process runners with no PREFECT_API_URL, start the ephemeral
+    API once here (the server this process would start anyway) and export its URL before the
+    workers spawn; otherwise each worker starts its own server on the same database (slow and
+    fragile, FIELD_NOTES). Yields the API URL (None for threads).
+    """
+    if not is_process_runner(runner):
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the singleton Prefect's engine would use; stops atexit
+        server.start()
+        url = server.api_url
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,12 +158,30 @@ def dataset_for(cfg: TrainConfig) -> Dataset:
     return _dataset(cfg.data, str(resolve_device(cfg.device)))
 
 
+def preflight(cfgs: list[TrainConfig]) -> None:
+    """Check, before any run is recorded, what only the data and model can tell: the device
+    exists, the dataset loads (DataUnavailable otherwise), the batch fits the training split,
+    and the optimizer builds (lr_mult names real layers, rprop has no weight decay...). The
+    model is built on the meta device: no memory, no weights drawn. Data stays cached for
+    thread tasks."""
+    for cfg in cfgs:
+        data = dataset_for(cfg)
+        if cfg.batch_size > len(data.train):
+            raise ConfigError(f"batch_size: got {cfg.batch_size}; allowed: <= {len(data.train)} "
+                              f"(training examples of {cfg.data.dataset})")
+        with torch.device("meta"):
+            model = build_model(cfg.model, data.input_shape, data.num_classes)
+        make_optimizer(model, cfg.optim)
+
+
 def describe_result(result: dict) -> str:
     """One line about a finished training task."""
     if result["status"] == "diverged":
-        return f"{result['name']} diverged in epoch {result['diverged_epoch']}"
-    return (f"{result['name']} done: val loss {result['val_loss']:.4f}, "
-            f"val error {result['val_error']:.4f}")
+        line = f"{result['name']} diverged in epoch {result['diverged_epoch']}"
+    else:
+        line = (f"{result['name']} done: val loss {result['val_loss']:.4f}, "
+                f"val error {result['val_error']:.4f}")
+    return line + (" (finished before, reused)" if result.get("reused") else "")
 
 
 def history_records(history: pd.DataFrame, **extra: Any) -> list[dict]:
@@ -101,39 +208,105 @@ def both(*hooks):
 
 def collect(futures, label: str, describe=None) -> list:
     """Wait for mapped tasks as they finish, printing ``[k/N]`` lines and updating a Prefect
-    progress artifact; results come back in submission order."""
+    progress artifact; results come back in submission order.
+
+    A failed task does not stop the others: every task is waited for (its run is recorded),
+    then the first failure is raised; a re-run resumes, training only what did not finish.
+    """
     futures = list(futures)
     total = len(futures)
     artifact = create_progress_artifact(0.0, key=f"{label}-progress",
                                         description=f"{label}: tasks finished")
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     results: list = [None] * total
+    failures: list[BaseException] = []
     for done, future in enumerate(as_completed(futures), start=1):
-        result = future.result()
-        results[index[future.task_run_id]] = result
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - reported, then re-raised after the rest
+            failures.append(exc)
+            note = f"FAILED: {type(exc).__name__}: {exc}"
+        else:
+            results[index[future.task_run_id]] = result
+            note = describe(result) if describe else ""
         update_progress_artifact(artifact, 100.0 * done / total)
-        note = describe(result) if describe else ""
         print(f"[{done}/{total}] {label}: {note}", flush=True)
+    if failures:
+        print(f"{label}: {len(failures)} of {total} tasks failed; re-run to resume", flush=True)
+        raise failures[0]
     return results
 
 
-@task(name="train", task_run_name="train {name}")
-def train_and_log(
-    cfg_dict: dict, parent_run_id: str, experiment: str, name: str, threads: int = 1,
-    tags: dict | None = None,
-) -> dict:
-    """Train one config as one MLflow child run; return its final metrics and history rows."""
-    # torch's intra-op thread count is per OS thread under OpenMP: set it in the task's thread.
-    torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict)
-    data = dataset_for(cfg)
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=tags) as run_id:
-        result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id),
-                                                 epoch_printer(name, cfg.epochs)))
-        tracking.set_tags(run_id, {"status": result.status, "device": result.device,
-                                   "diverged_epoch": result.diverged_epoch or ""})
+def open_parent(experiment: str, flow_name: str, cfgs: list[TrainConfig], name: str,
+                params: dict | None = None) -> tuple[str, bool]:
+    """The flow's parent run, resumable: ``(run_id, resumed)``. The sweep's identity is its
+    flow name and sorted config hashes; a crashed (FAILED/KILLED) sweep of the same identity
+    is resumed, so its FINISHED children are reused; otherwise a new sweep starts."""
+    sweep_id = tracking.sweep_identity(flow_name, [c.hash() for c in cfgs])
+    parent, resumed = tracking.open_sweep(experiment, name, sweep_id, params=params)
+    if resumed:
+        print(f"{flow_name}: resuming sweep {sweep_id} into parent run {parent}; finished runs "
+              "are reused, failed, killed and missing ones run again", flush=True)
+    return parent, resumed
+
+
+@dataclass
+class ResumeCache(CachePolicy):
+    """Prefect's cache key for training tasks: the inputs (minus ``threads``, which changes no
+    number) and the task's source. Not the flow run id: the parent run id is an input, so a
+    resumed sweep (same parent) hits the cache and a new sweep does not. No parent, no cache."""
+
+    inner: CachePolicy = field(default_factory=lambda: (INPUTS - "threads") + TASK_SOURCE)
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        if not inputs.get("parent_run_id"):
+            return None
+        return self.inner.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
+
+
+def result_from_run(run, cfg: TrainConfig, name: str, uri: str | None = None) -> dict:
+    """The task result of a FINISHED child run, rebuilt from its metric histories and tags."""
+    tags = run.data.tags
+    diverged = tags.get("diverged_epoch", "")
+    done = TrainResult(history=tracking.run_history(run.info.run_id, uri),
+                       status=tags.get("status", "ok"),
+                       diverged_epoch=int(diverged) if diverged.isdigit() else None,
+                       device=tags.get("device", "cpu"))
+    return task_result(run.info.run_id, name, cfg, done, reused=True)
+
+
+def task_result(run_id: str, name: str, cfg: TrainConfig, result: TrainResult,
+                reused: bool = False) -> dict:
     return {"run_id": run_id, "name": name, "lr": cfg.optim.lr, "seed": cfg.seed,
-            "config_hash": cfg.hash(), **result.final(),
+            "config_hash": cfg.hash(), **result.final(), "reused": reused,
             "history": history_records(result.history, lr=cfg.optim.lr, seed=cfg.seed,
                                        status=result.status,
                                        diverged_epoch=result.diverged_epoch)}
+
+
+@task(name="train", task_run_name="train {name}", cache_policy=ResumeCache(),
+      persist_result=True, result_storage=RESULTS)
+def train_and_log(
+    cfg_dict: dict, parent_run_id: str, experiment: str, name: str, threads: int = 1,
+    tags: dict | None = None, uri: str | None = None,
+) -> dict:
+    """Train one config as one MLflow child run; return its final metrics and history rows.
+
+    If the parent already has a FINISHED child with this config hash (a resumed sweep), that
+    run is reused: nothing is trained, the result is rebuilt from MLflow (``reused`` True).
+    ``uri`` names the tracking store for workers on other machines (default: their own env).
+    """
+    # torch's intra-op thread count is per OS thread under OpenMP: set it in the task's thread.
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict)
+    if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
+        return result_from_run(done, cfg, name, uri)
+    data = dataset_for(cfg)
+    run_tags = {**tracking.process_tags(), **(tags or {})}
+    with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
+                               uri=uri) as run_id:
+        result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),
+                                                 epoch_printer(name, cfg.epochs)))
+        tracking.set_tags(run_id, {"status": result.status, "device": result.device,
+                                   "diverged_epoch": result.diverged_epoch or ""}, uri=uri)
+    return task_result(run_id, name, cfg, result)

@@ -13,10 +13,15 @@ from prefect import flow, unmapped
 
 from flows.common import (
     check_runner,
+    check_workers,
     collect,
     describe_result,
     make_task_runner,
+    open_parent,
+    preflight,
     set_torch_threads,
+    shared_api,
+    task_resources,
     train_and_log,
 )
 from lrpipe import plots, tracking
@@ -79,7 +84,9 @@ def lr_sweep(
 ) -> dict:
     """Train ``overrides``' config (default: MLP, SGD, Fashion-MNIST) at every rate in ``lrs``.
 
-    Returns the parent run id, the per-rate summary records and the best rate.
+    Resumable: a crashed sweep of the same configs is resumed into its parent run, reusing the
+    rates that finished. Returns the parent run id, the per-rate summary records and the best
+    rate.
     """
     check_runner(runner)
     lrs = list(DEFAULT_LRS) if lrs is None else lrs
@@ -87,14 +94,18 @@ def lr_sweep(
     cfgs = sweep_configs(base, lrs)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
-    parent = tracking.start_run(experiment, f"sweep {base.optim.name} {base.model.name} "
-                                f"{len(cfgs)} rates", params={
-                                    "lrs": list(lrs), "epochs": epochs, "runner": runner,
-                                    "base_config": tracking.to_json(to_dict(base))})
+    uri = tracking.tracking_uri()
+    parent, _ = open_parent(
+        experiment, "lr-sweep", cfgs,
+        f"sweep {base.optim.name} {base.model.name} {len(cfgs)} rates",
+        params={"lrs": list(lrs), "epochs": epochs, "runner": runner,
+                "base_config": tracking.to_json(to_dict(base))})
     try:
-        futures = train_and_log.map(
-            [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
-            [tracking.training_run_name(c) for c in cfgs], unmapped(threads))
+        with task_resources(runner):
+            futures = train_and_log.map(
+                [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
+                [tracking.training_run_name(c) for c in cfgs], unmapped(threads),
+                uri=unmapped(uri))
         results = collect(futures, "lr-sweep", describe_result)
         history = pd.DataFrame([row for r in results for row in r["history"]])
         for name, fig in plots.sweep_figures(history).items():
@@ -123,15 +134,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, help=f"epochs per rate (default {DEFAULT_EPOCHS})")
 
 
-def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
-        workers=None) -> dict:
-    """Validate every input, then run the flow with the chosen task runner."""
+def validate(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
+             workers=None) -> list[TrainConfig]:
+    """Every check that can fail, before anything is recorded: configs, runner, workers,
+    tracking store, then data, batch size and optimizer (``preflight``). Returns the configs."""
     check_runner(runner)
+    check_workers(workers)
     base = merge(TrainConfig(), {"epochs": epochs, **(overrides or {})})
-    sweep_configs(base, list(lrs))
+    cfgs = sweep_configs(base, lrs)
     tracking.check_tracking_uri(tracking.tracking_uri())
-    return lr_sweep.with_options(task_runner=make_task_runner(runner, workers))(
-        lrs=list(lrs), epochs=epochs, overrides=overrides, runner=runner, workers=workers)
+    preflight(cfgs)
+    return cfgs
+
+
+def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
+        workers=None, experiment=EXPERIMENT) -> dict:
+    """Validate every input, then run the flow with the chosen task runner (process runners
+    share one Prefect API, started here if none is configured)."""
+    validate(lrs, epochs, overrides, runner, workers)
+    sweep = lr_sweep.with_options(task_runner=make_task_runner(runner, workers))
+    with shared_api(runner):
+        return sweep(lrs=list(lrs), epochs=epochs, overrides=overrides, runner=runner,
+                     workers=workers, experiment=experiment)
 
 
 if __name__ == "__main__":

@@ -106,3 +106,15 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimizer ``cfg.name`` over ``model``'s per-layer groups at ``cfg.lr x lr_mult``."""
     groups = param_groups(model, cfg.lr, dict(cfg.lr_mult))
     return OPTIMIZER_FACTORIES[cfg.name](groups, cfg)
+
+
+def check_layer_names(model_cfg, input_shape: tuple[int, int, int], names,
+                      num_classes: int = 10) -> None:
+    """Raise ConfigError naming ``optim.lr_mult`` if a name in ``names`` is no layer of the
+    model ``model_cfg`` builds for ``input_shape`` (C, H, W). The model is built on the meta
+    device (no memory, no weights drawn), so a sweep can check this before any run starts."""
+    from lrpipe.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg, tuple(input_shape), num_classes)
+    check_lr_mult(model, {name: 1.0 for name in names})

@@ -415,3 +415,163 @@ def _rebuild(spec: dict, state: dict, device: Any, model_uri: str) -> Any:
     seed_dropout(model, 0, device)
     return model
 
+
+# --- resume and stale runs ---
+# A sweep's parent run carries SWEEP_TAG (a hash of the flow name and its sorted config hashes);
+# every run carries the host, pid and pid start time of the process writing it. So a later flow
+# can tell a run whose process died (SIGKILL, power loss) from a live one, mark it KILLED, and
+# resume into a crashed sweep instead of starting over. Resumable = FAILED or KILLED: a RUNNING
+# parent after stale marking belongs to a live process (or another host) and is never taken.
+
+SWEEP_TAG = "sweep_id"
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "host", "pid", "pid_started"
+RESUMABLE = ("FAILED", "KILLED")
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state first); [] where unknown."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text.rsplit(")", 1)[1].split()
+
+
+def _pid_started(pid: int) -> str:
+    # Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid it names one process
+    # even after the kernel reuses the pid number.
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that writes a run: host, pid and the pid's start time."""
+    import socket
+
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_STARTED_TAG: _pid_started(pid)}
+
+
+def process_alive(pid: int, started: str = "") -> bool:
+    """Whether process ``pid`` (started at ``started``, if known) still runs on this host.
+    A zombie (exited, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    fields = _proc_stat(pid)
+    if fields and fields[0] == "Z":
+        return False
+    return not started or not fields or _pid_started(pid) == started
+
+
+def _search_all(experiment_ids: list[str], filter_string: str, uri: str | None = None,
+                order_by: list[str] | None = None, limit: int | None = None) -> list:
+    """Every run matching ``filter_string`` (pages followed), or the first ``limit``."""
+    c = client(uri)
+    runs, token = [], None
+    while True:
+        page = retry_locked(c.search_runs, experiment_ids, filter_string,
+                            max_results=min(limit or 1000, 1000), order_by=order_by,
+                            page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (limit and len(runs) >= limit):
+            return runs[:limit] if limit else runs
+
+
+def mark_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run of ``experiment`` whose writer died on this host.
+
+    Runs without process tags, from other hosts, or from live processes are left alone.
+    Returns the ids marked.
+    """
+    import socket
+
+    exp = retry_locked(client(uri).get_experiment_by_name, experiment)
+    if exp is None:
+        return []
+    host, stale = socket.gethostname(), []
+    for run in _search_all([exp.experiment_id], "attributes.status = 'RUNNING'", uri):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit():
+            continue
+        if not process_alive(int(pid), tags.get(PID_STARTED_TAG, "")):
+            end_run(run.info.run_id, "KILLED", uri=uri)
+            stale.append(run.info.run_id)
+    return stale
+
+
+def sweep_identity(flow_name: str, config_hashes: list[str]) -> str:
+    """16 hex digits naming a sweep: its flow and its set of configs (order does not matter)."""
+    import hashlib
+
+    text = json.dumps([flow_name, sorted(config_hashes)], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def latest_sweep(experiment: str, sweep_id: str, uri: str | None = None) -> Any | None:
+    """The most recently started parent run tagged ``sweep_id`` (an mlflow Run), or None."""
+    exp = retry_locked(client(uri).get_experiment_by_name, experiment)
+    if exp is None:
+        return None
+    found = _search_all([exp.experiment_id], f"tags.{SWEEP_TAG} = '{sweep_id}'", uri,
+                        order_by=["attributes.start_time DESC"], limit=1)
+    return found[0] if found else None
+
+
+def open_sweep(
+    experiment: str,
+    name: str,
+    sweep_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    uri: str | None = None,
+) -> tuple[str, bool]:
+    """The parent run of sweep ``sweep_id``: ``(run_id, resumed)``.
+
+    First marks stale runs of the experiment KILLED. If the latest parent of this sweep is
+    FAILED or KILLED it is set RUNNING again and reused (``resumed`` True, params untouched:
+    MLflow refuses to change them); otherwise (none, FINISHED, or RUNNING in a live process) a
+    new parent starts, so a scheduled re-run of a finished sweep is a new sweep.
+    """
+    mark_stale_runs(experiment, uri)
+    latest = latest_sweep(experiment, sweep_id, uri)
+    if latest is not None and latest.info.status in RESUMABLE:
+        run_id = latest.info.run_id
+        retry_locked(client(uri).update_run, run_id, "RUNNING")
+        resumes = int(latest.data.tags.get("resumes", "0")) + 1
+        set_tags(run_id, {**process_tags(), "resumes": resumes}, uri=uri)
+        return run_id, True
+    run_id = start_run(experiment, name, params=params, uri=uri,
+                       tags={SWEEP_TAG: sweep_id, **process_tags(), **(tags or {})})
+    return run_id, False
+
+
+def finished_child(parent_run_id: str, config_hash: str, uri: str | None = None) -> Any | None:
+    """A FINISHED child run of ``parent_run_id`` tagged ``config_hash`` (an mlflow Run), or
+    None: the run a resumed sweep reuses instead of training again."""
+    parent = retry_locked(client(uri).get_run, parent_run_id)
+    found = _search_all(
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.config_hash = '{config_hash}' "
+        "and attributes.status = 'FINISHED'", uri,
+        order_by=["attributes.start_time DESC"], limit=1)
+    return found[0] if found else None
+
+
+def run_history(run_id: str, uri: str | None = None) -> pd.DataFrame:
+    """A run's metric histories as one row per step: column ``epoch`` (the step) and one
+    column per metric, in train()'s column order; rebuilds a History from MLflow."""
+    c = client(uri)
+    keys = list(retry_locked(c.get_run, run_id).data.metrics)
+    columns = {key: {m.step: m.value for m in retry_locked(c.get_metric_history, run_id, key)}
+               for key in keys}
+    first = ("train_loss", "val_loss", "train_error", "val_error", "lr", "time_s")
+    order = [k for k in first if k in columns] + sorted(k for k in columns if k not in first)
+    history = pd.DataFrame({k: columns[k] for k in order}).sort_index()
+    return history.rename_axis("epoch").reset_index()

@@ -1,0 +1,235 @@
+"""Resume after a crash: stale-run marking, sweep identity, reuse of finished runs, Prefect's
+cache key, and one real digits sweep SIGKILLed mid-way, re-run and compared with an
+uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from lrpipe import tracking
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+             "batch_size": 64, "device": "cpu"}
+LRS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+EPOCHS = 15  # a few tenths of a second per rate: the kill lands with most rates to come
+EXPERIMENT = "resume-test"
+DEAD_PID = "999999999"  # above pid_max (4194304): never a live process
+
+
+def runs_of(experiment: str, uri: str, where: str = "") -> list:
+    exp = tracking.client(uri).get_experiment_by_name(experiment)
+    return [] if exp is None else tracking.client(uri).search_runs([exp.experiment_id], where)
+
+
+def children(parent: str, uri: str, experiment: str = EXPERIMENT) -> list:
+    return runs_of(experiment, uri, f"tags.`{tracking.PARENT_TAG}` = '{parent}'")
+
+
+# --- stale runs, sweep identity, reuse: small and fast -----------------------------------
+
+def test_process_tags_name_this_live_process_and_a_dead_pid_is_dead():
+    tags = tracking.process_tags()
+    assert tags[tracking.PID_TAG] == str(os.getpid()) and tags[tracking.PID_STARTED_TAG]
+    assert tracking.process_alive(os.getpid(), tags[tracking.PID_STARTED_TAG])
+    assert not tracking.process_alive(int(DEAD_PID))
+    # Same pid, another start time: the pid was reused by a new process, the writer is gone.
+    assert not tracking.process_alive(os.getpid(), "1")
+
+
+def test_stale_runs_are_marked_killed_live_and_foreign_ones_are_not(mlflow_store):
+    host = tracking.process_tags()[tracking.HOST_TAG]
+    dead = tracking.start_run("stale", "dead", tags={"host": host, "pid": DEAD_PID})
+    live = tracking.start_run("stale", "live", tags=tracking.process_tags())
+    foreign = tracking.start_run("stale", "other host", tags={"host": "elsewhere",
+                                                             "pid": DEAD_PID})
+    untagged = tracking.start_run("stale", "no tags")
+    assert tracking.mark_stale_runs("stale") == [dead]
+    status = {r: tracking.client().get_run(r).info.status for r in (dead, live, foreign, untagged)}
+    assert status == {dead: "KILLED", live: "RUNNING", foreign: "RUNNING", untagged: "RUNNING"}
+    for run_id in (live, foreign, untagged):
+        tracking.end_run(run_id)
+
+
+def test_sweep_identity_ignores_order_and_names_the_flow():
+    assert tracking.sweep_identity("a", ["x", "y"]) == tracking.sweep_identity("a", ["y", "x"])
+    assert tracking.sweep_identity("a", ["x"]) != tracking.sweep_identity("b", ["x"])
+    assert tracking.sweep_identity("a", ["x"]) != tracking.sweep_identity("a", ["x", "y"])
+
+
+def test_open_sweep_resumes_only_a_crashed_parent(mlflow_store):
+    first, resumed = tracking.open_sweep("sweeps", "s", "id1")
+    assert not resumed
+    again, resumed = tracking.open_sweep("sweeps", "s", "id1")  # first is RUNNING and alive
+    assert again != first and not resumed
+    tracking.end_run(again, "FAILED")
+    back, resumed = tracking.open_sweep("sweeps", "s", "id1")  # latest crashed: resume it
+    assert (back, resumed) == (again, True)
+    run = tracking.client().get_run(back)
+    assert run.info.status == "RUNNING" and run.data.tags["resumes"] == "1"
+    tracking.end_run(back)
+    fresh, resumed = tracking.open_sweep("sweeps", "s", "id1")  # latest finished: a new sweep
+    assert fresh not in (first, again) and not resumed
+    for run_id in (first, fresh):
+        tracking.end_run(run_id)
+
+
+def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, digits_cfg):
+    from flows.common import train_and_log
+    from lrpipe.config import to_dict
+
+    parent = tracking.start_run("reuse", "parent")
+    args = (to_dict(digits_cfg), parent, "reuse", "lr=0.1")
+    fresh = train_and_log.fn(*args)
+    again = train_and_log.fn(*args)  # .fn: no Prefect cache, so MLflow alone says "done"
+    assert again["reused"] and not fresh["reused"] and again["run_id"] == fresh["run_id"]
+    assert len(children(parent, mlflow_store, "reuse")) == 1
+    drop = {"reused", "history"}
+    assert {k: v for k, v in again.items() if k not in drop} == \
+        {k: v for k, v in fresh.items() if k not in drop}
+    assert table(again["history"]).equals(table(fresh["history"]))
+    tracking.end_run(parent)
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    """History rows as a frame, columns sorted, time dropped (NaNs compare equal in .equals)."""
+    df = pd.DataFrame(rows).drop(columns="time_s")
+    return df[sorted(df.columns)]
+
+
+def test_cache_key_is_inputs_and_source_not_threads_and_needs_a_parent():
+    from flows.common import ResumeCache, train_and_log
+
+    ctx = SimpleNamespace(task=train_and_log)
+    policy = ResumeCache()
+
+    def key(**inputs):
+        base = {"cfg_dict": {"lr": 0.1}, "parent_run_id": "p1", "threads": 1}
+        return policy.compute_key(ctx, {**base, **inputs}, {})
+
+    assert key() == key(threads=2)  # threads change no number
+    assert key() != key(parent_run_id="p2")  # a new sweep (new parent) trains again
+    assert key() != key(cfg_dict={"lr": 0.2})
+    assert key(parent_run_id=None) is None  # no parent: never served from a cache
+
+
+# --- a real sweep, killed and resumed ----------------------------------------------------
+
+SCRIPT = (
+    "import flows; from flows.lr_sweep import run; "
+    f"run(lrs={LRS!r}, epochs={EPOCHS}, overrides={OVERRIDES!r}, workers=2, "
+    f"experiment={EXPERIMENT!r})"
+)
+
+
+def wait_for(condition, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep exited early with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.1)
+
+
+def finished_children(uri: str) -> list:
+    return [r for r in runs_of(EXPERIMENT, uri, "attributes.status = 'FINISHED'")
+            if tracking.PARENT_TAG in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(prefect_harness, _session_store, tmp_path_factory):
+    """Kill a sweep after its first finished rate; resume it; then run it again in full."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.lr_sweep import run
+
+    uri = _session_store
+    log = tmp_path_factory.mktemp("resume") / "killed.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: len(finished_children(uri)) >= 1, timeout=300, proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    parents = runs_of(EXPERIMENT, uri, f"tags.{tracking.SWEEP_TAG} != ''")
+    killed = {"parents": parents, "parent": parents[0], "finished": finished_children(uri),
+              "pid": proc.pid, "all": runs_of(EXPERIMENT, uri)}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        start = time.perf_counter()
+        resumed = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
+                      experiment=EXPERIMENT)
+        resume_s = time.perf_counter() - start
+        start = time.perf_counter()
+        full = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
+                   experiment=EXPERIMENT)
+        full_s = time.perf_counter() - start
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    print(f"\nresume: {resume_s:.1f} s training {len(LRS) - len(killed['finished'])} of "
+          f"{len(LRS)} rates; full re-run: {full_s:.1f} s")
+    return SimpleNamespace(uri=uri, killed=killed, resumed=resumed, full=full,
+                           resume_s=resume_s, full_s=full_s)
+
+
+@pytest.mark.slow
+def test_the_kill_landed_mid_sweep(killed_and_resumed):
+    k = killed_and_resumed.killed
+    assert len(k["parents"]) == 1
+    assert 1 <= len(k["finished"]) < len(LRS)  # so the resume trains fewer than a full run
+    assert k["parent"].info.status == "RUNNING"  # SIGKILL left it so: nothing ended it
+    assert k["parent"].data.tags[tracking.PID_TAG] == str(k["pid"])
+
+
+@pytest.mark.slow
+def test_resume_goes_into_the_crashed_parent_and_reuses_finished_runs(killed_and_resumed):
+    r = killed_and_resumed
+    parent = r.killed["parent"].info.run_id
+    assert r.resumed["parent_run_id"] == parent
+    run = tracking.client(r.uri).get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags["resumes"] == "1"
+    reused = {c.info.run_id for c in r.killed["finished"]}
+    used = {row["run_id"] for row in r.resumed["summary"]}
+    assert reused <= used and len(used) == len(LRS)
+    files = {f.path for f in tracking.client(r.uri).list_artifacts(parent, "figures")}
+    assert "figures/final_vs_lr.png" in files  # figures drawn from all rates, reused ones too
+
+
+@pytest.mark.slow
+def test_no_duplicate_finished_run_per_config_and_nothing_left_running(killed_and_resumed):
+    r = killed_and_resumed
+    kids = children(r.killed["parent"].info.run_id, r.uri)
+    finished = [c.data.tags["config_hash"] for c in kids if c.info.status == "FINISHED"]
+    assert len(finished) == len(set(finished)) == len(LRS)
+    assert runs_of(EXPERIMENT, r.uri, "attributes.status = 'RUNNING'") == []
+    # The rates running at the kill were marked KILLED (their process is dead), then re-run.
+    was_running = {x.info.run_id for x in r.killed["all"] if x.info.status == "RUNNING"}
+    killed = {c.info.run_id for c in kids if c.info.status == "KILLED"}
+    assert killed and killed == was_running - {r.killed["parent"].info.run_id}
+
+
+@pytest.mark.slow
+def test_same_numbers_as_an_uninterrupted_sweep(killed_and_resumed):
+    r = killed_and_resumed
+    assert r.full["parent_run_id"] != r.resumed["parent_run_id"]  # finished: a new sweep
+    keys = ("lr", "status", "val_loss", "val_error", "best_val_error", "diverged_epoch")
+    resumed = [{k: row[k] for k in keys} for row in r.resumed["summary"]]
+    full = [{k: row[k] for k in keys} for row in r.full["summary"]]
+    assert resumed == full
+    for a, b in zip(r.resumed["summary"], r.full["summary"], strict=True):
+        ha = tracking.run_history(a["run_id"], r.uri).drop(columns="time_s")
+        hb = tracking.run_history(b["run_id"], r.uri).drop(columns="time_s")
+        assert ha.equals(hb)
