@@ -309,9 +309,11 @@ def verdict_line(c: dict, tc: TransferConfig) -> str:
     """One sentence: did the head rule beat the rival, by how much, beyond seed noise or not."""
     word = "beat" if c["beat"] else "did not beat"
     how = "a clear gap, > 1 sd" if c["clear"] else "a gap within 1 sd: seed noise"
+    if c["seeds"] < 2:
+        how = "one seed: no spread to judge the gap by"
     return (f"head_mult (head x{tc.head_mult:g}, base lr {tc.base_lr:g}) {word} {c['rival']}: "
             f"final val error {c['mean']:.4f} ± {c['std']:.4f} vs {c['rival_mean']:.4f} ± "
-            f"{c['rival_std']:.4f} (mean ± sd over {c['seeds']} seeds; {how})")
+            f"{c['rival_std']:.4f} (mean ± sd over {c['seeds']} seed(s); {how})")
 
 
 def log_outcome(parent: str, strategy_df: pd.DataFrame, grid_df: pd.DataFrame,

@@ -5,6 +5,7 @@ harness with a temporary MLflow store, run twice so the second run reuses the pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from flows.transfer import (
     pretrained_model,
     run_name,
     transfer_config,
+    verdict_line,
 )
 from lrpipe import tracking
 from lrpipe.config import ConfigError, ModelConfig
@@ -176,8 +178,13 @@ def test_compare_hand_computed():
     assert c["gap"] == pytest.approx(0.005) and c["beat"] and not c["clear"]
     assert not compare(summary, "uniform", "head_mult")["beat"]
     assert compare(summary, "head_mult", "frozen_backbone") is None
-    one = summary.assign(std=math.nan)
+    one = summary.assign(std=math.nan, seeds=1)
     assert not compare(one, "head_mult", "uniform")["clear"]  # one seed: never clear
+    tc = transfer_config()
+    assert "beat uniform: final val error 0.1000 ± 0.0100 vs 0.1300 ± 0.0200" in verdict_line(
+        compare(summary, "head_mult", "uniform"), tc)
+    assert "did not beat head_mult" in verdict_line(compare(summary, "uniform", "head_mult"), tc)
+    assert "one seed" in verdict_line(compare(one, "head_mult", "uniform"), tc)
 
 
 # --- settings refused before any run ---------------------------------------------------------
@@ -322,8 +329,8 @@ def test_failed_registration_leaves_no_running_run(flows_run, monkeypatch):
     monkeypatch.setattr(tracking, "register_model", broken)
     tc = transfer_config(overrides={**OVERRIDES, "pretrain_epochs": 1})
     with pytest.raises(RuntimeError, match="registry down"):
-        pretrain_and_register.fn(tc.__dict__, first["parent_run_id"], "transfer", "pretrain x",
-                                 "test-broken")
+        pretrain_and_register.fn(dataclasses.asdict(tc), first["parent_run_id"], "transfer",
+                                 "pretrain x", "test-broken")
     c = tracking.client(uri)
     runs = [r for r in children(c, first["parent_run_id"]) if r.info.run_name == "pretrain x"]
     assert [r.info.status for r in runs] == ["FAILED"]
