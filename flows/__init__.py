@@ -13,6 +13,7 @@ _DEFAULTS = {
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "OMP_WAIT_POLICY": "PASSIVE",
 }
 for _key, _value in _DEFAULTS.items():
