@@ -118,6 +118,13 @@ def test_rank_schedules_adds_gap_columns_by_hand():
     assert "0.8000 +- 0.0000 [0.8000, 0.8000]" in text and "100x" in text
 
 
+def test_loss_rate_by_hand():
+    base = TrainConfig().replace(**{"optim.lr": 0.1})
+    assert dc.loss_rate(base, "cross_entropy") == 0.1
+    assert dc.loss_rate(base, "mse") == pytest.approx(0.025)
+    assert dc.loss_rate(base.replace(loss="mse"), "cross_entropy") == pytest.approx(0.4)
+
+
 def test_loss_table_summarizes_per_training_loss():
     rows = [{"loss": loss, "schedule": "cosine", "seed": seed, "epoch": 1, "train_loss": 0.0,
              "val_loss": v, "train_error": 0.0, "val_error": v / 10, "lr": 0.1}
@@ -271,8 +278,11 @@ def test_loss_choice_trains_the_best_schedule_with_mse(decay):
     mse = [k for k in _children(c, result["parent_run_id"]) if k.data.tags["loss"] == "mse"]
     assert sorted(int(k.data.params["seed"]) for k in mse) == list(SEEDS)
     assert {k.data.tags["schedule"] for k in mse} == {result["best_schedule"]}
-    assert all(k.data.params["loss"] == "mse" and " mse lr=0.3" in k.info.run_name for k in mse)
+    # squared error trains at a quarter of the rate (its output curvature is 4x larger)
+    assert all(k.data.params["loss"] == "mse" and k.data.params["optim.lr"] == "0.075"
+               and " mse lr=0.075 " in k.info.run_name for k in mse)
     table = pd.DataFrame(result["loss_choice"]).set_index("loss")
+    assert table["lr"].to_dict() == {"cross_entropy": 0.3, "mse": pytest.approx(0.075)}
     assert set(table.index) == {"cross_entropy", "mse"}
     assert (table["n_seeds"] == len(SEEDS)).all()
     assert table["final_val_error_mean"].between(0, 1).all()
