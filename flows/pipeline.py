@@ -1,0 +1,307 @@
+"""Flow ``pipeline``: what ``make sweep`` runs, one stage after another, each its own subflow.
+
+1. search    ``flows.lr_search``: range test + halving on a subset, regret check on full data.
+2. sweep     ``flows.lr_sweep``: full training (default 5 epochs) at the chosen rate and at the
+             rates around it that the regret step ran (or at ``lrs`` when given).
+3. decay     ``flows.decay_compare.decay_compare(lr=<chosen>, runner=, workers=)``.
+4. transfer  ``flows.transfer.transfer(lr=<chosen>, runner=, workers=)``.
+Stages 3 and 4 are imported lazily: a module that is not in this checkout is skipped with a
+note. Each stage keeps its own parent run in its own experiment; a small run in the
+``pipeline`` experiment links them (tags ``stage.<name>``) and holds the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import time
+from collections.abc import Mapping, Sequence
+
+from prefect import flow
+
+from flows import lr_search as search_flow
+from flows.common import check_runner, check_workers, make_task_runner, preflight, shared_api
+from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
+from lrpipe import tracking
+from lrpipe.config import ConfigError, TrainConfig, check_number, merge
+
+HELP = "the whole pipeline: LR search, full training at the chosen rate, decay, transfer"
+EXAMPLES = """examples:
+  lrpipe pipeline                               # search, full training, decay, transfer
+  lrpipe pipeline --skip decay,transfer         # just the search and the full training
+  lrpipe pipeline --lrs 0.03,0.1,0.3 --epochs 3 # full training at these rates instead
+  lrpipe pipeline --config pipeline.yaml        # YAML: {search: {subset: 3000}, skip: [...]}
+"""
+EXPERIMENT = "pipeline"
+STAGES = ("search", "sweep", "decay", "transfer")
+OPTIONAL = {"decay": ("flows.decay_compare", "decay_compare"),
+            "transfer": ("flows.transfer", "transfer")}
+SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+def check_skip(skip) -> list[str]:
+    """``skip`` as a list of stage names; an unknown name is a ConfigError listing STAGES."""
+    if isinstance(skip, str):
+        skip = [s for s in skip.split(",") if s.strip()]
+    for stage in skip or ():
+        if stage not in STAGES:
+            raise ConfigError(f"skip: got {stage!r}; allowed: {', '.join(STAGES)}")
+    return list(skip or ())
+
+
+def check_search_settings(search: Mapping | None, overrides: Mapping | None) -> dict:
+    """lr_search's settings (subset, seeds, ...) checked as lr_search.validate would, short
+    of loading data."""
+    search = dict(search or {})
+    for key in search:
+        if key not in SEARCH_KEYS:
+            raise ConfigError(f"search.{key}: unknown setting; allowed: {', '.join(SEARCH_KEYS)}")
+    defaults = {"subset": search_flow.DEFAULT_SUBSET, "seeds": search_flow.DEFAULT_SEEDS,
+                "range_steps": search_flow.DEFAULT_RANGE_STEPS,
+                "regret_epochs": search_flow.DEFAULT_REGRET_EPOCHS,
+                "grid_span": search_flow.DEFAULT_GRID_SPAN}
+    full = {**defaults, **search}
+    search_flow.search_configs(overrides, full["subset"], full["regret_epochs"])
+    search_flow.check_search(full["seeds"], full["range_steps"], full["grid_span"])
+    return search
+
+
+def full_training_rates(lrs: Sequence[float] | None, search: dict | None) -> list[float]:
+    """``lrs`` when given, else the search's neighbours (chosen rate, the coarse-grid rates
+    either side, the grid's best), else lr_sweep's default grid."""
+    if lrs:
+        return [float(x) for x in lrs]
+    if search is not None:
+        return list(search["neighbours"])
+    return list(DEFAULT_LRS)
+
+
+def stage_kwargs(fn, lr: float | None, runner: str, workers: int | None,
+                 overrides: Mapping | None) -> dict:
+    """The keywords a later stage gets: lr=, runner=, workers= (the contract), and overrides=
+    when its signature has that parameter. Raises TypeError naming the stage when the flow
+    does not accept the contract's keywords."""
+    fn = getattr(fn, "fn", fn)  # a Prefect Flow wraps the function as .fn
+    kwargs = {"runner": runner, "workers": workers}
+    if lr is not None:
+        kwargs["lr"] = lr
+    signature = inspect.signature(fn)
+    if "overrides" in signature.parameters:
+        kwargs["overrides"] = dict(overrides or {})
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{fn.__module__}.{fn.__name__} does not accept {sorted(kwargs)} "
+                        f"({exc}); the pipeline calls later stages with lr=, runner=, "
+                        "workers=") from None
+    return kwargs
+
+
+def sweep_regret(summary: list[dict], lr: float | None) -> dict | None:
+    """The chosen rate's full-training val loss against the best of the rates trained:
+    {lr, val_loss, best_lr, best_val_loss, regret}; None when ``lr`` was not trained."""
+    ok = [r for r in summary if r["status"] == "ok"]
+    mine = [r for r in ok if lr is not None and abs(r["lr"] / lr - 1) < 1e-9]
+    if not ok or not mine:
+        return None
+    best = min(ok, key=lambda r: r["val_loss"])
+    return {"lr": lr, "val_loss": mine[0]["val_loss"], "best_lr": best["lr"],
+            "best_val_loss": best["val_loss"],
+            "regret": mine[0]["val_loss"] / best["val_loss"] - 1.0}
+
+
+# --- stages -------------------------------------------------------------------------------
+
+def _with_runner(flow_fn, runner: str, workers: int | None):
+    return flow_fn.with_options(task_runner=make_task_runner(runner, workers))
+
+
+def stage_url(run_id: str | None) -> str:
+    """The MLflow UI address of a stage's parent run, whatever experiment holds it."""
+    if not run_id:
+        return ""
+    c = tracking.client()
+    name = c.get_experiment(c.get_run(run_id).info.experiment_id).name
+    return tracking.run_url(run_id, name)
+
+
+def optional_stage(stage: str, lr: float | None, runner: str, workers: int | None,
+                   overrides: Mapping | None) -> dict:
+    """Run a later stage's flow as a subflow if its module exists; a record either way."""
+    module_name, fn_name = OPTIONAL[stage]
+    if importlib.util.find_spec(module_name) is None:
+        print(f"\npipeline: {stage} skipped: {module_name} is not in this checkout yet",
+              flush=True)
+        return {"stage": stage, "status": "missing", "answer": f"{module_name} not found"}
+    fn = getattr(importlib.import_module(module_name), fn_name, None)
+    if fn is None:
+        raise TypeError(f"{module_name} has no flow {fn_name}(); the pipeline calls "
+                        f"{module_name}.{fn_name}(lr=, runner=, workers=)")
+    kwargs = stage_kwargs(fn, lr, runner, workers, overrides)
+    call = _with_runner(fn, runner, workers) if hasattr(fn, "with_options") else fn
+    result = call(**kwargs)
+    run_id = result.get("parent_run_id") if isinstance(result, dict) else None
+    return {"stage": stage, "status": "done", "run_id": run_id,
+            "answer": _answer(result, lr), "result": result}
+
+
+def _answer(result, lr: float | None) -> str:
+    """A short line from a later stage's result dict (its best-something, if it says)."""
+    if isinstance(result, dict):
+        for key in ("answer", "best", "best_schedule", "best_strategy", "best_lr"):
+            if result.get(key) is not None:
+                return f"{key}: {result[key]}"
+    return f"done at lr {lr:.3g}" if lr is not None else "done"
+
+
+def print_pipeline(records: list[dict], parent: str, seconds: float) -> str:
+    lines = [f"\npipeline: {len(records)} stages in {seconds:.0f} s"]
+    for r in records:
+        lines.append(f"  {r['stage']:<9} {r['status']:<8} {r.get('answer', '')}")
+        if r.get("url"):
+            lines.append(f"  {'':<9} {'':<8} {r['url']}")
+    lines.append(f"All stages: {tracking.run_url(parent, EXPERIMENT)}")
+    lines.append("Start the MLflow UI with `make ui` to open these links.")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+@flow(name="pipeline")
+def pipeline(
+    lrs: list[float] | None = None,
+    epochs: int = DEFAULT_EPOCHS,
+    skip: Sequence[str] = (),
+    overrides: dict | None = None,
+    search: dict | None = None,
+    runner: str = "threads",
+    workers: int | None = None,
+) -> dict:
+    """Search, full training at the chosen rate and its neighbours, decay, transfer.
+
+    Args:
+        lrs: full-training rates; default the search's neighbours (lr_sweep's grid when the
+            search is skipped).
+        epochs: full-training epochs (the search's regret runs use their own, shorter budget).
+        skip: stages to leave out (search, sweep, decay, transfer).
+        search: lr_search settings (subset, seeds, range_steps, regret_epochs, grid_span).
+    Returns:
+        chosen_lr and one record per stage (stage, status, answer, run_id, url, result).
+    """
+    skip = check_skip(skip)
+    start = time.perf_counter()
+    parent = tracking.start_run(EXPERIMENT, "pipeline " + ",".join(
+        s for s in STAGES if s not in skip), params={
+            "lrs": lrs, "epochs": epochs, "skip": skip, "search": search, "runner": runner,
+            "overrides": tracking.to_json(overrides or {})})
+    try:
+        records, chosen = _run_stages(lrs, epochs, skip, overrides, search, runner, workers)
+        for r in records:
+            r["url"] = stage_url(r.get("run_id"))
+        tracking.set_tags(parent, {f"stage.{r['stage']}": r.get("run_id") or r["status"]
+                                   for r in records})
+        if chosen is not None:
+            tracking.log_metrics(parent, {"chosen_lr": chosen}, step=0)
+        text = print_pipeline(records, parent, time.perf_counter() - start)
+        tracking.log_text(parent, text, "summary.txt")
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    return {"parent_run_id": parent, "chosen_lr": chosen, "stages": records}
+
+
+def _run_stages(lrs, epochs, skip, overrides, search, runner, workers):
+    """(stage records, chosen rate): each stage feeds the rate to the next."""
+    records, found, chosen = [], None, None
+    if "search" in skip:
+        records.append({"stage": "search", "status": "skipped", "answer": "--skip"})
+    else:
+        found = _with_runner(search_flow.lr_search, runner, workers)(
+            **(search or {}), overrides=overrides, runner=runner, workers=workers)
+        chosen = found["chosen_lr"]
+        lo, hi = found["band"]
+        records.append({"stage": "search", "status": "done", "run_id": found["parent_run_id"],
+                        "answer": f"lr {chosen:.3g} (band {lo:.3g}..{hi:.3g}, chosen by "
+                                  f"{found['chosen_by']})", "result": found})
+    if "sweep" in skip:
+        records.append({"stage": "sweep", "status": "skipped", "answer": "--skip"})
+    else:
+        swept = _with_runner(lr_sweep, runner, workers)(
+            lrs=full_training_rates(lrs, found), epochs=epochs, overrides=overrides,
+            runner=runner, workers=workers)
+        chosen = chosen if chosen is not None else swept["best_lr"]
+        records.append({"stage": "sweep", "status": "done", "run_id": swept["parent_run_id"],
+                        "answer": _sweep_answer(swept, chosen, epochs), "result": swept,
+                        "check": sweep_regret(swept["summary"], chosen)})
+    for stage in ("decay", "transfer"):
+        if stage in skip:
+            records.append({"stage": stage, "status": "skipped", "answer": "--skip"})
+        else:
+            records.append(optional_stage(stage, chosen, runner, workers, overrides))
+    return records, chosen
+
+
+def _sweep_answer(swept: dict, chosen: float | None, epochs: int) -> str:
+    check = sweep_regret(swept["summary"], chosen)
+    if check is None:
+        return f"best lr {swept['best_lr']} after {epochs} epochs"
+    return (f"{epochs} epochs: chosen lr {check['lr']:.3g} val loss {check['val_loss']:.4f}; "
+            f"best lr {check['best_lr']:.3g} {check['best_val_loss']:.4f} "
+            f"(chosen {check['regret']:+.1%})")
+
+
+def parse_skip(text: str) -> list[str]:
+    try:
+        return check_skip(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(parser) -> None:
+    from flows.cli import parse_lrs
+
+    parser.add_argument("--lrs", type=parse_lrs, help="full-training rates (default: the "
+                        "search's chosen rate and its neighbours)")
+    parser.add_argument("--epochs", type=int, help="full-training epochs (default "
+                        f"{DEFAULT_EPOCHS})")
+    parser.add_argument("--skip", type=parse_skip, help="comma-separated stages to leave out: "
+                        + ", ".join(STAGES))
+
+
+def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=None,
+             runner="threads", workers=None) -> tuple[list[str], dict]:
+    """The search's and the full training's checks, before anything is recorded (the later
+    stages validate their own settings when they start). Returns (skip, search settings)."""
+    check_runner(runner)
+    check_workers(workers)
+    skip = check_skip(skip)
+    check_number("epochs", epochs, low=1, integer=True)
+    base = merge(TrainConfig(), {**(overrides or {}), "epochs": epochs})
+    cfgs = [base] if lrs is None else sweep_configs(base, list(lrs))
+    if "search" not in skip:
+        search = check_search_settings(search, overrides)
+        cfgs.append(base.replace(**{"data.subset": search.get("subset",
+                                                              search_flow.DEFAULT_SUBSET)}))
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    preflight(cfgs)
+    return skip, dict(search or {})
+
+
+def run(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=None,
+        runner="threads", workers=None) -> dict:
+    """Validate every input, then run the pipeline (process runners share one Prefect API,
+    started here if none is configured)."""
+    skip, search = validate(lrs, epochs, skip, overrides, search, runner, workers)
+    piped = pipeline.with_options(task_runner=make_task_runner(runner, workers))
+    with shared_api(runner):
+        return piped(lrs=None if lrs is None else list(lrs), epochs=epochs, skip=skip,
+                     overrides=overrides, search=search, runner=runner, workers=workers)
+
+
+if __name__ == "__main__":
+    run()

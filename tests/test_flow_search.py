@@ -1,0 +1,263 @@
+"""The lr_search flow and the pipeline around it: pure helpers by hand, then one real pipeline
+run (search + full training) on digits under Prefect's test harness, tracked in a temporary
+MLflow store."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows import lr_search as ls
+from flows import pipeline as pl
+from lrpipe import tracking
+from lrpipe.config import ConfigError
+from lrpipe.search import regret_table
+
+OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+             "batch_size": 64}
+SEARCH = {"subset": 600, "seeds": [0, 1, 2], "range_steps": 30, "regret_epochs": 1}
+
+
+# --- pure helpers -------------------------------------------------------------------------
+
+def test_log_median_band_by_hand():
+    # The halving answers measured on Fashion-MNIST for seeds 0/1/2.
+    assert ls.log_median_band([0.15625, 0.0390625, 0.078125]) == (0.078125, 0.0390625, 0.15625)
+    median, lo, hi = ls.log_median_band([1.0, 4.0])  # even count: geometric mean of the two
+    assert (median, lo, hi) == (pytest.approx(2.0), 1.0, 4.0)
+    assert ls.log_median_band([None, 0.1, None]) == (pytest.approx(0.1), 0.1, 0.1)
+    assert ls.log_median_band([None, None]) == (None, None, None)
+
+
+def test_band_median_never_leaves_the_band():
+    # 10 ** log10(0.3125) is 0.31249999999999994: below a band whose lo is 0.3125.
+    assert 10 ** np.log10(0.3125) < 0.3125
+    median, lo, hi = ls.log_median_band([0.3125, 0.3125, 0.625])
+    assert lo <= median <= hi and median == 0.3125
+    assert ls.clipped_band(None, None, None) == (None, None, None)
+
+
+def test_candidate_rates_keep_order_and_drop_none():
+    bands = {"halving": (0.08, 0.04, 0.16), "steepest": (None, None, None),
+             "valley": (0.06, 0.05, 0.07)}
+    assert ls.candidate_rates(bands) == {"halving": 0.08, "valley": 0.06}
+    with pytest.raises(ValueError, match="candidates"):
+        ls.candidate_rates({"halving": (None, None, None)})
+
+
+def test_chosen_band_is_the_union_of_the_bands_at_the_rate():
+    bands = {"halving": (0.1, 0.05, 0.2), "valley": (0.1, 0.08, 0.3), "steepest": (1.0, 0.5, 2)}
+    candidates = ls.candidate_rates(bands)
+    assert ls.chosen_band(0.1, candidates, bands) == (0.05, 0.3)
+    assert ls.chosen_band(1.0, candidates, bands) == (0.5, 2)
+    assert ls.chosen_band(0.7, candidates, bands) == (0.7, 0.7)  # not a candidate
+
+
+def _grid(rows):
+    return pd.DataFrame(rows, columns=["lr", "val_loss", "status"])
+
+
+def test_decide_names_every_candidate_at_the_winning_rate():
+    grid = _grid([(0.01, 0.6, "ok"), (0.1, 0.4, "ok"), (0.3, 0.35, "ok"), (1.0, 9.0, "diverged")])
+    regret = regret_table(grid, {"halving": 0.1, "valley": 0.1, "steepest": 1.0})
+    lr, chosen_by, reason = ls.decide(regret)
+    assert (lr, chosen_by) == (0.1, "halving = valley")
+    assert "regret 14.3%" in reason and "diverged: steepest" in reason
+
+
+def test_decide_falls_back_to_the_grid_best_when_every_candidate_diverged():
+    grid = _grid([(0.01, 0.6, "ok"), (0.1, 0.4, "ok"), (1.0, 9.0, "diverged")])
+    lr, chosen_by, reason = ls.decide(regret_table(grid, {"steepest": 1.0}))
+    assert (lr, chosen_by) == (0.1, "grid best")
+    assert "fell back to the grid's best rate 0.1" in reason
+
+
+def test_neighbour_rates_skip_the_near_twin_candidates():
+    grid = [0.01, 0.0316, 0.053, 0.078, 0.1, 0.316, 1.0]
+    candidates = [0.053, 0.078, 0.1]
+    assert ls.neighbour_rates(grid, candidates, 0.078) == [0.0316, 0.078, 0.316]
+    assert ls.neighbour_rates(grid, candidates, 0.078, best_lr=1.0) == [0.0316, 0.078, 0.316,
+                                                                        1.0]
+    assert ls.neighbour_rates(grid, candidates, 0.1, best_lr=0.1) == [0.0316, 0.1, 0.316]
+    assert ls.neighbour_rates([0.1, 1.0], [1.0], 1.0) == [0.1, 1.0]  # top of the grid
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(seeds=[]), "seeds"), (dict(seeds=[0, 0]), "seeds"), (dict(seeds=[-1]), "seeds"),
+    (dict(seeds="012"), "seeds"), (dict(range_steps=2), "range_steps"),
+    (dict(grid_span=-1.0), "grid_span"),
+])
+def test_check_search_names_the_bad_setting(kwargs, field):
+    settings = {"seeds": [0, 1, 2], "range_steps": 50, "grid_span": 1.0, **kwargs}
+    with pytest.raises(ConfigError, match=field):
+        ls.check_search(**settings)
+
+
+def test_search_configs_cut_only_the_subset():
+    base, sub = ls.search_configs(OVERRIDES, 600, 2)
+    assert (base.data.subset, sub.data.subset, base.epochs, sub.epochs) == (None, 600, 2, 2)
+    with pytest.raises(ConfigError, match="subset"):
+        ls.search_configs(OVERRIDES, 0, 2)
+    with pytest.raises(ConfigError, match="regret_epochs"):
+        ls.search_configs(OVERRIDES, 600, 0)
+
+
+def test_pipeline_helpers():
+    assert pl.check_skip("decay,transfer") == ["decay", "transfer"]
+    with pytest.raises(ConfigError, match="skip.*search, sweep, decay, transfer"):
+        pl.check_skip(["decays"])
+    with pytest.raises(ConfigError, match="search.epochs"):
+        pl.check_search_settings({"epochs": 3}, OVERRIDES)
+    assert pl.full_training_rates([0.1, 0.3], {"neighbours": [1.0]}) == [0.1, 0.3]
+    assert pl.full_training_rates(None, {"neighbours": [0.03, 0.1]}) == [0.03, 0.1]
+    summary = [{"lr": 0.03, "status": "ok", "val_loss": 0.50},
+               {"lr": 0.1, "status": "ok", "val_loss": 0.40},
+               {"lr": 3.0, "status": "diverged", "val_loss": 0.10}]
+    check = pl.sweep_regret(summary, 0.03)
+    assert check["best_lr"] == 0.1 and check["regret"] == pytest.approx(0.25)
+    assert pl.sweep_regret(summary, 0.3) is None
+
+
+def test_stage_kwargs_check_the_contract():
+    def good(lr=0.1, runner="threads", workers=None, overrides=None):
+        return lr
+
+    def no_overrides(lr, runner, workers, epochs=3):
+        return lr
+
+    def wrong(rate, runner, workers):
+        return rate
+
+    assert pl.stage_kwargs(good, 0.2, "serial", 1, {"epochs": 1}) == {
+        "lr": 0.2, "runner": "serial", "workers": 1, "overrides": {"epochs": 1}}
+    assert pl.stage_kwargs(no_overrides, 0.2, "threads", None, {}) == {
+        "lr": 0.2, "runner": "threads", "workers": None}
+    with pytest.raises(TypeError, match="wrong does not accept.*lr=, runner=, workers="):
+        pl.stage_kwargs(wrong, 0.2, "threads", None, None)
+
+
+@pytest.mark.parametrize("stage", sorted(pl.OPTIONAL))
+def test_the_later_stages_accept_the_contract(stage):
+    import importlib
+    import importlib.util
+
+    module_name, fn_name = pl.OPTIONAL[stage]
+    if importlib.util.find_spec(module_name) is None:
+        pytest.skip(f"{module_name} is not in this checkout yet")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    kwargs = pl.stage_kwargs(fn, 0.1, "threads", 2, {"epochs": 1})
+    assert {"lr", "runner", "workers"} <= set(kwargs)
+
+
+def test_a_missing_stage_module_is_skipped(monkeypatch, capsys):
+    monkeypatch.setitem(pl.OPTIONAL, "decay", ("flows.no_such_module", "decay_compare"))
+    record = pl.optional_stage("decay", 0.1, "threads", None, None)
+    assert record["status"] == "missing"
+    assert "flows.no_such_module is not in this checkout" in capsys.readouterr().out
+
+
+# --- one real run -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def piped(prefect_harness, _session_store):
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    try:
+        result = pl.run(epochs=2, skip=["decay", "transfer"], overrides=OVERRIDES,
+                        search=SEARCH, workers=2)
+        return result, tracking.client(_session_store)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def _children(c, parent_id):
+    parent = c.get_run(parent_id)
+    return c.search_runs([parent.info.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=200)
+
+
+def test_search_parent_has_its_children(piped):
+    result, c = piped
+    found = result["stages"][0]["result"]
+    assert c.get_run(found["parent_run_id"]).info.status == "FINISHED"
+    children = _children(c, found["parent_run_id"])
+    roles = [r.data.tags["role"] for r in children]
+    assert roles.count("range_test") == 3 and roles.count("halving") == 3
+    assert roles.count("candidate") + roles.count("grid") == len(found["grid"])
+    assert roles.count("candidate") >= 1
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_range_test_children_log_the_curve_by_step(piped):
+    result, c = piped
+    found = result["stages"][0]["result"]
+    for run in _children(c, found["parent_run_id"]):
+        if run.data.tags["role"] != "range_test":
+            continue
+        lrs = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "lr"),
+                                       key=lambda m: m.step)]
+        losses = c.get_metric_history(run.info.run_id, "range_test_smoothed")
+        assert len(lrs) == len(losses) >= 5 and np.all(np.diff(lrs) > 0)
+        assert sorted(m.step for m in losses) == list(range(len(losses)))
+        assert {f.path for f in c.list_artifacts(run.info.run_id)} >= {"range_test.csv"}
+
+
+def test_grid_children_have_per_epoch_metrics(piped):
+    result, c = piped
+    found = result["stages"][0]["result"]
+    for row in found["grid_results"]:
+        steps = [m.step for m in c.get_metric_history(row["run_id"], "val_loss")]
+        assert steps == ([0, 1] if row["status"] == "ok" else [0])
+
+
+def test_figures_and_answer_on_the_search_parent(piped):
+    result, c = piped
+    found = result["stages"][0]["result"]
+    parent = found["parent_run_id"]
+    files = {f.path for f in c.list_artifacts(parent, "figures")}
+    assert {"figures/range_test.png", "figures/halving.png", "figures/regret.png"} <= files
+    lr, (lo, hi) = found["chosen_lr"], found["band"]
+    assert math.isfinite(lr) and lr in found["candidates"].values()
+    assert lo <= lr <= hi
+    for median, b_lo, b_hi in found["bands"].values():
+        assert median is None or b_lo <= median <= b_hi
+    run = c.get_run(parent)
+    assert run.data.metrics["chosen_lr"] == pytest.approx(lr)
+    assert run.data.tags["reason"] == found["reason"]
+    with open(c.download_artifacts(parent, "report.txt")) as f:
+        assert f.read().startswith("Chosen rate")
+
+
+def test_pipeline_trains_the_chosen_rate_and_its_neighbours(piped):
+    result, c = piped
+    stages = {r["stage"]: r for r in result["stages"]}
+    assert [s["status"] for s in stages.values()] == ["done", "done", "skipped", "skipped"]
+    found, swept = stages["search"]["result"], stages["sweep"]["result"]
+    assert result["chosen_lr"] == found["chosen_lr"]
+    trained = sorted(r["lr"] for r in swept["summary"])
+    assert trained == pytest.approx(found["neighbours"])
+    assert any(math.isclose(x, found["chosen_lr"]) for x in trained)
+    assert stages["sweep"]["check"]["lr"] == found["chosen_lr"]
+    pipe = c.get_run(result["parent_run_id"])
+    assert pipe.info.status == "FINISHED"
+    assert pipe.data.tags["stage.search"] == found["parent_run_id"]
+    assert pipe.data.tags["stage.decay"] == "skipped"
+    assert all(stages[s]["url"].endswith("workflowType=machine_learning")
+               for s in ("search", "sweep"))
+
+
+def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
+    before = len(tracking.client(mlflow_store).search_experiments())
+    with pytest.raises(ConfigError, match="seeds"):
+        ls.run(seeds=[], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="runner"):
+        ls.run(overrides=OVERRIDES, runner="ray")
+    with pytest.raises(ConfigError, match="skip"):
+        pl.run(skip=["everything"], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="lrs"):
+        pl.run(lrs=[0.1, -1.0], overrides=OVERRIDES)
+    with pytest.raises(ConfigError, match="subset"):
+        pl.run(search={"subset": 0}, overrides=OVERRIDES)
+    assert len(tracking.client(mlflow_store).search_experiments()) == before
