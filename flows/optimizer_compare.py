@@ -1,0 +1,425 @@
+"""Flow ``optimizer_compare``: optimizers side by side, each at its own fairly searched rate.
+
+Two parts under one parent run (experiment ``optimizers``):
+
+* 2-D surfaces: one task per (surface, optimizer) tunes the rate on the same 19-rate grid with
+  the same step budget for all, runs from the same start, and logs a child run (tuned rate,
+  final loss, distance to the minimum, the loss against step). The parent gets per surface the
+  contour with every path, loss against step, an animated GIF and a summary table.
+* Real data (Fashion-MNIST subset): one search task per optimizer (the same 8 short trainings
+  for all, ``lrpipe.optimizers_real.search_rate``), then every optimizer at its own rate over
+  several seeds, each a training child run; curves with bands, a final-error table and the
+  update/weight-ratio heatmap. Plus Rprop full-batch against mini-batch on the same subset.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import torch
+from prefect import flow, task, unmapped
+
+from flows.common import (
+    check_runner,
+    collect,
+    dataset_for,
+    describe_result,
+    make_task_runner,
+    set_torch_threads,
+    train_and_log,
+)
+from lrpipe import optimizers_real as real
+from lrpipe import tracking
+from lrpipe.config import (
+    OPTIMIZERS,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    check_number,
+    from_dict,
+    merge,
+    to_dict,
+)
+from lrpipe.ratio_plots import plot_update_ratio
+from lrpipe.surface_plots import (
+    animate_paths,
+    optimizer_palette,
+    plot_contour_paths,
+    plot_surface_losses,
+)
+from lrpipe.surfaces import LR_GRID, SURFACES, compare_on_surface, get_surface, summarize_paths
+
+HELP = "compare optimizers on 2-D surfaces and on Fashion-MNIST, each at its own searched rate"
+EXAMPLES = """examples:
+  lrpipe optimizers                             # 8 optimizers, 4 surfaces, MLP on 10k examples
+  lrpipe optimizers --optimizers sgd,adam,rprop --surfaces rosenbrock --seeds 3
+  lrpipe optimizers --skip-real                 # the surfaces only (seconds)
+  lrpipe optimizers --skip-surfaces --set model.name=softmax --set data.subset=20000
+"""
+EXPERIMENT = "optimizers"
+DEFAULT_SEEDS = 3  # a band needs at least 2; 3 is the house minimum for a comparison
+DEFAULT_EPOCHS = 5  # epochs of each final run (passes over the subset)
+DEFAULT_SUBSET = 10_000  # training examples: ~0.3 s CPU per MLP epoch
+RPROP_EPOCHS = 15  # full-batch Rprop takes one step per epoch: it needs more epochs
+RPROP_TITLE = ("Rprop: one full-batch step per epoch against mini-batch steps (sign-based steps "
+               "do not average over batches)")
+SEARCH_NOTE = ("Every optimizer's rate comes from the same search: 8 one-epoch trainings from "
+               "the same initial weights and batch order (seed 0) at 1e-5, 1e-4, ..., 1 and "
+               "then at the best decade's half-decade neighbours; the lowest validation loss "
+               "wins. Same budget for all; a short budget favours fast starters.")
+SERIES_POINTS = 21  # points of a surface child's loss series (one sqlite transaction each)
+
+
+def check_settings(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces,
+                   skip_real) -> tuple[list[str], list[str]]:
+    """Validate the flow's own settings; return (optimizers, surfaces) as lists."""
+    lists = {}
+    for name, value, allowed in (("optimizers", optimizers, OPTIMIZERS),
+                                 ("surfaces", surfaces, tuple(SURFACES))):
+        if isinstance(value, str) or not hasattr(value, "__iter__") or len(value) == 0 or any(
+                v not in allowed for v in value) or len(set(value)) != len(value):
+            raise ConfigError(f"{name}: got {value!r}; allowed: distinct names from "
+                              f"{', '.join(allowed)}")
+        lists[name] = list(value)
+    check_number("seeds", seeds, low=2, integer=True)
+    check_number("epochs", epochs, low=1, integer=True)
+    check_number("rprop_epochs", rprop_epochs, low=1, integer=True)
+    for name, flag in (("skip_surfaces", skip_surfaces), ("skip_real", skip_real)):
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name}: got {flag!r}; allowed: true or false")
+    if skip_surfaces and skip_real:
+        raise ConfigError("skip_surfaces, skip_real: both set; allowed: at most one (else "
+                          "there is nothing to compare)")
+    return lists["optimizers"], lists["surfaces"]
+
+
+def base_config(epochs: int, overrides: dict | None) -> TrainConfig:
+    """The real-data config every optimizer shares (default: MLP on 10,000 examples)."""
+    overrides = overrides or {}
+    nested = overrides.get("optim") if isinstance(overrides.get("optim"), dict) else {}
+    for key in ("optim.name", "optim.lr"):
+        if key in overrides or key.split(".")[1] in nested:
+            raise ConfigError(f"{key}: set by this flow (--optimizers, and each optimizer's "
+                              "searched rate); allowed: other fields, e.g. model.name")
+    return merge(TrainConfig(data=DataConfig(subset=DEFAULT_SUBSET)),
+                 {"epochs": epochs, **overrides})
+
+
+# --- surfaces ---
+
+def series_steps(last: int, points: int = SERIES_POINTS) -> list[int]:
+    """At most ``points`` steps evenly spread over 0..last, both ends included."""
+    return sorted({round(last * i / max(1, points - 1)) for i in range(points)})
+
+
+def _log_surface_run(run_id: str, paths: pd.DataFrame, summary: dict | None) -> None:
+    if summary is None:
+        tracking.set_tags(run_id, {"status": "diverged at every rate"})
+        return
+    tracking.log_metrics(run_id, {k: float(summary[k]) for k in (
+        "lr", "final_loss", "final_distance", "success", "steps_to_success")
+        if pd.notna(summary[k])}, step=0)
+    by_step = paths.set_index("step")
+    for step in series_steps(int(by_step.index.max())):
+        tracking.log_metrics(run_id, {"loss": by_step.at[step, "loss"],
+                                      "distance": by_step.at[step, "distance"]}, step=step)
+    tracking.set_tags(run_id, {"status": "ok", "success": summary["success"]})
+
+
+@task(name="surface", task_run_name="{surface_name} {optimizer}")
+def compare_on_surface_task(surface_name: str, optimizer: str, parent_run_id: str,
+                            experiment: str, threads: int = 1) -> dict:
+    """Tune ``optimizer``'s rate on one surface (same grid and budget for all), run it from the
+    surface's start, log it as a child run; return its summary row and path."""
+    torch.set_num_threads(threads)
+    surface = get_surface(surface_name)
+    paths = compare_on_surface(surface, [optimizer])
+    summary = (summarize_paths(paths, surface.success_radius).iloc[0].to_dict()
+               if len(paths) else None)
+    lr = None if summary is None else float(summary["lr"])
+    name = f"{surface_name} {optimizer} " + ("diverged" if lr is None else f"lr={lr:.3g}")
+    run_id = tracking.start_run(
+        experiment, name, parent_run_id=parent_run_id,
+        params={"surface": surface_name, "optimizer": optimizer, "lr": lr,
+                "steps": surface.steps, "start": list(surface.start),
+                "lr_grid": f"{len(LR_GRID)} rates {LR_GRID[0]:g}..{LR_GRID[-1]:g}"},
+        tags={"optimizer": optimizer, "surface": surface_name, "part": "surface"})
+    try:
+        _log_surface_run(run_id, paths, summary)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return {"surface": surface_name, "optimizer": optimizer, "lr": lr, "run_id": run_id,
+            "summary": summary, "paths": paths}
+
+
+def describe_surface(result: dict) -> str:
+    s = result["summary"]
+    if s is None:
+        return f"{result['surface']} {result['optimizer']}: every rate diverged"
+    return (f"{result['surface']} {result['optimizer']}: lr {s['lr']:.3g}, distance to the "
+            f"minimum {s['final_distance']:.3g}")
+
+
+def log_surfaces(parent: str, results: list[dict]) -> pd.DataFrame:
+    """Per surface on the parent: contour with paths, loss against step, GIF, summary table."""
+    tables = []
+    for name in dict.fromkeys(r["surface"] for r in results):
+        frames = [r["paths"] for r in results if r["surface"] == name and len(r["paths"])]
+        if not frames:
+            continue  # every optimizer diverged at every rate: nothing to draw
+        surface, paths = get_surface(name), pd.concat(frames, ignore_index=True)
+        table = summarize_paths(paths, surface.success_radius)
+        tables.append(table)
+        tracking.log_figure(parent, plot_contour_paths(surface, paths), f"{name}_paths")
+        tracking.log_figure(parent, plot_surface_losses(paths), f"{name}_loss")
+        tracking.log_bytes(parent, animate_paths(surface, paths), f"figures/{name}.gif")
+        tracking.log_table(parent, table, f"surfaces/{name}.csv")
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+# --- real data ---
+
+@task(name="search-rate", task_run_name="search {optimizer}")
+def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experiment: str,
+                     threads: int = 1) -> dict:
+    """One optimizer's rate search (the same 8 short trainings for all) as one child run."""
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict).replace(**{"optim.name": optimizer})
+    run_id = tracking.start_run(
+        experiment, f"search {optimizer} {cfg.model.name}", parent_run_id=parent_run_id,
+        params={"optimizer": optimizer, "decades": list(real.SEARCH_DECADES),
+                "search_epochs": 1, "seed": cfg.seed, "config_hash": cfg.hash()},
+        tags={"optimizer": optimizer, "part": "search"})
+    try:
+        found = real.search_rate(cfg, dataset_for(cfg))
+        table = found.table.assign(optimizer=optimizer, chosen=found.table["lr"] == found.lr)
+        tracking.log_table(run_id, table, "search.csv")
+        tracking.set_tags(run_id, {"reason": found.reason})
+        if found.lr is not None:
+            tracking.log_metrics(run_id, {"searched_lr": found.lr}, step=0)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return {"optimizer": optimizer, "lr": found.lr, "reason": found.reason, "table": table}
+
+
+def describe_search(result: dict) -> str:
+    return f"search {result['optimizer']}: {result['reason']}"
+
+
+def submit_training(runs: list[real.Run], parent: str, experiment: str, threads: int):
+    if not runs:
+        return []
+    return train_and_log.map([to_dict(r.cfg) for r in runs], unmapped(parent),
+                             unmapped(experiment), [r.name for r in runs], unmapped(threads),
+                             [r.tags for r in runs])
+
+
+def log_real(parent: str, searches: list[dict], history: pd.DataFrame) -> pd.DataFrame:
+    """Search table and figure, curves with bands, final-error table, ratio heatmap."""
+    palette = optimizer_palette()
+    search = pd.concat([s["table"] for s in searches], ignore_index=True)
+    tracking.log_table(parent, search, "search.csv")
+    tracking.log_figure(parent, real.plot_rate_search(search, palette=palette), "rate_search")
+    if history.empty:
+        return pd.DataFrame()
+    for metric in ("val_loss", "val_error", "train_loss"):
+        tracking.log_figure(parent, real.plot_metric_bands(history, metric, palette=palette),
+                            f"real_{metric}")
+    tracking.log_figure(parent, plot_update_ratio(history, by="optimizer"), "update_ratio")
+    table = real.final_table(history)
+    tracking.log_table(parent, table, "real_summary.csv")
+    tracking.log_metrics(parent, {f"final_val_error/{r.optimizer}": r.val_error_mean
+                                  for r in table.itertuples()}, step=0)
+    return table
+
+
+def log_rprop(parent: str, history: pd.DataFrame) -> pd.DataFrame:
+    for metric in ("val_loss", "val_error"):
+        fig = real.plot_metric_bands(history, metric, by="batch", title=RPROP_TITLE)
+        tracking.log_figure(parent, fig, f"rprop_batch_{metric}")
+    table = real.final_table(history, by="batch")
+    tracking.log_table(parent, table, "rprop_batches.csv")
+    return table
+
+
+def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending) -> dict:
+    """Collect the searches, train every optimizer at its rate, collect Rprop; log all."""
+    base = plan["base"]
+    searches = collect(pending["search"], "optimizers-search", describe_search)
+    rates = {s["optimizer"]: s["lr"] for s in searches if s["lr"] is not None}
+    runs = real.compare_runs(base, rates, plan["seeds"])
+    finals = collect(submit_training(runs, parent, experiment, threads), "optimizers-train",
+                     describe_result)
+    rprop = collect(pending["rprop"], "optimizers-rprop", describe_result)
+    table = log_real(parent, searches, real.history_frame(runs, finals, "optimizer"))
+    rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch"))
+                   if rprop else pd.DataFrame())
+    data = (f"{base.data.dataset}, {len(dataset_for(base).train)} training examples, "
+            f"{base.model.name}, {base.epochs} epochs, {plan['seeds']} seeds")
+    return {"searches": searches, "real": table, "rprop": rprop_table, "data": data}
+
+
+def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
+    """Queue the surface tasks, the searches and the Rprop runs at once (the pool stays busy
+    while the parent draws the surface figures)."""
+    opts, pending = plan["optimizers"], {"search": [], "rprop": [], "rprop_runs": []}
+    if not plan["skip_surfaces"]:
+        pairs = [(s, o) for s in plan["surfaces"] for o in opts]
+        pending["surfaces"] = compare_on_surface_task.map(
+            [s for s, _ in pairs], [o for _, o in pairs], unmapped(parent),
+            unmapped(experiment), unmapped(threads))
+    if not plan["skip_real"]:
+        base = plan["base"]
+        n_train = len(dataset_for(base).train)  # loads the data once, before the workers do
+        pending["search"] = search_rate_task.map(unmapped(to_dict(base)), opts, unmapped(parent),
+                                                 unmapped(experiment), unmapped(threads))
+        if "rprop" in opts and n_train > base.batch_size:
+            pending["rprop_runs"] = real.rprop_batch_runs(base, n_train, plan["rprop_epochs"],
+                                                          plan["seeds"])
+            pending["rprop"] = submit_training(pending["rprop_runs"], parent, experiment,
+                                               threads)
+    return pending
+
+
+# --- the flow ---
+
+def surface_answer(table: pd.DataFrame) -> pd.DataFrame:
+    """optimizer x surface: the tuned rate and the final distance to the minimum."""
+    if table.empty:
+        return table
+    wide = table.pivot(index="optimizer", columns="surface", values=["lr", "final_distance"])
+    wide = wide.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+    return wide.reindex(pd.unique(table["optimizer"]))
+
+
+def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> None:
+    print(f"\noptimizer_compare: done in {seconds:.0f} s")
+    if not out["surfaces"].empty:
+        print(f"\nSurfaces: each optimizer's rate tuned on the same {len(LR_GRID)}-rate grid "
+              "with the same step budget, from the same start\n(lr = tuned rate, "
+              "final_distance = distance to the nearest minimum after the budget):")
+        print(surface_answer(out["surfaces"]).to_string(float_format="%.3g"))
+    if "searches" in out:
+        print(f"\nReal data: {out['data']}. {SEARCH_NOTE}")
+        for s in out["searches"]:
+            print(f"  {s['optimizer']:<9} {s['reason']}")
+    if not out.get("real", pd.DataFrame()).empty:
+        print("\nFinal validation error at each optimizer's own rate (mean ± std over seeds):")
+        print(out["real"][["optimizer", "lr", "val_error", "val_loss_mean", "diverged"]]
+              .to_string(index=False, float_format="%.4g"))
+        best = out["real"].iloc[0]
+        print(f"Best on real data: {best['optimizer']} at lr {best['lr']:.3g}, validation "
+              f"error {best['val_error']}")
+    if not out.get("rprop", pd.DataFrame()).empty:
+        print("\nRprop full-batch against mini-batch (same subset, rate and seeds; sign-based "
+              "steps do not average over mini-batches):")
+        print(out["rprop"][["batch", "val_error", "val_loss_mean", "diverged"]]
+              .to_string(index=False, float_format="%.4g"))
+    print(f"MLflow: {tracking.run_url(parent, experiment)}  (start the UI with `make ui`)")
+
+
+def make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
+              overrides) -> dict:
+    """Every setting validated and normalized, before anything is recorded."""
+    optimizers = list(OPTIMIZERS) if optimizers is None else optimizers
+    surfaces = list(SURFACES) if surfaces is None else surfaces
+    opts, surfs = check_settings(optimizers, surfaces, seeds, epochs, rprop_epochs,
+                                 skip_surfaces, skip_real)
+    return {"optimizers": opts, "surfaces": surfs, "seeds": seeds, "epochs": epochs,
+            "rprop_epochs": rprop_epochs, "skip_surfaces": skip_surfaces,
+            "skip_real": skip_real, "base": base_config(epochs, overrides)}
+
+
+def _params(plan: dict) -> dict:
+    return {**{k: v for k, v in plan.items() if k != "base"},
+            "base_config": tracking.to_json(to_dict(plan["base"])),
+            "rprop_lr": real.RPROP_LR, "search_decades": list(real.SEARCH_DECADES)}
+
+
+@flow(name="optimizer-compare")
+def optimizer_compare(
+    optimizers: list[str] | None = None,
+    surfaces: list[str] | None = None,
+    seeds: int = DEFAULT_SEEDS,
+    epochs: int = DEFAULT_EPOCHS,
+    rprop_epochs: int = RPROP_EPOCHS,
+    skip_surfaces: bool = False,
+    skip_real: bool = False,
+    overrides: dict | None = None,
+    runner: str = "threads",
+    workers: int | None = None,
+    experiment: str = EXPERIMENT,
+) -> dict:
+    """Compare ``optimizers`` on ``surfaces`` and on real data (see the module docstring).
+
+    Returns the parent run id, the surface summary, the search reasons, the final-error table
+    and the Rprop batch table (records).
+    """
+    check_runner(runner)
+    plan = make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces,
+                     skip_real, overrides)
+    start = time.perf_counter()
+    threads = set_torch_threads(runner, workers)
+    parent = tracking.start_run(experiment, f"optimizers {len(plan['optimizers'])} x "
+                                f"{plan['base'].model.name}", params=_params(plan),
+                                tags={"mlflow.note.content": SEARCH_NOTE})
+    try:
+        pending = submit_all(plan, parent, experiment, threads)
+        out = {"surfaces": log_surfaces(parent, collect(
+            pending["surfaces"], "optimizers-surfaces", describe_surface))
+            if "surfaces" in pending else pd.DataFrame()}
+        if not plan["skip_real"]:
+            out.update(compare_real(plan, parent, experiment, threads, pending))
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent)
+    print_summary(out, parent, experiment, time.perf_counter() - start)
+    return {"parent_run_id": parent, "surfaces": out["surfaces"].to_dict("records"),
+            "searches": [{k: s[k] for k in ("optimizer", "lr", "reason")}
+                         for s in out.get("searches", [])],
+            "real": out.get("real", pd.DataFrame()).to_dict("records"),
+            "rprop": out.get("rprop", pd.DataFrame()).to_dict("records")}
+
+
+def add_arguments(parser) -> None:
+    def names(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    parser.add_argument("--optimizers", type=names, help="comma-separated optimizers "
+                        f"(default {','.join(OPTIMIZERS)})")
+    parser.add_argument("--surfaces", type=names, help="comma-separated surfaces "
+                        f"(default {','.join(SURFACES)})")
+    parser.add_argument("--seeds", type=int, help=f"seeds per optimizer on real data, >= 2 "
+                        f"(default {DEFAULT_SEEDS})")
+    parser.add_argument("--epochs", type=int, help=f"epochs of each final run (default "
+                        f"{DEFAULT_EPOCHS})")
+    parser.add_argument("--rprop-epochs", type=int, help="epochs of the Rprop full- vs "
+                        f"mini-batch runs (default {RPROP_EPOCHS})")
+    parser.add_argument("--skip-surfaces", action="store_true", default=None,
+                        help="skip the 2-D surfaces")
+    parser.add_argument("--skip-real", action="store_true", default=None,
+                        help="skip the real-data comparison")
+
+
+def run(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,
+        rprop_epochs=RPROP_EPOCHS, skip_surfaces=False, skip_real=False, overrides=None,
+        runner="threads", workers=None) -> dict:
+    """Validate every input, then run the flow with the chosen task runner."""
+    check_runner(runner)
+    make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
+              overrides)
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    return optimizer_compare.with_options(task_runner=make_task_runner(runner, workers))(
+        optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
+        rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces, skip_real=skip_real,
+        overrides=overrides, runner=runner, workers=workers)
+
+
+if __name__ == "__main__":
+    run()

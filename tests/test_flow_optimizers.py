@@ -1,0 +1,262 @@
+"""The optimizers flow: its pure helpers by hand (rate search, tables, bands, settings), the
+figures, and one end-to-end run on the saddle and real digits under Prefect's test harness,
+tracked in a temporary MLflow store."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flows import optimizer_compare as oc
+from lrpipe import optimizers_real as real
+from lrpipe import tracking
+from lrpipe.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from lrpipe.train import TrainResult
+
+torch.set_num_threads(1)
+DIGITS = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+          "batch_size": 64}
+OPTIMIZERS = ["sgd", "adam", "rprop"]
+
+
+# --- the rate search, with a fake trainer of known losses ---
+
+def fake_train(loss_of_lr, calls):
+    """A train_fn whose final val loss is ``loss_of_lr(lr)`` (None = diverged)."""
+
+    def fn(cfg: TrainConfig, data) -> TrainResult:
+        calls.append(cfg)
+        loss = loss_of_lr(cfg.optim.lr)
+        rows = [{"epoch": 0, "val_loss": 2.3, "val_error": 0.9}]
+        if loss is not None:
+            rows.append({"epoch": 1, "val_loss": loss, "val_error": loss / 10})
+        return TrainResult(pd.DataFrame(rows), "ok" if loss is not None else "diverged",
+                           None if loss is not None else 1)
+
+    return fn
+
+
+def bowl(lr):  # minimum 0.1 at lr = 10^-2.5; rates above 0.5 diverge
+    return None if lr > 0.5 else (math.log10(lr) + 2.5) ** 2 + 0.1
+
+
+def test_search_rate_refines_between_decades_with_the_same_budget(digits_cfg):
+    calls = []
+    found = real.search_rate(digits_cfg, None, train_fn=fake_train(bowl, calls))
+    assert found.lr == pytest.approx(10**-2.5)
+    t = found.table
+    assert list(t["stage"]) == ["coarse"] * 6 + ["refine"] * 2
+    np.testing.assert_allclose(t["lr"], [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10**-3.5, 10**-2.5])
+    assert list(t["status"]) == ["ok"] * 5 + ["diverged"] + ["ok"] * 2
+    assert math.isnan(t["val_loss"].iloc[5])
+    # fair: every rung from the same seed, one epoch, the same small train-eval subset
+    assert {(c.seed, c.epochs, c.eval_train_size) for c in calls} == {(0, 1, 1000)}
+    assert "AT THE EDGE" not in found.reason and "0.1000" in found.reason
+
+
+def test_search_rate_says_when_the_answer_is_at_the_edge_or_missing(digits_cfg):
+    found = real.search_rate(digits_cfg, None, train_fn=fake_train(lambda lr: lr, []))
+    assert found.lr == pytest.approx(10**-5.5) and "AT THE EDGE" in found.reason
+    never = real.search_rate(digits_cfg, None, train_fn=fake_train(lambda lr: None, []))
+    assert never.lr is None and len(never.table) == 6 and "every rate diverged" in never.reason
+    with pytest.raises(ValueError, match="decades"):
+        real.search_rate(digits_cfg, None, decades=[1e-3, 1e-3])
+    with pytest.raises(ValueError, match="epochs"):
+        real.search_rate(digits_cfg, None, epochs=0)
+
+
+def test_search_rate_on_real_digits_finds_a_stable_rate(digits_cfg):
+    from lrpipe.data import load_data
+
+    found = real.search_rate(digits_cfg, load_data(digits_cfg.data))
+    assert found.lr is not None and 1e-4 <= found.lr <= 1.0
+    assert (found.table["status"] == "ok").sum() >= 5
+
+
+# --- tables and bands by hand ---
+
+def runs_frame() -> pd.DataFrame:
+    """adam: 2 seeds ending at val_error 0.10 and 0.20; sgd: one run at 0.30 and one that
+    diverged after epoch 1 (last finite val_error 0.50)."""
+    rows = []
+    for opt, seed, errors, status in (("adam", 0, [0.9, 0.3, 0.1], "ok"),
+                                      ("adam", 1, [0.9, 0.4, 0.2], "ok"),
+                                      ("sgd", 0, [0.9, 0.6, 0.3], "ok"),
+                                      ("sgd", 1, [0.9, 0.5], "diverged")):
+        for epoch, err in enumerate(errors):
+            rows.append({"optimizer": opt, "seed": seed, "epoch": epoch, "lr": 0.01,
+                         "val_error": err, "val_loss": 2 * err, "train_loss": 2 * err,
+                         "status": status})
+    return pd.DataFrame(rows)
+
+
+def test_final_table_by_hand():
+    table = real.final_table(runs_frame())
+    assert list(table["optimizer"]) == ["adam", "sgd"]
+    adam, sgd = table.iloc[0], table.iloc[1]
+    assert adam["val_error_mean"] == pytest.approx(0.15)
+    assert adam["val_error_std"] == pytest.approx(math.sqrt(0.005))  # sample std of .1, .2
+    assert adam["val_error"] == "0.1500 ± 0.0707" and adam["diverged"] == 0
+    assert sgd["val_error_mean"] == pytest.approx(0.4) and sgd["diverged"] == 1
+    assert adam["seeds"] == 2 and adam["val_loss_mean"] == pytest.approx(0.3)
+
+
+def test_metric_bands_count_the_seeds_that_reached_each_epoch():
+    bands = real.metric_bands(runs_frame(), "val_error")
+    sgd = bands[bands["optimizer"] == "sgd"].set_index("epoch")
+    assert list(sgd["n"]) == [2, 2, 1]
+    assert sgd.loc[1, "min"] == 0.5 and sgd.loc[1, "max"] == 0.6
+    assert list(pd.unique(bands["optimizer"])) == ["adam", "sgd"]
+    with pytest.raises(ValueError, match="seed"):
+        real.metric_bands(runs_frame().drop(columns="seed"), "val_error")
+
+
+def test_figures_draw_one_line_per_group():
+    fig = real.plot_metric_bands(runs_frame(), "val_loss")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and ax.get_yscale() == "log"
+    assert "1 diverged" in ax.get_legend().get_texts()[1].get_text()
+    search = pd.DataFrame({"optimizer": ["sgd"] * 3, "lr": [0.01, 0.1, 1.0],
+                           "stage": "coarse", "val_loss": [1.0, 0.5, np.nan],
+                           "val_error": [0.3, 0.2, np.nan],
+                           "status": ["ok", "ok", "diverged"], "chosen": [False, True, False]})
+    ax = real.plot_rate_search(search).axes[0]
+    assert ax.get_xscale() == "log" and len(ax.lines) == 3  # curve, crosses, star
+    assert list(ax.lines[2].get_xdata()) == [0.1]
+
+
+# --- the flow's own settings and configs ---
+
+def test_settings_are_checked_with_the_field_named():
+    with pytest.raises(ConfigError, match="optimizers"):
+        oc.check_settings(["sgd", "lbfgs"], ["saddle"], 3, 1, 1, False, False)
+    with pytest.raises(ConfigError, match="surfaces"):
+        oc.check_settings(["sgd"], ["moon"], 3, 1, 1, False, False)
+    with pytest.raises(ConfigError, match="seeds"):
+        oc.check_settings(["sgd"], ["saddle"], 1, 1, 1, False, False)
+    with pytest.raises(ConfigError, match="skip_surfaces"):
+        oc.check_settings(["sgd"], ["saddle"], 3, 1, 1, True, True)
+    with pytest.raises(ConfigError, match="optim.lr"):
+        oc.base_config(1, {"optim.lr": 0.1})
+    with pytest.raises(ConfigError, match="optim.name"):
+        oc.base_config(1, {"optim": {"name": "adam"}})
+    assert oc.base_config(2, None).data.subset == oc.DEFAULT_SUBSET
+
+
+def test_series_steps_and_run_configs():
+    assert oc.series_steps(100, 5) == [0, 25, 50, 75, 100]
+    assert oc.series_steps(3, 21) == [0, 1, 2, 3]
+    base = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
+                       model=ModelConfig(hidden=(32,)), batch_size=64)
+    runs = real.compare_runs(base, {"adam": 0.001}, 2)
+    assert [r.name for r in runs] == ["adam lr=0.001 mlp seed=0", "adam lr=0.001 mlp seed=1"]
+    assert runs[1].cfg.optim.name == "adam" and runs[1].cfg.seed == 1
+    arms = real.rprop_batch_runs(base, 1200, 7, 2)
+    assert [r.cfg.batch_size for r in arms] == [1200, 1200, 64, 64]
+    assert {(r.cfg.optim.name, r.cfg.optim.lr, r.cfg.epochs) for r in arms} == {
+        ("rprop", real.RPROP_LR, 7)}
+    assert arms[0].tags["batch"] == "full-batch (1200)"
+    results = [{"history": [{"epoch": 0}, {"epoch": 1}]}] * 4
+    frame = real.history_frame(arms, results, "batch")
+    assert list(frame["batch"]) == ["full-batch (1200)"] * 4 + ["mini-batch (64)"] * 4
+    with pytest.raises(ValueError, match="results"):
+        real.history_frame(arms, results[:3], "batch")
+
+
+# --- end to end ---
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_harness, _session_store):
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    try:
+        result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
+                        rprop_epochs=3, overrides=DIGITS, workers=2)
+        return result, _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def children(result, uri):
+    c = tracking.client(uri)
+    parent = c.get_run(result["parent_run_id"])
+    runs = c.search_runs([parent.info.experiment_id],
+                         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, runs
+
+
+def test_one_child_per_surface_optimizer_search_and_training(flow_run):
+    result, uri = flow_run
+    parent, runs = children(result, uri)
+    assert parent.info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parts = pd.Series([r.data.tags["part"] for r in runs]).value_counts().to_dict()
+    assert parts == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 4}
+    compare = [r for r in runs if r.data.tags["part"] == "compare"]
+    assert sorted((r.data.tags["optimizer"], r.data.params["seed"]) for r in compare) == sorted(
+        (o, s) for o in OPTIMIZERS for s in ("0", "1"))
+    searched = {s["optimizer"]: s["lr"] for s in result["searches"]}
+    for r in compare:  # each optimizer trains at its own searched rate, named for it
+        opt = r.data.tags["optimizer"]
+        assert float(r.data.params["optim.lr"]) == pytest.approx(searched[opt])
+        assert r.info.run_name.startswith(f"{opt} lr=")
+
+
+def test_surface_children_log_rate_distance_and_series(flow_run):
+    result, uri = flow_run
+    c = tracking.client(uri)
+    _, runs = children(result, uri)
+    for r in (r for r in runs if r.data.tags["part"] == "surface"):
+        assert r.data.params["surface"] == "saddle"
+        assert {"lr", "final_loss", "final_distance"} <= set(r.data.metrics)
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
+        assert steps == oc.series_steps(100)
+    assert {row["optimizer"] for row in result["surfaces"]} == set(OPTIMIZERS)
+
+
+def test_training_children_log_epochs_and_update_ratios(flow_run):
+    result, uri = flow_run
+    c = tracking.client(uri)
+    _, runs = children(result, uri)
+    for r in (r for r in runs if r.data.tags["part"] == "compare"
+              and r.data.tags["status"] == "ok"):
+        for key in ("train_loss", "val_loss", "val_error"):
+            assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [0, 1, 2]
+        for key in ("ratio/fc1", "ratio/head"):
+            assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [1, 2]
+
+
+def test_parent_holds_figures_gif_and_tables(flow_run):
+    result, uri = flow_run
+    c = tracking.client(uri)
+    pid = result["parent_run_id"]
+    files = {f.path for f in c.list_artifacts(pid, "figures")}
+    assert {"figures/saddle_paths.png", "figures/saddle_loss.png", "figures/saddle.gif",
+            "figures/rate_search.png", "figures/real_val_loss.png",
+            "figures/real_val_error.png", "figures/update_ratio.png",
+            "figures/rprop_batch_val_loss.png"} <= files
+    top = {f.path for f in c.list_artifacts(pid)}
+    assert {"search.csv", "real_summary.csv", "rprop_batches.csv"} <= top
+    assert {f.path for f in c.list_artifacts(pid, "surfaces")} == {"surfaces/saddle.csv"}
+    local = c.download_artifacts(pid, "figures/saddle.gif")
+    with open(local, "rb") as gif:
+        assert gif.read(6) == b"GIF89a"
+    assert {row["optimizer"] for row in result["real"]} == set(OPTIMIZERS)
+    assert all(row["seeds"] == 2 for row in result["real"])
+    assert sorted(row["batch"] for row in result["rprop"]) == ["full-batch (1200)",
+                                                               "mini-batch (64)"]
+
+
+def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
+    before = len(tracking.client(mlflow_store).search_experiments())
+    with pytest.raises(ConfigError, match="optimizers"):
+        oc.run(optimizers=["sgd", "lbfgs"], overrides=DIGITS)
+    with pytest.raises(ConfigError, match="seeds"):
+        oc.run(seeds=1, overrides=DIGITS)
+    with pytest.raises(ConfigError, match="runner"):
+        oc.run(runner="ray", overrides=DIGITS)
+    assert len(tracking.client(mlflow_store).search_experiments()) == before
