@@ -219,37 +219,49 @@ def _direction(cfg: OptimConfig, p: torch.Tensor, g: torch.Tensor, state: dict,
 
 class _UpdateRatios:
     """``train.UpdateRatio`` per member: ||update|| / ||weight|| per layer, averaged over every
-    ``every``-th step of an epoch (the cs231n rule of thumb: about 1e-3 is healthy)."""
+    ``every``-th step of an epoch (the cs231n rule of thumb: about 1e-3 is healthy).
+
+    The update's norm comes from the update itself (rate x direction, which the step has at
+    hand), not from a copy of the weights before the step: copying K models and differencing
+    them in float64 cost 20% of a K=16 MLP step; two norms per tensor cost under 1%.
+    """
 
     def __init__(self, params: dict[str, torch.Tensor], every: int = 10) -> None:
         self.layers: dict[str, list[str]] = {}
         for name in params:
             self.layers.setdefault(name.split(".")[0], []).append(name)
-        self.every, self.before, self.sums, self.counts = every, None, {}, {}
+        self.every, self.pending, self.sums, self.counts = every, {}, {}, {}
 
-    def before_step(self, params: dict[str, torch.Tensor], step: int) -> None:
-        if step % self.every == 0:
-            self.before = {n: p.detach().clone() for n, p in params.items()}
+    def sampled(self, step: int) -> bool:
+        """Whether this step of the epoch is one of the sampled ones."""
+        return step % self.every == 0
 
-    def after_step(self, params: dict[str, torch.Tensor]) -> None:
-        if self.before is None:
-            return
+    def add_update(self, name: str, direction: torch.Tensor, rate: torch.Tensor) -> None:
+        """Record parameter ``name``'s update ``rate * direction`` (rate: (K, 1, ...))."""
+        sq = _norms_sq(direction) * rate.reshape(-1).double().square()
+        layer = name.split(".")[0]
+        self.pending[layer] = self.pending.get(layer, 0.0) + sq
+
+    def end_step(self, params: dict[str, torch.Tensor]) -> None:
+        """After the sampled step's updates: one ratio per layer and member."""
         for layer, names in self.layers.items():
-            def sq(t: torch.Tensor) -> torch.Tensor:
-                return t.double().pow(2).flatten(1).sum(1)
-
-            delta = sum(sq(params[n].detach() - self.before[n]) for n in names)
-            norm = sum(sq(params[n].detach()) for n in names)
+            delta = self.pending.get(layer, 0.0)  # a frozen layer has no update
+            norm = sum(_norms_sq(params[n].detach()) for n in names)
             self.sums[layer] = self.sums.get(layer, 0.0) + torch.where(
                 norm > 0, (delta / norm).sqrt(), 0.0)
             self.counts[layer] = self.counts.get(layer, 0) + (norm > 0).double()
-        self.before = None
+        self.pending = {}
 
     def epoch_means(self) -> dict[str, list[float]]:
         """``{"ratio/<layer>": [member 0, member 1, ...]}``; the sums start again."""
         means = {f"ratio/{n}": (self.sums[n] / self.counts[n]).tolist() for n in self.sums}
         self.sums, self.counts = {}, {}
         return means
+
+
+def _norms_sq(t: torch.Tensor) -> torch.Tensor:
+    """(K,) float64 squared L2 norm of each member's slice of ``t`` (K, ...)."""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).double().square()
 
 
 class _BatchedStep:
@@ -277,7 +289,7 @@ class _BatchedStep:
         self.steps += 1
         # On the CPU knowing "all alive" costs nothing and saves a masking pass per tensor.
         all_alive = self.alive.device.type == "cpu" and bool(self.alive.all())
-        self.ratios.before_step(self.members.params, step_in_epoch)
+        sampled = self.ratios.sampled(step_in_epoch)
         with torch.no_grad():
             for (name, p), g in zip(trainable.items(), grads, strict=True):
                 d, scale = _direction(self.cfg.optim, p, g, self.state[name], self.steps)
@@ -285,8 +297,11 @@ class _BatchedStep:
                 rate = (rates * (self.members.mult[name] * scale)).to(p.dtype).view(shape)
                 if not all_alive:  # where, not rate 0: 0 x NaN would reach frozen weights
                     d = torch.where(self.alive.view(shape), d, 0)
+                if sampled:
+                    self.ratios.add_update(name, d, rate)
                 p.addcmul_(d, rate, value=-1)
-        self.ratios.after_step(self.members.params)
+            if sampled:
+                self.ratios.end_step(self.members.params)
         return died
 
 
