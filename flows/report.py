@@ -1,0 +1,55 @@
+"""Publish a flow's report where its user looks: ``report.md`` on the flow's MLflow parent run
+(rendered in the run's Artifacts tab) and, inside a flow run, a Prefect markdown artifact with
+the same text (the flow run's Artifacts tab in the Prefect UI).
+
+Usage, at the end of a flow, after the figures are logged::
+
+    markdown = report.sweep_report(summary, tracking.run_url(parent, experiment),
+                                   lambda run_id: tracking.run_url(run_id, experiment),
+                                   [f"figures/{name}.png" for name in figures])
+    publish_report(parent, experiment, markdown, key="lr-sweep")
+"""
+
+from __future__ import annotations
+
+import re
+
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
+
+from lrpipe import tracking
+
+REPORT_PATH = "report.md"
+
+
+def artifact_key(key: str) -> str:
+    """``key`` as a Prefect artifact key ending in ``-report``: lowercase letters, digits and
+    dashes only (Prefect refuses anything else). ``"LR sweep_1"`` -> ``"lr-sweep-1-report"``.
+
+    Raises:
+        ValueError: ``key`` holds no letter or digit (the message names ``key``).
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", str(key).lower()).strip("-")
+    if not slug:
+        raise ValueError(f"key: got {key!r}; allowed: text with letters or digits, "
+                         "e.g. 'lr-sweep'")
+    return slug if slug.endswith("-report") or slug == "report" else f"{slug}-report"
+
+
+def publish_report(parent_run_id: str, experiment: str, markdown: str, key: str,
+                   uri: str | None = None) -> dict:
+    """Log ``markdown`` as ``report.md`` on the MLflow run ``parent_run_id`` and, when called
+    inside a Prefect flow run, as the markdown artifact ``artifact_key(key)`` whose description
+    links the MLflow run. Outside a flow run only the MLflow artifact is written.
+
+    Returns ``{"mlflow_path", "key", "prefect_artifact_id"}`` (the id is None outside a flow).
+    """
+    key = artifact_key(key)
+    tracking.log_text(parent_run_id, markdown, REPORT_PATH, uri=uri)
+    artifact_id = None
+    if FlowRunContext.get() is not None:
+        link = tracking.run_url(parent_run_id, experiment, uri=uri)
+        artifact_id = create_markdown_artifact(
+            markdown, key=key, description=f"Report; the MLflow run: {link}")
+    return {"mlflow_path": REPORT_PATH, "key": key,
+            "prefect_artifact_id": None if artifact_id is None else str(artifact_id)}

@@ -1,0 +1,210 @@
+"""Reports: hand-checked markdown and URLs, the sweep's answer on hand-made summaries, invariants
+of every report, and publishing to MLflow and Prefect for real."""
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lrpipe import report
+
+UI = "http://127.0.0.1:5000"
+PARENT = "aaaa1111bbbb2222cccc3333dddd4444"
+PARENT_URL = f"{UI}/#/experiments/7/runs/{PARENT}?workflowType=machine_learning"
+FIGURES = ["figures/loss_vs_epoch.png", "figures/final_vs_lr.png"]
+
+
+def run_url(run_id: str) -> str:
+    return f"{UI}/#/experiments/7/runs/{run_id}?workflowType=machine_learning"
+
+
+def summary(rows) -> pd.DataFrame:
+    """rows: (lr, status, val_loss, val_error, best_val_error, diverged_epoch)."""
+    df = pd.DataFrame(rows, columns=list(report.SWEEP_COLUMNS[:-1]))
+    df["run_id"] = [f"run{i:02d}" for i in range(len(df))]
+    return df
+
+
+SWEEP = summary([
+    (0.01, "ok", 0.50, 0.16, 0.15, None),
+    (0.1, "ok", 0.40, 0.13, 0.12, None),
+    (0.3, "ok", 0.45, 0.14, 0.14, None),
+    (1.0, "diverged", 2.30, 0.88, 0.88, 1),
+    (3.0, "diverged", 2.30, 0.88, 0.88, 1),
+])
+
+
+# --- hand-computed values ---
+
+def test_markdown_table_by_hand():
+    df = pd.DataFrame({"rate": ["[lr=0.1](u)", "a|b"], "loss": [0.123456, np.nan],
+                       "epoch": [None, 3]})
+    assert report.markdown_table(df) == (
+        "| rate | loss | epoch |\n|---|---|---|\n"
+        "| [lr=0.1](u) | 0.1235 | - |\n| a\\|b | - | 3 |")
+    assert report.markdown_table(df.iloc[:0]) == "_No runs._"
+
+
+def test_urls_by_hand():
+    assert report.parse_run_url(PARENT_URL) == (UI, "7", PARENT)
+    assert report.artifact_image_url(PARENT_URL, "figures/a b.png") == (
+        f"{UI}/get-artifact?path=figures%2Fa+b.png&run_uuid={PARENT}")
+    assert report.artifact_page_url(PARENT_URL, "figures/x.png") == (
+        f"{UI}/#/experiments/7/runs/{PARENT}/artifacts/figures/x.png"
+        "?workflowType=machine_learning")
+    query = parse_qs(urlsplit(report.child_runs_url(PARENT_URL)).fragment.split("?", 1)[1])
+    assert query["searchFilter"] == [f"tags.mlflow.parentRunId = '{PARENT}'"]
+    assert query["orderByKey"] == ["params.`optim.lr`"] and query["orderByAsc"] == ["true"]
+
+
+def test_metric_chart_url_carries_every_key_the_page_needs():
+    url = report.metric_chart_url(PARENT_URL, ["r1", "r2"], "val_error")
+    assert url.startswith(f"{UI}/#/metric?")
+    query = {k: v[0] for k, v in parse_qs(url.split("?", 1)[1]).items()}
+    assert json.loads(query["runs"]) == ["r1", "r2"]
+    assert json.loads(query["metric"]) == "val_error"
+    assert json.loads(query["experiments"]) == ["7"]
+    assert json.loads(query["plot_metric_keys"]) == ["val_error"]
+    assert {"plot_layout", "x_axis", "y_axis_scale", "line_smoothness", "show_point",
+            "deselected_curves", "last_linear_y_axis_range"} <= set(query)
+
+
+def test_parse_run_url_accepts_what_tracking_builds(mlflow_store):
+    from lrpipe import tracking
+
+    run_id = tracking.start_run("report-urls", "probe")
+    tracking.end_run(run_id)
+    ui, exp, rid = report.parse_run_url(tracking.run_url(run_id, "report-urls"))
+    assert (ui, exp, rid) == ("http://127.0.0.1:5000", tracking.experiment_id("report-urls"),
+                              run_id)
+
+
+def test_sweep_finding_by_hand():
+    f = report.sweep_finding(SWEEP)
+    assert f.best_lr == 0.1
+    assert f.answer == "Use lr=0.1: the lowest validation loss of 5 rates."
+    assert f.evidence[0].startswith("validation loss 0.4000 and validation accuracy 0.8700")
+    assert f.evidence[1] == "runner-up lr=0.3: validation loss 0.4500 (+12.5%)"
+    assert f.evidence[2] == ("2 of 5 rates diverged (lr=1, 3); the smallest, lr=1, blew up "
+                             "in epoch 1")
+    assert f.notes == ()
+
+
+# --- warnings ---
+
+@pytest.mark.parametrize("rows, expected", [
+    ([(0.01, "ok", 0.5, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None)],
+     "extend the grid upward"),
+    ([(0.01, "ok", 0.4, 0.2, 0.2, None), (0.1, "ok", 0.5, 0.1, 0.1, None)],
+     "extend the grid downward"),
+    ([(0.01, "ok", 0.5, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
+      (1.0, "diverged", 2.3, 0.9, 0.9, 2)], "edge of stability"),
+    ([(0.01, "ok", 0.401, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
+      (0.3, "ok", 0.9, 0.1, 0.1, None)], "within 2%"),
+    ([(0.01, "ok", 0.5, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
+      (0.3, "failed", np.nan, np.nan, np.nan, None)], "status 'failed'"),
+])
+def test_sweep_warnings(rows, expected):
+    notes = report.sweep_finding(summary(rows)).notes
+    assert any(expected in note for note in notes), notes
+
+
+def test_every_rate_diverged_has_no_answer_and_says_what_to_do():
+    f = report.sweep_finding(summary([(1.0, "diverged", 2.3, 0.9, 0.9, 1),
+                                      (3.0, "diverged", np.inf, 0.9, 0.9, 1)]))
+    assert f.best_lr is None and f.answer.startswith("No rate trained")
+    assert any("10x below lr=1" in n for n in f.notes)
+
+
+def test_bad_summaries_are_refused():
+    with pytest.raises(ValueError, match="summary: missing columns"):
+        report.sweep_finding(SWEEP.drop(columns=["best_val_error"]))
+    with pytest.raises(ValueError, match="summary: got no rows"):
+        report.sweep_finding(SWEEP.iloc[:0])
+    with pytest.raises(ValueError, match="run_url"):
+        report.parse_run_url("figures/loss.png")
+    with pytest.raises(ValueError, match="run_ids"):
+        report.metric_chart_url(PARENT_URL, [])
+
+
+# --- invariants of a report ---
+
+def test_sweep_report_answers_first_and_links_every_run():
+    md = report.sweep_report(SWEEP, PARENT_URL, run_url, FIGURES)
+    assert md.index("**Use lr=0.1") < md.index("## Runs") < md.index("## Figures") \
+        < md.index("## Links") < md.index("## Notes")
+    for run_id in SWEEP["run_id"]:
+        assert f"]({run_url(run_id)})" in md
+    assert f"**[lr=0.1]({run_url('run01')})** (chosen)" in md
+    # a diverged run shows no last-epoch loss: its last finite value predates the blow-up
+    assert f"[lr=1]({run_url('run03')}) | diverged | - | - | 0.88 | 1 |" in md
+    assert f"_{report.SWEEP_TABLE_NOTE}_" in md
+
+
+def test_figures_are_embedded_by_absolute_url_only():
+    md = report.sweep_report(SWEEP, PARENT_URL, run_url, FIGURES)
+    for path in FIGURES:
+        assert f"]({report.artifact_image_url(PARENT_URL, path)})" in md
+    assert "](figures/" not in md  # MLflow's markdown view does not draw relative images
+    listed = report.build_report("t", "a", [], SWEEP, FIGURES, {}, [])
+    assert "![" not in listed and "- `figures/loss_vs_epoch.png`" in listed
+    assert "- Nothing to warn about." in listed
+
+
+def test_terminal_summary_has_answer_table_and_where_to_click():
+    text = report.sweep_terminal(SWEEP, PARENT_URL)
+    lines = text.splitlines()
+    assert lines[0] == "Use lr=0.1: the lowest validation loss of 5 rates."
+    assert PARENT_URL in text and report.child_runs_url(PARENT_URL) in text
+    assert "/#/metric?" not in text  # long chart URLs stay in the markdown report
+    row = next(line for line in lines if line.split()[:2] == ["1", "diverged"])
+    assert row.split() == ["1", "diverged", "-", "0.88", "1"]
+    assert text.rstrip().endswith("`make ui`)")
+
+
+# --- publishing for real ---
+
+def test_artifact_keys():
+    from flows.report import artifact_key
+
+    assert artifact_key("LR sweep_1") == "lr-sweep-1-report"
+    assert artifact_key("lr-sweep-report") == "lr-sweep-report"
+    with pytest.raises(ValueError, match="key"):
+        artifact_key("__")
+
+
+def test_publish_outside_a_flow_writes_only_mlflow(mlflow_store):
+    from flows.report import publish_report
+    from lrpipe import tracking
+
+    run_id = tracking.start_run("report-publish", "parent")
+    out = publish_report(run_id, "report-publish", "# hello\n", key="outside")
+    assert out == {"mlflow_path": "report.md", "key": "outside-report",
+                   "prefect_artifact_id": None}
+    path = tracking.client().download_artifacts(run_id, "report.md")
+    assert open(path).read() == "# hello\n"
+
+
+def test_publish_inside_a_flow_also_makes_a_prefect_artifact(prefect_harness, mlflow_store):
+    from prefect import flow
+    from prefect.artifacts import Artifact
+
+    from flows.report import publish_report
+    from lrpipe import tracking
+
+    run_id = tracking.start_run("report-publish", "parent")
+    md = report.sweep_report(SWEEP, tracking.run_url(run_id, "report-publish"), run_url, FIGURES)
+
+    @flow
+    def tiny():
+        return publish_report(run_id, "report-publish", md, key="Tiny Sweep")
+
+    out = tiny()
+    assert out["key"] == "tiny-sweep-report" and out["prefect_artifact_id"]
+    artifact = Artifact.get("tiny-sweep-report")
+    assert artifact.type == "markdown" and artifact.data == md
+    assert run_id in artifact.description
+    path = tracking.client().download_artifacts(run_id, "report.md")
+    assert open(path).read() == md
