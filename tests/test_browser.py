@@ -1,0 +1,135 @@
+"""The MLflow UI as a user sees it, in a real headless Chromium: a finished digits sweep's runs
+table, a val_loss chart across its rates, and its report.md rendered with its figures.
+Screenshots go to test-output/ (git-ignored). Needs tests/browser_setup.sh (the Makefile's test
+target runs it); skips, saying why, where Chromium cannot be installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow_browser import (
+    browser_page,
+    free_port,
+    missing_browser,
+    show_columns,
+    start_server,
+    stop_server,
+    tidy,
+    wait_healthy,
+)
+
+from lrpipe import report, tracking
+
+pytestmark = [pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser())),
+              pytest.mark.slow]
+
+OUT = Path(__file__).resolve().parent.parent / "test-output"
+OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
+             "batch_size": 64}
+LRS = [0.03, 0.3, 1e4]  # 1e4 diverges at once
+# The first page load fetches and compiles MLflow's 30 MB of JavaScript: over 45 s was seen on
+# this 2-core machine at load 16. Later pages take seconds.
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def server(_session_store, tmp_path_factory):
+    """``mlflow server`` on the session's store, started first: its ~20 s start-up overlaps the
+    sweep. Yields (process, port, log); stopped by process group afterwards."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port, log = free_port(), folder / "server.log"
+    proc = start_server(_session_store, port, log)
+    try:
+        yield proc, port, log
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(server, prefect_harness, _session_store):
+    """A finished 3-rate, 2-epoch digits sweep in the session's store."""
+    from flows.lr_sweep import run
+
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    try:
+        return run(lrs=LRS, epochs=2, overrides=OVERRIDES, workers=2), _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(scope="module")
+def ui(server, finished_sweep, tmp_path_factory):
+    """(page, sweep result, parent run URL, child run ids in rate order). The sweep's report is
+    published with this server's URLs so that its images load here."""
+    from flows.report import publish_report
+
+    proc, port, log = server
+    result, uri = finished_sweep
+    wait_healthy(proc, port, log)
+    base = f"http://127.0.0.1:{port}"
+    parent = result["parent_run_id"]
+    parent_url = tracking.run_url(parent, "lr-sweep", uri=uri, ui=base)
+    summary = pd.DataFrame(result["summary"])
+    figures = [f.path for f in tracking.client(uri).list_artifacts(parent, "figures")]
+    markdown = report.sweep_report(
+        summary, parent_url, lambda rid: tracking.run_url(rid, "lr-sweep", uri=uri, ui=base),
+        figures)
+    publish_report(parent, "lr-sweep", markdown, key="browser-check", uri=uri)
+    with browser_page(tmp_path_factory.mktemp("chromium")) as page:
+        yield page, result, parent_url, list(summary.sort_values("lr")["run_id"])
+
+
+def shot(page, name: str) -> None:
+    OUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUT / name))
+
+
+def test_runs_table_names_every_run(ui):
+    from playwright.sync_api import expect
+
+    page, result, parent_url, _ = ui
+    page.goto(report.child_runs_url(parent_url))
+    for lr in LRS:
+        expect(page.get_by_text(f"lr={lr:g} sgd mlp seed=0", exact=True).first).to_be_visible(
+            timeout=WAIT_MS)
+    tidy(page)
+    show_columns(page, ["Dataset", "Source", "Models", "val_loss", "optim.lr", "status"])
+    expect(page.get_by_text("diverged", exact=True).first).to_be_visible(timeout=10_000)
+    expect(page.get_by_text(f"{len(LRS)} matching runs")).to_be_visible()
+    shot(page, "browser-runs.png")
+
+
+def test_val_loss_chart_draws_a_line_per_rate(ui):
+    from playwright.sync_api import expect
+
+    page, result, parent_url, ids = ui
+    page.goto(report.metric_chart_url(parent_url, ids, "val_loss"))
+    plot = page.locator(".js-plotly-plot").first
+    expect(plot).to_be_visible(timeout=WAIT_MS)
+    for lr in LRS:  # MLflow's legend (beside the plot) names each run's line
+        expect(page.get_by_text(f"lr={lr:g} sgd mlp seed=0 (val_loss)")).to_have_count(
+            1, timeout=WAIT_MS)
+    assert plot.locator(".scatterlayer .trace").count() >= len(LRS)
+    assert page.get_by_text("invalid URL").count() == 0
+    shot(page, "browser-val-loss.png")
+
+
+def test_report_renders_with_its_figures(ui):
+    from playwright.sync_api import expect
+
+    page, result, parent_url, _ = ui
+    page.goto(report.artifact_page_url(parent_url, "report.md"))
+    expect(page.get_by_role("heading", name="Learning-rate sweep: 3 rates")).to_be_visible(
+        timeout=WAIT_MS)
+    expect(page.get_by_text(f"Use lr={result['best_lr']:g}:").first).to_be_visible()
+    expect(page.get_by_role("link", name="lr=10000")).to_be_visible()  # the table, linked
+    tidy(page)
+    shot(page, "browser-report.png")
+    images = page.locator("img[alt='loss vs epoch']")  # embedded from the tracking server
+    expect(images).to_have_count(1)
+    images.first.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                           arg=images.first.element_handle(), timeout=WAIT_MS)
