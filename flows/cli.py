@@ -112,12 +112,12 @@ def settings_from(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
+    import importlib
+
     import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
     from lrpipe.config import ConfigError
     from lrpipe.data import DataUnavailable
     from lrpipe.tracking import TrackingError
-
-    import importlib
 
     try:
         importlib.import_module(COMMANDS[args.command]).run(**settings)

@@ -85,6 +85,21 @@ def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
     return total_loss / len(split), wrong / len(split)
 
 
+@torch.no_grad()
+def initial_training_loss(model: nn.Module, split: Split, loss: str, cross_entropy: float) -> float:
+    """The epoch-0 loss in the training loss's own units (divergence is judged in them):
+    ``cross_entropy`` as given, else the squared error evaluated on ``split``."""
+    if loss == "cross_entropy":
+        return cross_entropy
+    was_training = model.training
+    model.eval()
+    total = sum(float(batch_loss(model(split.x[i:i + EVAL_BATCH]), split.y[i:i + EVAL_BATCH],
+                                 loss)) * len(split.y[i:i + EVAL_BATCH])
+                for i in range(0, len(split), EVAL_BATCH))
+    model.train(was_training)
+    return total / len(split)
+
+
 def base_lr(optimizer: torch.optim.Optimizer) -> float:
     """The base rate: a group's rate divided by its multiplier (schedules scale all groups)."""
     group = optimizer.param_groups[0]
@@ -179,7 +194,10 @@ def train(
     rows = [_row(0, model, train_eval, data.val, base_lr(optimizer), 0.0)]
     if on_epoch:
         on_epoch(rows[0])
-    threshold = cfg.diverge_factor * rows[0]["train_loss"]
+    # Batch losses are in the training loss's units; epoch rows always report cross-entropy.
+    threshold = cfg.diverge_factor * initial_training_loss(model, train_eval, cfg.loss,
+                                                           rows[0]["train_loss"])
+    eval_threshold = cfg.diverge_factor * rows[0]["train_loss"]
     ratios = UpdateRatio(model)
     lr_trace: list[float] = []
     status, diverged_epoch, elapsed = "ok", None, 0.0
@@ -204,7 +222,7 @@ def train(
         if status == "ok":
             row = _row(epoch, model, train_eval, data.val, epoch_lr, elapsed)
             row.update(ratios.epoch_means())
-            if not (row["train_loss"] <= threshold and math.isfinite(row["val_loss"])):
+            if not (row["train_loss"] <= eval_threshold and math.isfinite(row["val_loss"])):
                 status, diverged_epoch = "diverged", epoch
         if status == "diverged":
             break
