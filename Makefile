@@ -25,7 +25,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
+.PHONY: screenshots help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -84,8 +84,13 @@ server: $(STAMP) ## start a persistent Prefect server on 127.0.0.1:4200 (for sch
 schedule: setup ## serve the pipeline on a cron schedule (CRON="0 3 * * *")
 	$(VENV)/bin/lrpipe schedule $(if $(CRON),--cron "$(CRON)") $(ARGS)
 
-test: setup ## run the test suite
+test: setup ## run the test suite (installs Debian's Chromium for the browser test)
+	@bash tests/browser_setup.sh
 	$(VENV)/bin/pytest -q
+
+screenshots: setup ## regenerate docs/*.png from the newest sweep in mlruns/
+	@bash tests/browser_setup.sh
+	$(PY) docs/screenshots.py
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
