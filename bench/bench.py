@@ -1,0 +1,219 @@
+"""lrpipe's speed, side by side with what people usually write, in one run.
+
+  (a) one train() run vs a minimal hand-written loop (same model, data, batch order)
+  (b) lrpipe's data path vs torchvision's DataLoader + ToTensor (MLP)
+  (c) K=16 rates batched vs 16 sequential runs (softmax regression, MLP), with batching_pays'
+      decision next to the measured ratio
+  (d) the default sweep with parallel thread tasks vs runner=serial; threads vs Dask processes
+  (e) lrpipe's range test vs torch-lr-finder (DataLoader-fed and fed lrpipe's batches)
+  (f) the share of the default sweep's wall time spent in Prefect and MLflow
+  (g) with --pipeline: the whole `make sweep` (lrpipe pipeline), setup excluded
+
+Every timing is the median of several rounds, the two sides alternating within a round; each
+row notes the 1-minute load average when it was measured (2.0 fills this 2-core machine).
+Results go to the terminal and to bench/results.md. Usage: `make bench ARGS="--quick"`, or
+`.venv/bin/python bench/bench.py [--quick] [--only a,c] [--pipeline]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# isort: off
+import flows  # noqa: F401  (sets OMP_WAIT_POLICY and Prefect/MLflow defaults before torch loads)
+import torch
+# isort: on
+
+from kit import Row, load_average, say
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.md"
+CASES = "abcdefg"
+PIPELINE_MARK = "<!-- pipeline -->"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--only", default="abcdef",
+                        help="cases to run, e.g. a,c,e (default: a to f; g needs --pipeline)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="also (g): time `lrpipe pipeline` (takes minutes)")
+    parser.add_argument("--repeats", type=int, help="rounds per timing (default 3; 2 quick)")
+    parser.add_argument("--sweep-repeats", type=int,
+                        help="rounds per sweep timing in (d)/(f) (default 2; 1 quick)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel tasks in (d)/(f)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
+    args = parser.parse_args(argv)
+    args.only = set(args.only.replace(",", "")) | ({"g"} if args.pipeline else set())
+    if not args.only <= set(CASES):
+        parser.error(f"--only: got {sorted(args.only - set(CASES))}; allowed: letters of "
+                     f"{CASES}")
+    if "g" in args.only and not args.pipeline:
+        parser.error("--only g: allowed only with --pipeline (it takes minutes)")
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.sweep_repeats = args.sweep_repeats or (1 if args.quick else 2)
+    return args
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        found = re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = found.group(1).strip() if found else cpu
+    return {
+        "CPU": cpu,
+        "cores (usable / machine)": f"{len(os.sched_getaffinity(0))} / {os.cpu_count()}",
+        "load average at start (1, 5, 15 min)": " ".join(
+            Path("/proc/loadavg").read_text().split()[:3]),
+        "torch": torch.__version__,
+        "device": "cpu" + (f" (cuda available: {torch.cuda.get_device_name(0)}, unused)"
+                           if torch.cuda.is_available() else ""),
+        "torch threads per worker": "1 (set_num_threads), OMP_WAIT_POLICY="
+                                    + os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
+    import speed_cases
+    import sweep_cases
+
+    from lrpipe.config import DataConfig
+    from lrpipe.data import load_data
+
+    torch.set_num_threads(1)
+    rows: list[Row] = []
+    quick = args.quick
+    if args.only & set("abce"):
+        data = load_data(DataConfig(root="data"), "cpu")
+        small = speed_cases.subset(data, 10_000 if quick else None)
+    if "a" in args.only:
+        say("(a) train() vs a hand-written loop ...")
+        rows += speed_cases.case_a(small, 1 if quick else 2, args.repeats)
+    if "b" in args.only:
+        say("(b) data path vs DataLoader + ToTensor ...")
+        rows += speed_cases.case_b(speed_cases.subset(data, 5_000 if quick else 20_000),
+                                   "data", args.repeats)
+    if "c" in args.only:
+        say("(c) 16 rates batched vs sequential ...")
+        rows += speed_cases.case_c(speed_cases.subset(data, 5_000 if quick else None),
+                                   speed_cases.subset(data, 2_000 if quick else 20_000), 16,
+                                   args.repeats)
+    if "e" in args.only:
+        say("(e) range test vs torch-lr-finder ...")
+        rows += speed_cases.case_e(data, "data", 30 if quick else 100, max(3, args.repeats))
+    if args.only & set("dfg"):
+        sweep_cases.warm_up(log)
+    if args.only & set("df"):
+        say(f"(d, f) the default sweep: threads, serial, dask, plain train() "
+            f"({args.sweep_repeats} rounds) ...")
+        rows += [r for r in sweep_cases.case_d_f(sweep_cases.sweep_settings(quick),
+                                                 args.workers, args.sweep_repeats, log)
+                 if r.case in args.only]
+        if "d" in args.only:
+            rows.append(sweep_cases.case_d_threads(5_000 if quick else 20_000, args.repeats))
+    if "g" in args.only:
+        say("(g) lrpipe pipeline ...")
+        rows.append(sweep_cases.case_g(log))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| case | comparison | lrpipe s | baseline s | result | target | met | "
+             "result in CPU s | load | notes |", "|---|---|---:|---:|---:|---|---|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: r.case):
+        def sec(v):
+            return "" if v is None else f"{v:.2f}"
+
+        met = "" if r.met is None else ("yes" if r.met else "**no**")
+        cpu = "" if r.cpu_value is None else (
+            f"{r.cpu_value:.1f}%" if r.unit == "%" else f"{r.cpu_value:.2f}x")
+        lines.append(f"| {r.case} | {r.what} | {sec(r.lrpipe_s)} | {sec(r.baseline_s)} | "
+                     f"{r.value_text()} | {r.target} | {met} | {cpu} | {r.load:.1f} | "
+                     f"{r.note} |")
+    return "\n".join(lines)
+
+
+def previous_pipeline(path: Path) -> str | None:
+    """The pipeline line of an earlier results file (kept when this run skips (g))."""
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.endswith(PIPELINE_MARK)]
+    return lines[0] if lines else None
+
+
+def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float) -> str:
+    pipeline = next((r for r in rows if r.case == "g"), None)
+    if pipeline is not None:
+        g_line = (f"- (g) `make sweep` (lrpipe pipeline, setup excluded): {pipeline.value:.0f} s "
+                  f"on {info['date']}, load {pipeline.load:.1f}; {pipeline.note} {PIPELINE_MARK}")
+    else:
+        g_line = previous_pipeline(args.out) or (
+            f"- (g) `make sweep`: not measured yet (run `make bench ARGS=--pipeline`) "
+            f"{PIPELINE_MARK}")
+    mode = "quick (smoke sizes)" if args.quick else "full"
+    return "\n".join([
+        "# lrpipe speed bench", "",
+        f"Produced by `make bench` (`bench/bench.py`), mode {mode}, cases "
+        f"{','.join(sorted(args.only))}, {args.repeats} rounds per timing ({args.sweep_repeats} "
+        f"per sweep), medians; {seconds:.0f} s in all. Result = baseline s / lrpipe s "
+        "(higher is faster) unless it is a share; targets are judged on wall time. The "
+        "machine is shared: compare rows by their load (2.0 fills 2 cores); for one-thread "
+        "cases the same ratio in CPU seconds of this process is given, which load moves less.",
+        "",
+        "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()],
+        f"| load average at end | {load_average():.2f} |", "",
+        table(rows), "", g_line, "",
+        "Cases: (a) training only = train()'s `time_s` (its evaluation and epoch-0 evaluation "
+        "excluded) against the hand loop's training time; whole call = train() against the "
+        "hand loop plus the same evaluation. (b) one MLP epoch and data alone. (c) whole runs "
+        "(training + per-epoch evaluation), sequential = train() one after another. (d) wall "
+        "time of `flows.lr_sweep.run` per runner. (e) LRFinder construction + range_test + "
+        "reset vs range_test_config (snapshot and restore included on both sides). (f) "
+        "(flow - plain) / flow, where plain = the same train() calls on the same threads.",
+        ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine()
+    say(f"lrpipe bench: {info['CPU']}, cores {info['cores (usable / machine)']}, load "
+        f"{info['load average at start (1, 5, 15 min)']}, torch {info['torch']}")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lrpipe-bench-") as tmp:
+        # A throwaway MLflow store: bench runs stay out of the project's UI.
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlruns/mlflow.db"
+        Path(tmp, "mlruns").mkdir()
+        log = Path(tmp) / "flows.log"
+        try:
+            rows = run_cases(args, log)
+        finally:
+            if log.exists():
+                kept = HERE / "results-flows.tmp"  # git-ignored
+                kept.write_text(log.read_text())
+                say(f"flow output: {kept}")
+    text = report(rows, info, args, time.perf_counter() - start)
+    args.out.write_text(text)
+    say("\n" + table(rows) + f"\n\nwritten to {args.out}")
+    missed = [r for r in rows if r.met is False]
+    for r in missed:
+        say(f"target missed: ({r.case}) {r.what}: {r.value_text()} (target {r.target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""What every bench case shares: a result row, interleaved median timing, the machine's load."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def tree_cpu() -> float:
+    """CPU seconds of this process plus its live descendants (Prefect's API server, worker
+    processes): on a loaded machine CPU time moves far less than wall time."""
+    total = time.process_time()
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        _TICKS[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / _HZ
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        total += _TICKS.get(pid, 0.0)
+        todo += children.get(pid, [])
+    _TICKS.clear()
+    return total
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+_TICKS: dict[int, float] = {}
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable processes; 2.0 fills this 2-core machine)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+@dataclass
+class Row:
+    """One measured comparison. ``value`` is a speed-up (baseline s / lrpipe s, ``unit`` "x")
+    or a share (``unit`` "%"); ``met`` compares it with the target (None: no target)."""
+
+    case: str
+    what: str
+    lrpipe_s: float | None
+    baseline_s: float | None
+    value: float
+    unit: str = "x"
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    load: float = field(default_factory=load_average)
+    cpu_value: float | None = None  # the same ratio in process CPU seconds (load-robust)
+
+    def value_text(self) -> str:
+        return {"%": f"{self.value:.1f}%", "s": f"{self.value:.0f} s"}.get(
+            self.unit, f"{self.value:.2f}x")
+
+
+def speedup_row(case: str, what: str, lrpipe_s: float, baseline_s: float,
+                target: float | None = None, note: str = "",
+                cpu: tuple[float, float] | None = None) -> Row:
+    """A row whose value is baseline_s / lrpipe_s, met when it is >= ``target``; ``cpu``:
+    (lrpipe, baseline) process CPU seconds, for single-threaded cases on a loaded machine."""
+    ratio = baseline_s / lrpipe_s
+    return Row(case, what, lrpipe_s, baseline_s, ratio,
+               target="" if target is None else f">= {target:g}x",
+               met=None if target is None else ratio >= target, note=note,
+               cpu_value=None if cpu is None else cpu[1] / cpu[0])
+
+
+def cpu_pair(t: dict[str, float], ours: str, theirs: str) -> tuple[float, float]:
+    """(ours, theirs) process CPU seconds from an ``interleaved`` result."""
+    return t[f"{ours}.cpu"], t[f"{theirs}.cpu"]
+
+
+def interleaved(fns: dict[str, Callable[[], dict | None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each measurement over ``repeats`` rounds.
+
+    Each round runs every function once, in alternating order (a load change on the shared
+    machine then hits both sides). A function's wall time is ``<name>``, the CPU time of this
+    process and its live descendants ``<name>.cpu`` (``tree_cpu``); a function may also return
+    its own measurements ``{"part": seconds}``, reported as ``<name>.<part>``.
+    """
+    samples: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            start, cpu = time.perf_counter(), tree_cpu()
+            parts = fns[name]() or {}
+            samples.setdefault(name, []).append(time.perf_counter() - start)
+            samples.setdefault(f"{name}.cpu", []).append(tree_cpu() - cpu)
+            for part, seconds in parts.items():
+                samples.setdefault(f"{name}.{part}", []).append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def quiet(log: Path) -> Iterator[None]:
+    """Send everything written to file descriptors 1 and 2 (this process and the worker
+    processes it starts) to ``log``: flows print a line per epoch."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def say(text: str) -> None:
+    print(text, flush=True)

@@ -1,0 +1,236 @@
+"""Cases (a), (b), (c), (e): lrpipe's training loop, data path, batched rates and range test
+against plain PyTorch, torchvision's DataLoader and torch-lr-finder, on one torch thread."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import itertools
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kit import Row, cpu_pair, interleaved, say, speedup_row
+
+from lrpipe import many
+from lrpipe.batched import train_batched
+from lrpipe.config import ModelConfig, OptimConfig, TrainConfig
+from lrpipe.data import Dataset, Split, iterate_batches
+from lrpipe.models import make_model
+from lrpipe.optim import make_optimizer
+from lrpipe.rangetest import range_test_config
+from lrpipe.train import eval_train_split, train
+
+
+def subset(data: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` training examples (already shuffled by load_data's split), same val."""
+    if n is None or n >= len(data.train):
+        return data
+    return dataclasses.replace(data, train=Split(data.train.x[:n], data.train.y[:n]))
+
+
+# (a) train() against a minimal hand-written loop ------------------------------------------
+
+def hand_loop(cfg: TrainConfig, data: Dataset, evaluate: bool) -> dict:
+    """The loop anyone would write: same model and seed, same batch order (the permutation
+    drawn from a generator seeded like train()'s), plain torch.optim.SGD on all parameters.
+    With ``evaluate``, the same evaluation train() does (before training and after each epoch,
+    on its 10k training subset and the validation split)."""
+    model = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, "cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)  # lrpipe's sgd: no momentum
+    gen = torch.Generator().manual_seed(cfg.seed)
+    splits = (eval_train_split(data, cfg), data.val) if evaluate else ()
+    x_all, y_all, n = data.train.x, data.train.y, len(data.train)
+    train_s = 0.0
+    _hand_eval(model, splits)
+    for _ in range(cfg.epochs):
+        start = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        train_s += time.perf_counter() - start
+        _hand_eval(model, splits)
+    return {"train": train_s, "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+@torch.no_grad()
+def _hand_eval(model: torch.nn.Module, splits: tuple[Split, ...]) -> None:
+    model.eval()
+    for split in splits:
+        for i in range(0, len(split), 4096):
+            logits = model(split.x[i:i + 4096])
+            float(F.cross_entropy(logits, split.y[i:i + 4096], reduction="sum"))
+            int((logits.argmax(1) != split.y[i:i + 4096]).sum())
+
+
+def case_a(data: Dataset, epochs: int, repeats: int) -> list[Row]:
+    cfg = TrainConfig(epochs=epochs, device="cpu")  # the default: MLP 784-256-10, SGD lr 0.1
+    out: dict = {}
+
+    def ours() -> dict:
+        result = train(cfg, data, keep_model=True)
+        out["ours"] = [p.detach() for p in result.model.parameters()]
+        return {"train": float(result.history["time_s"].iloc[-1])}
+
+    def hand() -> dict:
+        got = hand_loop(cfg, data, evaluate=False)
+        out["hand"] = got.pop("weights")
+        return got
+
+    def hand_eval() -> dict:
+        return {"train": hand_loop(cfg, data, evaluate=True)["train"]}
+
+    t = interleaved({"ours": ours, "hand": hand, "hand_eval": hand_eval}, repeats)
+    same = max(float((a - b).abs().max()) for a, b in zip(out["ours"], out["hand"], strict=True))
+    what = f"MLP, {epochs} epochs x {len(data.train)} examples, batch {cfg.batch_size}"
+    return [
+        speedup_row("a", f"train() vs hand loop, training only ({what})", t["ours.train"],
+                    t["hand_eval.train"], 0.9, f"evaluation excluded from both timings (both "
+                    f"evaluate in between, as train() does); without evaluation the hand loop "
+                    f"trains in {t['hand.train']:.2f} s; final weights max abs diff {same:.1e} "
+                    "(same batches, same updates)"),
+        speedup_row("a", "train() vs hand loop + the same evaluation, whole call", t["ours"],
+                    t["hand_eval"], 0.9, "both evaluate 10k train + 10k val before training "
+                    "and after each epoch", cpu_pair(t, "ours", "hand_eval")),
+    ]
+
+
+# (b) lrpipe's data path against torchvision's DataLoader + ToTensor ------------------------
+
+def _mlp_step(model, opt, x, y) -> None:
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def case_b(data: Dataset, root: str, repeats: int) -> list[Row]:
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(data.train)
+    images = torchvision.datasets.FashionMNIST(root, train=True, download=False,
+                                               transform=torchvision.transforms.ToTensor())
+    images = Subset(images, range(n))  # as many examples as lrpipe's training split
+    cfg = TrainConfig(device="cpu")
+
+    def run(batches, learn: bool) -> None:
+        model = make_model(cfg.model, data.input_shape, 10, 0, "cpu")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in batches:
+            if learn:
+                _mlp_step(model, opt, x, y)
+
+    def loader():
+        return DataLoader(images, batch_size=128, shuffle=True, num_workers=0)
+
+    def ours():
+        return iterate_batches(data.train, 128, torch.Generator().manual_seed(0))
+
+    t = interleaved({"ours": lambda: run(ours(), True), "tv": lambda: run(loader(), True),
+                     "ours_data": lambda: run(ours(), False),
+                     "tv_data": lambda: run(loader(), False)}, repeats)
+    what = f"one MLP epoch of {n} examples, batch 128"
+    return [
+        speedup_row("b", f"lrpipe data path vs DataLoader + ToTensor ({what})", t["ours"],
+                    t["tv"], 8.0, "num_workers=0: two busy cores leave none for workers",
+                    cpu_pair(t, "ours", "tv")),
+        speedup_row("b", "the same, data only (no training step)", t["ours_data"], t["tv_data"],
+                    note="index gather of a held tensor vs per-image PIL -> ToTensor + collate",
+                    cpu=cpu_pair(t, "ours_data", "tv_data")),
+    ]
+
+
+# (c) K rates batched against K sequential runs ----------------------------------------------
+
+def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
+    rows = []
+    for model, d in (("softmax", data), ("mlp", mlp_data)):
+        base = TrainConfig(model=ModelConfig(name=model), device="cpu", epochs=1,
+                           optim=OptimConfig(name="sgd", lr=0.1))
+        cfgs = [base.replace(**{"optim.lr": float(lr)}) for lr in np.logspace(-3, -0.5, k)]
+        seq_train, bat_train = [], []
+
+        def sequential(cfgs=cfgs, d=d, acc=seq_train) -> None:
+            acc.append(sum(float(train(c, d).history["time_s"].iloc[-1]) for c in cfgs))
+
+        def batched(cfgs=cfgs, d=d, acc=bat_train) -> None:
+            acc.append(float(train_batched(cfgs, d)[0].history["time_s"].iloc[-1]))
+
+        t = interleaved({"seq": sequential, "bat": batched}, repeats)
+        many._PAYS_CACHE.clear()  # measure afresh, as a new process would
+        pays, probe = many.group_pays(cfgs, d)
+        ratio = t["seq"] / t["bat"]
+        verdict = ("chosen and faster" if pays and ratio > 1 else "not chosen" if not pays
+                   else "CHOSEN BUT SLOWER")
+        target = 3.0 if model == "softmax" else None
+        rows.append(speedup_row(
+            "c", f"{k} rates batched vs {k} sequential runs, {model} SGD, 1 epoch x "
+            f"{len(d.train)}", t["bat"], t["seq"], target,
+            f"whole runs incl. evaluation; training only "
+            f"{np.median(seq_train) / np.median(bat_train):.2f}x; "
+            f"batching_pays={pays} (probe {probe['speedup']:.2f}x): {verdict}",
+            cpu_pair(t, "bat", "seq")))
+        rows[-1].met = (rows[-1].met if target else True) and verdict != "CHOSEN BUT SLOWER"
+    return rows
+
+
+# (e) range test against torch-lr-finder ----------------------------------------------------
+
+def case_e(data: Dataset, root: str, steps: int, repeats: int) -> list[Row]:
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torch_lr_finder import LRFinder
+
+    cfg = TrainConfig(device="cpu", optim=OptimConfig(name="sgd", lr=1e-4))
+    lo, hi = 1e-4, 1.0  # no divergence in between: both sides run every step
+    images = torchvision.datasets.FashionMNIST(root, train=True, download=False,
+                                               transform=torchvision.transforms.ToTensor())
+    counts = {}
+
+    def ours() -> None:
+        result = range_test_config(cfg, data, seed=0, min_lr=lo, max_lr=hi, num_steps=steps,
+                                   stop_factor=1e12)
+        counts["ours"] = result.steps
+
+    def finder(make_loader, key: str) -> None:
+        model = make_model(cfg.model, data.input_shape, 10, 0, "cpu")
+        opt = make_optimizer(model, cfg.optim)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            lrf = LRFinder(model, opt, torch.nn.CrossEntropyLoss(), device="cpu")
+            lrf.range_test(make_loader(), start_lr=lo, end_lr=hi, num_iter=steps,
+                           step_mode="exp", diverge_th=math.inf)
+            lrf.reset()
+        counts[key] = len(lrf.history["loss"])
+
+    def in_memory():
+        # The very batches lrpipe draws (gathered here, inside the timing, as lrpipe does).
+        gen = torch.Generator().manual_seed(0)
+        batches = list(itertools.islice(iterate_batches(data.train, 128, gen), steps))
+        return DataLoader(batches, batch_size=None)
+
+    t = interleaved({
+        "ours": ours,
+        "loader": lambda: finder(lambda: DataLoader(images, batch_size=128, shuffle=True),
+                                 "loader"),
+        "memory": lambda: finder(in_memory, "memory")}, repeats)
+    if len(set(counts.values())) != 1:
+        say(f"  (e) warning: step counts differ: {counts}")
+    what = f"MLP, {steps} steps, batch 128, lr {lo:g}..{hi:g}"
+    return [
+        speedup_row("e", f"range test vs LRFinder fed by DataLoader + ToTensor ({what})",
+                    t["ours"], t["loader"], 4.0, "both snapshot and restore the model",
+                    cpu_pair(t, "ours", "loader")),
+        speedup_row("e", "range test vs LRFinder fed lrpipe's in-memory batches", t["ours"],
+                    t["memory"], 1.0, "same batches; DataLoader(list, batch_size=None)",
+                    cpu_pair(t, "ours", "memory")),
+    ]
+

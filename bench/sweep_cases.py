@@ -1,0 +1,157 @@
+"""Cases (d), (f), (g): the default sweep through Prefect and MLflow (threads, serial, Dask)
+against the same trainings as plain train() calls, and the whole pipeline's wall time."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import torch
+from kit import Row, interleaved, quiet, say, speedup_row
+
+from lrpipe.config import TrainConfig, merge
+from lrpipe.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sweep_settings(quick: bool) -> dict:
+    """flows.lr_sweep's defaults (8 rates x 5 epochs, MLP, SGD, Fashion-MNIST), or a smoke
+    size with --quick."""
+    from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS
+
+    if quick:
+        return {"lrs": list(DEFAULT_LRS[:4]), "epochs": 1,
+                "overrides": {"data": {"subset": 5000}}}
+    return {"lrs": list(DEFAULT_LRS), "epochs": DEFAULT_EPOCHS, "overrides": {}}
+
+
+def configs(settings: dict) -> list[TrainConfig]:
+    from flows.lr_sweep import sweep_configs
+
+    base = merge(TrainConfig(), {"epochs": settings["epochs"], **settings["overrides"]})
+    return sweep_configs(base, settings["lrs"])
+
+
+def warm_up(log: Path) -> None:
+    """Pay the one-time costs outside the timings: the MLflow store's schema, Prefect's API
+    server (started by the first flow), the Fashion-MNIST tensors (cached per process)."""
+    from flows.common import dataset_for
+    from flows.lr_sweep import run
+
+    digits = {"data": {"dataset": "digits", "val_size": 300}, "batch_size": 64}
+    with quiet(log):
+        run(lrs=[0.1], epochs=1, overrides=digits, runner="threads", workers=1)
+    dataset_for(TrainConfig())
+
+
+def plain_sweep(settings: dict, workers: int) -> dict:
+    """The sweep's trainings as plain train() calls on ``workers`` threads of one torch thread
+    each: the flow's arrangement without Prefect, MLflow or figures."""
+    from flows.common import dataset_for
+
+    cfgs = configs(settings)
+    data = dataset_for(cfgs[0])
+
+    def one(cfg: TrainConfig) -> pd.DataFrame:
+        torch.set_num_threads(1)
+        return train(cfg, data).history.assign(lr=cfg.optim.lr)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        histories = list(pool.map(one, cfgs))
+    return figures_seconds(pd.concat(histories, ignore_index=True))
+
+
+def figures_seconds(history: pd.DataFrame) -> dict[str, float]:
+    """Wall and CPU seconds to draw the sweep's figures and render them as PNGs (what
+    log_figure does before the upload): flow time that is neither Prefect nor MLflow."""
+    import matplotlib.pyplot as plt
+
+    from lrpipe import plots
+
+    start, cpu = time.perf_counter(), time.process_time()
+    for fig in plots.sweep_figures(history.assign(status="ok", diverged_epoch=None)).values():
+        fig.savefig(io.BytesIO(), format="png")
+        plt.close(fig)
+    return {"figures": time.perf_counter() - start, "figures_cpu": time.process_time() - cpu}
+
+
+def case_d_f(settings: dict, workers: int, repeats: int, log: Path) -> list[Row]:
+    from flows.lr_sweep import run
+
+    def flow(runner: str):
+        def call() -> None:
+            with quiet(log):
+                run(lrs=settings["lrs"], epochs=settings["epochs"],
+                    overrides=settings["overrides"], runner=runner, workers=workers)
+        return call
+
+    t = interleaved({"threads": flow("threads"), "serial": flow("serial"),
+                     "dask": flow("dask"), "plain": lambda: plain_sweep(settings, workers)},
+                    repeats)
+    size = f"{len(settings['lrs'])} rates x {settings['epochs']} epochs"
+    figures = t["plain.figures"]
+    # Drawing and rendering the figures is neither Prefect nor MLflow: counted apart.
+    share = 100.0 * (t["threads"] - t["plain"] - figures) / t["threads"]
+    cpu_share = 100.0 * (t["threads.cpu"] - t["plain.cpu"] - t["plain.figures_cpu"]) / \
+        t["threads.cpu"]
+    faster = "threads" if t["threads"] <= t["dask"] else "dask"
+    return [
+        speedup_row("d", f"default sweep ({size}), {workers} thread tasks x 1 torch thread vs "
+                    "runner=serial (1 task x 2 torch threads)", t["threads"], t["serial"], 1.7,
+                    "whole flow: Prefect, MLflow, figures"),
+        speedup_row("d", f"the same sweep, runner=threads vs runner=dask ({workers} worker "
+                    "processes, cluster start-up included)", t["threads"], t["dask"],
+                    note=f"faster: {faster}"),
+        Row("f", f"Prefect + MLflow share of the default sweep's wall time ({size})",
+            t["threads"], t["plain"], share, unit="%", target="<= 5%", met=share <= 5.0,
+            cpu_value=cpu_share,
+            note=f"(flow {t['threads']:.1f} s - plain train() on {workers} threads "
+                 f"{t['plain']:.1f} s - figures {figures:.1f} s) / flow; figures are "
+                 f"{100 * figures / t['threads']:.1f}% more"),
+    ]
+
+
+def case_d_threads(n: int, repeats: int) -> Row:
+    """Why runner=serial is not 2x slower: it gives its one task both cores as torch threads.
+    One MLP training run on ``n`` examples with 2 torch threads vs 1."""
+    from speed_cases import subset
+
+    from flows.common import dataset_for
+
+    cfg = TrainConfig(epochs=1, device="cpu")
+    data = subset(dataset_for(cfg), n)
+
+    def run(threads: int):
+        def call() -> None:
+            torch.set_num_threads(threads)
+            try:
+                train(cfg, data)
+            finally:
+                torch.set_num_threads(1)
+        return call
+
+    t = interleaved({"two": run(2), "one": run(1)}, repeats)
+    return speedup_row("d", f"one MLP run (1 epoch x {n}), 2 torch threads vs 1: what serial "
+                       "gains from the second core", t["two"], t["one"],
+                       note="serial vs 2 parallel tasks can reach at most 2 / this")
+
+
+def case_g(log: Path) -> Row:
+    """``lrpipe pipeline`` (what `make sweep` runs after setup) as a fresh process."""
+    cli = Path(sys.executable).with_name("lrpipe")
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        rc = subprocess.run([str(cli), "pipeline"], cwd=ROOT, stdout=out, stderr=out,
+                            env=os.environ.copy()).returncode
+    seconds = time.perf_counter() - start
+    say(f"  (g) lrpipe pipeline: {seconds:.0f} s, exit status {rc}")
+    return Row("g", "`make sweep` (lrpipe pipeline), setup excluded", seconds, None, seconds,
+               unit="s", target="about 8 min (480 s) when quiet", met=rc == 0 and seconds <= 480,
+               note=f"exit status {rc}; wall seconds")
