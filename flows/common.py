@@ -4,6 +4,7 @@ data cache, threads, checks before any run, resumable sweeps, and the train task
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -70,6 +71,8 @@ def make_task_runner(runner: str = "threads", workers: int | None = None):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
+    # distributed's INFO chatter (about 40 lines a sweep) would bury the [k/N] progress lines.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if runner == "dask":
         return DaskTaskRunner(cluster_kwargs={
             "n_workers": workers, "threads_per_worker": 1, "processes": True,

@@ -115,8 +115,9 @@ def run(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None,
     module, flow = target(flow)
     params = flow_parameters(flow, {**flow_settings, "overrides": overrides, "runner": runner,
                                     "workers": workers})
-    if hasattr(module, "validate"):
-        module.validate(**params)
+    if hasattr(module, "validate"):  # the flow module's own checks, data and optimizer too
+        takes = inspect.signature(module.validate).parameters
+        module.validate(**{k: v for k, v in params.items() if k in takes})
     tracking.check_tracking_uri(tracking.tracking_uri())
     url = api_for_schedules()
     serve(flow, name, schedule, params, runner, workers, url)

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from lrpipe import tracking
+from lrpipe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
@@ -120,6 +121,48 @@ def test_cache_key_is_inputs_and_source_not_threads_and_needs_a_parent():
     assert key() != key(parent_run_id="p2")  # a new sweep (new parent) trains again
     assert key() != key(cfg_dict={"lr": 0.2})
     assert key(parent_run_id=None) is None  # no parent: never served from a cache
+
+
+def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harness, mlflow_store,
+                                                                  monkeypatch):
+    import flows.common
+    from flows.lr_sweep import run
+
+    real, calls, faults = flows.common.train, [], []
+
+    def flaky(cfg, *args, **kwargs):
+        calls.append(cfg.optim.lr)
+        if cfg.optim.lr == 0.2 and not faults:  # fails once, like a lost worker
+            faults.append(1)
+            raise RuntimeError("injected fault")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(flows.common, "train", flaky)
+    settings = dict(lrs=[0.05, 0.2, 0.5], epochs=2, overrides=OVERRIDES, workers=2,
+                    experiment="fault-test")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run(**settings)
+    assert sorted(calls) == [0.05, 0.2, 0.5]  # the others ran to the end despite the fault
+    (parent,) = runs_of("fault-test", mlflow_store, f"tags.{tracking.SWEEP_TAG} != ''")
+    kids = children(parent.info.run_id, mlflow_store, "fault-test")
+    assert parent.info.status == "FAILED"
+    assert sorted(k.info.status for k in kids) == ["FAILED", "FINISHED", "FINISHED"]
+    calls.clear()
+    result = run(**settings)
+    assert calls == [0.2]  # resumed: only the failed rate trained again
+    assert result["parent_run_id"] == parent.info.run_id
+    assert tracking.client(mlflow_store).get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_check_layer_names_builds_nothing_real():
+    from lrpipe.config import ModelConfig
+    from lrpipe.optim import check_layer_names
+
+    check_layer_names(ModelConfig(name="cnn"), (1, 28, 28), ["conv1", "conv2", "fc1", "head"])
+    check_layer_names(ModelConfig(name="softmax"), (1, 8, 8), ["head"])
+    with pytest.raises(ConfigError, match=r"optim\.lr_mult: unknown layer 'fc2'; allowed: fc1, "
+                       "head"):
+        check_layer_names(ModelConfig(hidden=(16,)), (1, 8, 8), ["fc2"])
 
 
 # --- a real sweep, killed and resumed ----------------------------------------------------

@@ -99,6 +99,7 @@ def scheduled(tmp_path_factory):
     assert processes_mentioning(str(tmp)) == []  # server, serve, flow-run processes: all gone
 
 
+@pytest.mark.slow
 def test_two_scheduled_runs_completed_in_prefect(scheduled):
     runs = scheduled["runs"]
     assert len(runs) >= 2
@@ -106,6 +107,7 @@ def test_two_scheduled_runs_completed_in_prefect(scheduled):
     assert all(r["state_type"] == "COMPLETED" for r in runs)
 
 
+@pytest.mark.slow
 def test_each_scheduled_run_is_a_new_sweep_not_a_cache_hit(scheduled):
     uri = scheduled["uri"]
     parents = scheduled["parents"][:2]
@@ -121,6 +123,7 @@ def test_each_scheduled_run_is_a_new_sweep_not_a_cache_hit(scheduled):
     assert len(set(kids)) == 4  # trained again: no child shared between the two sweeps
 
 
+@pytest.mark.slow
 def test_serve_prints_where_to_watch(scheduled):
     assert "/deployments" in scheduled["log"] and scheduled["api"].removesuffix("/api") in \
         scheduled["log"]
