@@ -4,10 +4,11 @@
 2. sweep     ``flows.lr_sweep``: full training (default 5 epochs) at the chosen rate and at the
              rates around it that the regret step ran (or at ``lrs`` when given).
 3. decay     ``flows.decay_compare.decay_compare(lr=<chosen>, runner=, workers=)``.
-4. transfer  ``flows.transfer.transfer(lr=<chosen>, runner=, workers=)``.
-Stages 3 and 4 are imported lazily: a module that is not in this checkout is skipped with a
-note. Each stage keeps its own parent run in its own experiment; a small run in the
-``pipeline`` experiment links them (tags ``stage.<name>``) and holds the summary.
+4. transfer  ``flows.transfer.transfer(runner=, workers=)``, at its own fine-tuning rates.
+Both get ``overrides=`` too when they take it. Stages 3 and 4 are imported lazily: a module
+that is not in this checkout is skipped with a note; one that is has its ``validate`` called
+before the search starts. Each stage keeps its own parent run in its own experiment; a small
+run in the ``pipeline`` experiment links them (tags ``stage.<name>``) and holds the summary.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ EXAMPLES = """examples:
 """
 EXPERIMENT = "pipeline"
 STAGES = ("search", "sweep", "decay", "transfer")
-OPTIONAL = {"decay": ("flows.decay_compare", "decay_compare"),
-            "transfer": ("flows.transfer", "transfer")}
+# stage -> (module, flow function, whether it gets the chosen rate as lr=). Transfer does not:
+# its lr is the fine-tuning base rate of a momentum optimizer on another network and task (a
+# 10x head on top), a different quantity from the rate the search chose for SGD.
+OPTIONAL = {"decay": ("flows.decay_compare", "decay_compare", True),
+            "transfer": ("flows.transfer", "transfer", False)}
 SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
 
 
@@ -129,11 +133,33 @@ def stage_url(run_id: str | None) -> str:
     return tracking.run_url(run_id, name)
 
 
+def stage_module(stage: str):
+    """The later stage's module, or None when it is not in this checkout."""
+    module_name = OPTIONAL[stage][0]
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    return importlib.import_module(module_name)
+
+
+def precheck_stage(stage: str, overrides: Mapping | None, runner: str,
+                   workers: int | None) -> None:
+    """Call the later stage module's ``validate`` (if it has one) with the keywords it takes
+    of overrides=, runner=, workers=, so a bad --set fails before the search runs."""
+    module = stage_module(stage)
+    check = getattr(module, "validate", None)
+    if check is None:
+        return
+    offered = {"overrides": dict(overrides or {}), "runner": runner, "workers": workers}
+    params = inspect.signature(check).parameters
+    check(**{k: v for k, v in offered.items() if k in params})
+
+
 def optional_stage(stage: str, lr: float | None, runner: str, workers: int | None,
                    overrides: Mapping | None) -> dict:
     """Run a later stage's flow as a subflow if its module exists; a record either way."""
-    module_name, fn_name = OPTIONAL[stage]
-    if importlib.util.find_spec(module_name) is None:
+    module_name, fn_name, gets_lr = OPTIONAL[stage]
+    lr = lr if gets_lr else None
+    if stage_module(stage) is None:
         print(f"\npipeline: {stage} skipped: {module_name} is not in this checkout yet",
               flush=True)
         return {"stage": stage, "status": "missing", "answer": f"{module_name} not found"}
@@ -146,16 +172,16 @@ def optional_stage(stage: str, lr: float | None, runner: str, workers: int | Non
     result = call(**kwargs)
     run_id = result.get("parent_run_id") if isinstance(result, dict) else None
     return {"stage": stage, "status": "done", "run_id": run_id,
-            "answer": _answer(result, lr), "result": result}
+            "answer": _answer(result), "result": result}
 
 
-def _answer(result, lr: float | None) -> str:
+def _answer(result) -> str:
     """A short line from a later stage's result dict (its best-something, if it says)."""
     if isinstance(result, dict):
         for key in ("answer", "best", "best_schedule", "best_strategy", "best_lr"):
             if result.get(key) is not None:
                 return f"{key}: {result[key]}"
-    return f"done at lr {lr:.3g}" if lr is not None else "done"
+    return "done"
 
 
 def print_pipeline(records: list[dict], parent: str, seconds: float) -> str:
@@ -287,6 +313,9 @@ def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=No
         search = check_search_settings(search, overrides)
         cfgs.append(base.replace(**{"data.subset": search.get("subset",
                                                               search_flow.DEFAULT_SUBSET)}))
+    for stage in OPTIONAL:
+        if stage not in skip:
+            precheck_stage(stage, overrides, runner, workers)
     tracking.check_tracking_uri(tracking.tracking_uri())
     preflight(cfgs)
     return skip, dict(search or {})

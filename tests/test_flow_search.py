@@ -142,16 +142,40 @@ def test_the_later_stages_accept_the_contract(stage):
     import importlib
     import importlib.util
 
-    module_name, fn_name = pl.OPTIONAL[stage]
+    module_name, fn_name, gets_lr = pl.OPTIONAL[stage]
     if importlib.util.find_spec(module_name) is None:
         pytest.skip(f"{module_name} is not in this checkout yet")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    kwargs = pl.stage_kwargs(fn, 0.1, "threads", 2, {"epochs": 1})
-    assert {"lr", "runner", "workers"} <= set(kwargs)
+    kwargs = pl.stage_kwargs(fn, 0.1 if gets_lr else None, "threads", 2, {})
+    assert {"runner", "workers"} <= set(kwargs) and ("lr" in kwargs) == gets_lr
+    pl.precheck_stage(stage, {}, "threads", 2)  # default settings pass its own checks
+
+
+def test_a_later_stage_is_checked_before_the_search(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    seen = {}
+
+    def validate(overrides=None, epochs=None):  # takes overrides, not runner/workers
+        seen.update(overrides=overrides, epochs=epochs)
+        if "seed" in overrides:
+            raise ConfigError("overrides: the fake stage refuses 'seed'")
+
+    fake = types.ModuleType("fake_stage")
+    fake.__spec__ = importlib.machinery.ModuleSpec("fake_stage", None)
+    fake.validate = validate
+    monkeypatch.setitem(sys.modules, "fake_stage", fake)
+    monkeypatch.setitem(pl.OPTIONAL, "transfer", ("fake_stage", "transfer", False))
+    pl.precheck_stage("transfer", {"epochs": 1}, "threads", 2)
+    assert seen == {"overrides": {"epochs": 1}, "epochs": None}
+    with pytest.raises(ConfigError, match="fake stage refuses"):
+        pl.validate(skip=["search", "sweep", "decay"], overrides={"seed": 7})
 
 
 def test_a_missing_stage_module_is_skipped(monkeypatch, capsys):
-    monkeypatch.setitem(pl.OPTIONAL, "decay", ("flows.no_such_module", "decay_compare"))
+    monkeypatch.setitem(pl.OPTIONAL, "decay", ("flows.no_such_module", "decay_compare", True))
     record = pl.optional_stage("decay", 0.1, "threads", None, None)
     assert record["status"] == "missing"
     assert "flows.no_such_module is not in this checkout" in capsys.readouterr().out
