@@ -312,4 +312,6 @@ def train_and_log(
                                                  epoch_printer(name, cfg.epochs)))
         tracking.set_tags(run_id, {"status": result.status, "device": result.device,
                                    "diverged_epoch": result.diverged_epoch or ""}, uri=uri)
+        if result.status == "diverged":
+            tracking.log_divergence(run_id, result.diverged_epoch, uri=uri)
     return task_result(run_id, name, cfg, result)

@@ -26,6 +26,7 @@ from flows.common import (
     set_torch_threads,
     train_and_log,
 )
+from flows.report import publish_flow_report
 from flows.schedule_preview import (
     DEFAULT_EPOCHS,
     DEFAULT_FINAL_DECAY,
@@ -374,6 +375,14 @@ def decay_compare(
         tracking.log_metrics(parent, {"best_val_loss": best["final_val_loss_mean"],
                                       "best_val_error": best["final_val_error_mean"]}, step=0)
         losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads)
+        publish_flow_report(
+            parent, experiment, "Learning-rate decay",
+            f"Best schedule: {best['schedule']} (final validation loss "
+            f"{best['final_val_loss_mean']:.4f}, error {best['final_val_error_mean']:.4f}, "
+            f"mean over {len(plan.seeds)} seeds) at lr={plan.base.optim.lr:g}", ranking,
+            evidence=[f"rate from: {plan.lr_source}"] + ([] if vs is None else [
+                f"beats the constant rate: {vs['beats_constant']}"]),
+            notes=[w for w in plan.decays["warning"] if w])
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise

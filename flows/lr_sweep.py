@@ -24,8 +24,10 @@ from flows.common import (
     task_resources,
     train_and_log,
 )
-from lrpipe import plots, tracking
+from flows.report import publish_report
+from lrpipe import plots, report, tracking
 from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
+from lrpipe.ratio_plots import plot_update_ratio_by_lr
 
 HELP = "train one model per learning rate and overlay their learning curves"
 EXAMPLES = """examples:
@@ -70,7 +72,9 @@ def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float) -> None
     else:
         print(f"Best rate: lr={best['lr']:g}  validation loss {best['val_loss']:.4f}, "
               f"validation accuracy {1 - best['val_error']:.4f}")
-    print(f"MLflow: {tracking.run_url(parent_id, EXPERIMENT)}  (start the UI with `make ui`)")
+    url = tracking.run_url(parent_id, EXPERIMENT)
+    print(f"MLflow: {url}  (start the UI with `make ui`)")
+    print(f"Report: {url.split('?')[0]}/artifacts/report.md?workflowType=machine_learning")
 
 
 @flow(name="lr-sweep")
@@ -105,10 +109,13 @@ def lr_sweep(
             futures = train_and_log.map(
                 [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
                 [tracking.training_run_name(c) for c in cfgs], unmapped(threads),
-                uri=unmapped(uri))
+                tags=unmapped({"sweep": parent}), uri=unmapped(uri))
         results = collect(futures, "lr-sweep", describe_result)
         history = pd.DataFrame([row for r in results for row in r["history"]])
-        for name, fig in plots.sweep_figures(history).items():
+        figures = plots.sweep_figures(history)
+        if any(c.startswith("ratio/") for c in history.columns):
+            figures["update_ratio"] = plot_update_ratio_by_lr(history)
+        for name, fig in figures.items():
             tracking.log_figure(parent, fig, name)
         summary = summarize(results)
         tracking.log_table(parent, summary, "summary.csv")
@@ -117,6 +124,10 @@ def lr_sweep(
             tracking.log_metrics(parent, {"best_lr": best["lr"], "best_val_loss":
                                           best["val_loss"], "best_val_error": best["val_error"]},
                                  step=0)
+        publish_report(parent, experiment, report.sweep_report(
+            summary, tracking.run_url(parent, experiment),
+            lambda r: tracking.run_url(r, experiment),
+            [f"figures/{n}.png" for n in figures]), key="lr-sweep")
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise

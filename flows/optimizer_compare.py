@@ -29,6 +29,7 @@ from flows.common import (
     set_torch_threads,
     train_and_log,
 )
+from flows.report import publish_flow_report
 from lrpipe import optimizers_real as real
 from lrpipe import tracking
 from lrpipe.config import (
@@ -323,6 +324,22 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
     print(f"MLflow: {tracking.run_url(parent, experiment)}  (start the UI with `make ui`)")
 
 
+def report_optimizers(out: dict, parent: str, experiment: str) -> None:
+    """The flow's report: the real-data winner (or the surfaces' table) and the evidence."""
+    real = out.get("real", pd.DataFrame())
+    if not real.empty:
+        best = real.iloc[0]
+        answer = (f"Best on real data: {best['optimizer']} at its own rate {best['lr']:.3g} "
+                  f"(validation error {best['val_error']})")
+        table = real
+    else:
+        answer, table = "Tuned rate and final distance to the minimum per surface", \
+            out["surfaces"]
+    evidence = [f"{s['optimizer']}: {s['reason']}" for s in out.get("searches", [])]
+    publish_flow_report(parent, experiment, "Optimizers side by side", answer, table,
+                        evidence=[SEARCH_NOTE, *evidence])
+
+
 def make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
               overrides) -> dict:
     """Every setting validated and normalized, before anything is recorded."""
@@ -375,6 +392,7 @@ def optimizer_compare(
             if "surfaces" in pending else pd.DataFrame()}
         if not plan["skip_real"]:
             out.update(compare_real(plan, parent, experiment, threads, pending))
+        report_optimizers(out, parent, experiment)
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from lrpipe import tracking
+from lrpipe.report import build_report
 
 REPORT_PATH = "report.md"
 
@@ -53,3 +54,16 @@ def publish_report(parent_run_id: str, experiment: str, markdown: str, key: str,
             markdown, key=key, description=f"Report; the MLflow run: {link}")
     return {"mlflow_path": REPORT_PATH, "key": key,
             "prefect_artifact_id": None if artifact_id is None else str(artifact_id)}
+
+
+def publish_flow_report(parent_run_id: str, experiment: str, title: str, answer: str,
+                        table, evidence=(), notes=(), key: str | None = None) -> dict:
+    """A flow's report from its answer and table, embedding every figure already logged on
+    the parent run (``figures/*.png``) and linking the parent's page; then ``publish_report``."""
+    url = tracking.run_url(parent_run_id, experiment)
+    listed = tracking.retry_locked(tracking.client().list_artifacts, parent_run_id, "figures")
+    figures = [f.path for f in listed if f.path.endswith(".png")]
+    markdown = build_report(title, answer, list(evidence), table, figures,
+                            {"parent run (figures, tables, child runs)": url}, list(notes),
+                            run_url=url)
+    return publish_report(parent_run_id, experiment, markdown, key or experiment)

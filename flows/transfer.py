@@ -31,6 +31,7 @@ from flows.common import (
     make_task_runner,
     set_torch_threads,
 )
+from flows.report import publish_flow_report
 from lrpipe import tracking, transfer_plots
 from lrpipe.config import ConfigError, ModelConfig, TrainConfig, check_number
 from lrpipe.models import HEAD, build_model
@@ -408,6 +409,15 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
         log_outcome(parent, strategy_df, grid_df, summary)
         verdicts = [c for rival in ("uniform", "scratch")
                     if (c := compare(summary, "head_mult", rival)) is not None]
+        best = summary.iloc[0]
+        publish_flow_report(
+            parent, experiment, "Pretrain, then fine-tune",
+            f"Best strategy: {best['strategy']} (final target validation error "
+            f"{best['mean']:.4f} ± {best['std']:.4f} over {len(tc.seeds)} seeds)", summary,
+            evidence=[f"pretrained model: {pre['model_uri']} (reused: {pre['reused']})"]
+            + [f"{v['strategy']} {'beat' if v['beat'] else 'lost to'} {v['rival']} by "
+               f"{abs(v['gap']):.4f} ({'clear' if v['clear'] else 'within the seed spread'})"
+               for v in verdicts])
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise

@@ -234,6 +234,14 @@ def epoch_logger(run_id: str, uri: str | None = None) -> Callable[[dict], None]:
     return log
 
 
+def log_divergence(run_id: str, epoch: int, uri: str | None = None) -> None:
+    """Mark where a run blew up: ``diverged=1`` and NaN losses at ``step=epoch``, so the UI's
+    latest values and charts show the divergence instead of the last finite epoch."""
+    nan = float("nan")
+    log_metrics(run_id, {"diverged": 1.0, "train_loss": nan, "val_loss": nan}, step=epoch,
+                uri=uri)
+
+
 def to_json(value: Any) -> str:
     return json.dumps(value, default=str)
 
