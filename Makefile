@@ -25,7 +25,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: screenshots help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
+.PHONY: server-stop screenshots help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -80,6 +80,9 @@ bench: setup ## speed ratios side by side, written to bench/results.md
 
 server: $(STAMP) ## start a persistent Prefect server on 127.0.0.1:4200 (for schedules)
 	$(PY) -m flows.server start
+
+server-stop: $(STAMP) ## stop the Prefect server that `make server` started
+	$(PY) -m flows.server stop
 
 schedule: setup ## serve the pipeline on a cron schedule (CRON="0 3 * * *")
 	$(VENV)/bin/lrpipe schedule $(if $(CRON),--cron "$(CRON)") $(ARGS)
