@@ -261,7 +261,8 @@ def test_no_duplicate_finished_run_per_config_and_nothing_left_running(killed_an
     # The rates running at the kill were marked KILLED (their process is dead), then re-run.
     was_running = {x.info.run_id for x in r.killed["all"] if x.info.status == "RUNNING"}
     killed = {c.info.run_id for c in kids if c.info.status == "KILLED"}
-    assert killed and killed == was_running - {r.killed["parent"].info.run_id}
+    # (The kill can land between two tasks, when no child is RUNNING: then none is KILLED.)
+    assert killed == was_running - {r.killed["parent"].info.run_id}
 
 
 @pytest.mark.slow
