@@ -111,7 +111,7 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     if "c" in args.only:
         say("(c) 16 rates batched vs sequential ...")
         rows += speed_cases.case_c(speed_cases.subset(data, 5_000 if quick else None),
-                                   speed_cases.subset(data, 2_000 if quick else 20_000), 16,
+                                   speed_cases.subset(data, 2_000 if quick else 10_000), 16,
                                    args.repeats)
     if "e" in args.only:
         say("(e) range test vs torch-lr-finder ...")
@@ -132,20 +132,31 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     return rows
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], kept: list[str] = ()) -> str:
+    """The results table; ``kept``: rows (markdown lines) of earlier runs, placed by case."""
     lines = ["| case | comparison | lrpipe s | baseline s | result | target | met | "
              "result in CPU s | load | notes |", "|---|---|---:|---:|---:|---|---|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: r.case):
+    body = []
+    for r in rows:
         def sec(v):
             return "" if v is None else f"{v:.2f}"
 
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         cpu = "" if r.cpu_value is None else (
             f"{r.cpu_value:.1f}%" if r.unit == "%" else f"{r.cpu_value:.2f}x")
-        lines.append(f"| {r.case} | {r.what} | {sec(r.lrpipe_s)} | {sec(r.baseline_s)} | "
-                     f"{r.value_text()} | {r.target} | {met} | {cpu} | {r.load:.1f} | "
-                     f"{r.note} |")
-    return "\n".join(lines)
+        body.append(f"| {r.case} | {r.what} | {sec(r.lrpipe_s)} | {sec(r.baseline_s)} | "
+                    f"{r.value_text()} | {r.target} | {met} | {cpu} | {r.load:.1f} | "
+                    f"{r.note} |")
+    # sorted() is stable: within a case, rows keep their order; case g stays on its own line.
+    return "\n".join(lines + sorted([*body, *kept], key=lambda line: line[2]))
+
+
+def previous_rows(path: Path, cases_run: set[str]) -> list[str]:
+    """Table rows of an earlier results file for the cases this run skipped (not g)."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines()
+            if re.match(r"\| [a-f] \|", line) and line[2] not in cases_run]
 
 
 def previous_pipeline(path: Path) -> str | None:
@@ -165,6 +176,9 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         g_line = previous_pipeline(args.out) or (
             f"- (g) `make sweep`: not measured yet (run `make bench ARGS=--pipeline`) "
             f"{PIPELINE_MARK}")
+    kept = previous_rows(args.out, args.only)
+    kept_note = (f"Rows of cases {', '.join(sorted({k[2] for k in kept}))} were not run this "
+                 "time: kept from the previous results file (see their load)." if kept else "")
     mode = "quick (smoke sizes)" if args.quick else "full"
     return "\n".join([
         "# lrpipe speed bench", "",
@@ -177,7 +191,7 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "",
         "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()],
         f"| load average at end | {load_average():.2f} |", "",
-        table(rows), "", g_line, "",
+        table([r for r in rows if r.case != "g"], kept), "", kept_note, "", g_line, "",
         "Cases: (a) training only = train()'s `time_s` (its evaluation and epoch-0 evaluation "
         "excluded) against the hand loop's training time; whole call = train() against the "
         "hand loop plus the same evaluation. (b) one MLP epoch and data alone. (c) whole runs "
