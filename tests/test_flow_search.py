@@ -232,8 +232,12 @@ def test_grid_children_have_per_epoch_metrics(piped):
     result, c = piped
     found = result["stages"][0]["result"]
     for row in found["grid_results"]:
-        steps = [m.step for m in c.get_metric_history(row["run_id"], "val_loss")]
-        assert steps == ([0, 1] if row["status"] == "ok" else [0])
+        history = c.get_metric_history(row["run_id"], "val_loss")
+        if row["status"] == "ok":
+            assert [m.step for m in history] == [0, 1]
+        else:  # the finite epoch 0, then NaN where it blew up
+            assert [m.step for m in history] == [0, row["diverged_epoch"]]
+            assert math.isnan(history[-1].value)
 
 
 def test_figures_and_answer_on_the_search_parent(piped):

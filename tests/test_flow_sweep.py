@@ -43,7 +43,14 @@ def test_children_have_per_epoch_metrics(sweep):
     for row in result["summary"]:
         for key in ("train_loss", "val_loss", "train_error", "val_error", "lr"):
             steps = [m.step for m in c.get_metric_history(row["run_id"], key)]
-            assert steps == ([0, 1, 2, 3] if row["status"] == "ok" else [0])
+            if row["status"] == "ok":
+                assert steps == [0, 1, 2, 3]
+            else:  # losses also get a NaN point where the run blew up
+                blew_up = [row["diverged_epoch"]] if key.endswith("_loss") else []
+                assert steps == [0, *blew_up]
+        if row["status"] == "diverged":
+            marks = c.get_metric_history(row["run_id"], "diverged")
+            assert [(m.step, m.value) for m in marks] == [(row["diverged_epoch"], 1.0)]
 
 
 def test_figures_on_the_parent_and_best_rate(sweep):
