@@ -10,7 +10,7 @@ from lrpipe import many, tracking
 from lrpipe.config import DataConfig, ModelConfig, TrainConfig, to_dict
 from lrpipe.data import load_data
 
-LRS = (0.05, 0.1, 0.2)
+LRS = (0.05, 0.1, 0.2, 1e4)  # 1e4 diverges: masked in the batch, its run marked
 EXPERIMENT = "test-flow-batched"
 METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
 
@@ -88,27 +88,33 @@ def test_one_child_run_per_member_with_params_and_tags(flow_run):
         assert float(run.data.params["optim.lr"]) == lr
         tags = run.data.tags
         assert (tags["status"], tags["device"], tags["trained"], tags["flow"]) == (
-            "ok", "cpu", "batched k=3", "test")
+            "ok" if lr < 1e4 else "diverged", "cpu", "batched k=4", "test")
         assert tags["config_hash"] == member["config_hash"] == digits(**{"optim.lr": lr}).hash()
 
 
 def test_members_have_per_epoch_metrics(flow_run):
     _, grouped, _, uri = flow_run
     c = tracking.client(uri)
-    for member in grouped:
+    for member in grouped[:3]:
         for key in (*METRICS, "ratio/fc1", "ratio/head"):
             assert [m.step for m in c.get_metric_history(member["run_id"], key)] == \
                 ([0, 1, 2] if not key.startswith("ratio/") else [1, 2])
         history = c.get_metric_history(member["run_id"], "val_loss")
         assert history[-1].value == pytest.approx(member["val_loss"])
+    diverged = grouped[3]
+    assert (diverged["status"], diverged["diverged_epoch"]) == ("diverged", 1)
+    assert [m.step for m in c.get_metric_history(diverged["run_id"], "diverged")] == [1]
+    assert [m.step for m in c.get_metric_history(diverged["run_id"], "val_error")] == [0]
 
 
 def test_results_equal_train_and_logs_within_tolerance(flow_run):
     _, grouped, singles, _ = flow_run
     for got, want in zip(grouped, singles, strict=True):
         assert set(got) == set(want)
-        assert (got["lr"], got["seed"], got["status"], got["epoch"], got["config_hash"]) == (
-            want["lr"], want["seed"], want["status"], want["epoch"], want["config_hash"])
+        assert (got["lr"], got["seed"], got["status"], got["epoch"], got["config_hash"],
+                got["diverged_epoch"]) == (want["lr"], want["seed"], want["status"],
+                                           want["epoch"], want["config_hash"],
+                                           want["diverged_epoch"])
         # float32: batched GEMMs sum in another order (FIELD_NOTES), so not bit-equal.
         for key in ("train_loss", "val_loss", "best_val_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-3)
@@ -121,11 +127,12 @@ def test_resumed_group_reuses_finished_members_and_trains_the_rest(flow_run, mlf
     cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (*LRS, 0.4)]
     names = [m["name"] for m in grouped] + ["new"]
     out = train_group_and_log.fn(cfgs, parent, EXPERIMENT, names)
-    assert [m["reused"] for m in out] == [True, True, True, False]
-    assert [m["run_id"] for m in out[:3]] == [m["run_id"] for m in grouped]
-    for got, want in zip(out, grouped, strict=False):
-        assert got["val_loss"] == pytest.approx(want["val_loss"])
-    run = tracking.client(mlflow_store).get_run(out[3]["run_id"])
+    assert [m["reused"] for m in out] == [True, True, True, True, False]
+    assert [m["run_id"] for m in out[:4]] == [m["run_id"] for m in grouped]
+    for got, want in zip(out[:3], grouped[:3], strict=True):  # (a reused diverged run's
+        assert got["val_loss"] == pytest.approx(want["val_loss"])  # losses are NaN: common.py)
+    assert (out[3]["status"], out[3]["diverged_epoch"]) == ("diverged", 1)
+    run = tracking.client(mlflow_store).get_run(out[4]["run_id"])
     assert (run.data.tags["trained"], run.data.tags["mlflow.parentRunId"]) == ("alone", parent)
 
 
