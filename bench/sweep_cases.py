@@ -92,9 +92,9 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path) -> list[Row]
                     overrides=settings["overrides"], runner=runner, workers=workers)
         return call
 
-    t = interleaved({"threads": flow("threads"), "serial": flow("serial"),
-                     "dask": flow("dask"), "plain": lambda: plain_sweep(settings, workers)},
-                    repeats)
+    # threads next to plain in every round: (f) compares the two, under the same load.
+    t = interleaved({"threads": flow("threads"), "plain": lambda: plain_sweep(settings, workers),
+                     "serial": flow("serial"), "dask": flow("dask")}, repeats)
     size = f"{len(settings['lrs'])} rates x {settings['epochs']} epochs"
     figures = t["plain.figures"]
     # Drawing and rendering the figures is neither Prefect nor MLflow: counted apart.
