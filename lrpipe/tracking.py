@@ -582,4 +582,6 @@ def run_history(run_id: str, uri: str | None = None) -> pd.DataFrame:
     first = ("train_loss", "val_loss", "train_error", "val_error", "lr", "time_s")
     order = [k for k in first if k in columns] + sorted(k for k in columns if k not in first)
     history = pd.DataFrame({k: columns[k] for k in order}).sort_index()
+    if "diverged" in history:  # the NaN mark log_divergence adds is not an evaluated epoch
+        history = history[history["diverged"] != 1.0].drop(columns="diverged")
     return history.rename_axis("epoch").reset_index()
