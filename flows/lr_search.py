@@ -37,6 +37,7 @@ from flows.common import (
     task_resources,
     train_and_log,
 )
+from flows.report import publish_flow_report
 from lrpipe import tracking
 from lrpipe.config import ConfigError, TrainConfig, check_number, from_dict, merge, to_dict
 from lrpipe.rangetest import range_test_config, suggest_band
@@ -390,6 +391,13 @@ def lr_search(
         log_parent(parent, evidence, curves, halvings, grid, regret, choice)
         report = search_report(evidence, halvings, grid, regret, choice, regret_epochs)
         tracking.log_text(parent, report, "report.txt")
+        lo, hi = choice["band"]
+        publish_flow_report(
+            parent, experiment, "Learning-rate search",
+            f"Chosen rate: {choice['lr']:.3g} (band {lo:.3g}..{hi:.3g}, chosen by "
+            f"{choice['chosen_by']})", regret,
+            evidence=[choice["reason"], *[line.strip() for line in report.splitlines()
+                                          if line.strip()][2:]])
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
