@@ -20,11 +20,13 @@ import inspect
 import time
 from collections.abc import Mapping, Sequence
 
+import pandas as pd
 from prefect import flow
 
 from flows import lr_search as search_flow
 from flows.common import check_runner, check_workers, make_task_runner, preflight, shared_api
 from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
+from flows.report import publish_flow_report
 from lrpipe import tracking
 from lrpipe.config import ConfigError, TrainConfig, check_number, merge
 
@@ -234,6 +236,12 @@ def pipeline(
             tracking.log_metrics(parent, {"chosen_lr": chosen}, step=0)
         text = print_pipeline(records, parent, time.perf_counter() - start)
         tracking.log_text(parent, text, "summary.txt")
+        table = pd.DataFrame([{k: r.get(k, "") for k in ("stage", "status", "answer", "url")}
+                              for r in records])
+        publish_flow_report(parent, EXPERIMENT, "lrpipe pipeline",
+                            "no rate chosen" if chosen is None else f"chosen rate {chosen:.3g}",
+                            table, evidence=[f"{r['stage']}: {r.get('answer', '')}"
+                                             for r in records])
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
