@@ -29,6 +29,14 @@ def parse_lrs(text: str) -> list[float]:
             f"lrs: got {text!r}; allowed: comma-separated numbers, e.g. 0.01,0.1,1") from None
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds: got {text!r}; allowed: comma-separated integers, e.g. 0,1,2") from None
+
+
 def parse_set(text: str) -> tuple[str, Any]:
     """``optim.lr=0.1`` -> ("optim.lr", 0.1); the value is read as YAML (numbers, lists)."""
     if "=" not in text:

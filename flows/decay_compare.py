@@ -9,7 +9,6 @@ before any run is recorded.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -18,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from prefect import flow, task, unmapped
 
+from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     collect,
@@ -34,6 +34,7 @@ from flows.schedule_preview import (
     EXPERIMENT,
     FALLBACK_LR,
     SEARCH_EXPERIMENT,
+    add_schedule_arguments,
     base_config,
     check_names,
     decay_table,
@@ -76,12 +77,7 @@ Fashion-MNIST training split (data.subset), validation on the usual 10,000 held-
 """
 
 
-def parse_ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds: got {text!r}; allowed: comma-separated integers, e.g. 0,1,2") from None
+parse_ints = parse_seeds  # the CLI's one seeds parser
 
 
 def check_seeds(seeds) -> tuple[int, ...]:
@@ -400,12 +396,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, help=f"epochs per run (default {DEFAULT_EPOCHS})")
     parser.add_argument("--seeds", type=parse_ints, help="comma-separated seeds (default "
                         f"{','.join(map(str, DEFAULT_SEEDS))})")
-    parser.add_argument("--schedules", type=parse_names,
-                        help="comma-separated schedule names (default: all of constant, step, "
-                        "multistep, exponential, cosine, onecycle, warmup_cosine, "
-                        "inverse_time, plateau)")
-    parser.add_argument("--final-decay", dest="final_decay", type=float,
-                        help=f"peak/last rate of every schedule (default {DEFAULT_FINAL_DECAY:g})")
+    add_schedule_arguments(parser)
     parser.add_argument("--losses", type=parse_names, help="training losses compared for the "
                         f"best schedule (default {','.join(DEFAULT_LOSSES)})")
 

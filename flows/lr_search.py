@@ -13,7 +13,6 @@ Three steps, one parent MLflow run (experiment ``lr-search``):
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ import torch
 from matplotlib.figure import Figure
 from prefect import flow, task, unmapped
 
+from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     check_workers,
@@ -414,14 +414,6 @@ def lr_search(
             "regret": regret.to_dict("records"), "best_grid_lr": best,
             "neighbours": neighbour_rates(grid["lr"].tolist(),
                                           list(evidence["candidates"].values()), lr, best)}
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds: got {text!r}; allowed: comma-separated integers, e.g. 0,1,2") from None
 
 
 def add_arguments(parser) -> None:

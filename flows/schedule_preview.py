@@ -183,14 +183,19 @@ def print_table(table: pd.DataFrame) -> None:
             print(f"warning: {warning}", flush=True)
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, help=f"budget in epochs (default {DEFAULT_EPOCHS})")
+def add_schedule_arguments(parser) -> None:
+    """--schedules and --final-decay, shared with ``lrpipe decay``."""
     parser.add_argument("--schedules", type=parse_names,
                         help="comma-separated schedule names (default: all of constant, step, "
                         "multistep, exponential, cosine, onecycle, warmup_cosine, "
                         "inverse_time, plateau)")
     parser.add_argument("--final-decay", dest="final_decay", type=float,
                         help=f"peak/last rate of every schedule (default {DEFAULT_FINAL_DECAY:g})")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, help=f"budget in epochs (default {DEFAULT_EPOCHS})")
+    add_schedule_arguments(parser)
     parser.add_argument("--lr", type=float, help="base rate drawn (default: the latest "
                         f"chosen_lr of experiment {SEARCH_EXPERIMENT}, else {FALLBACK_LR:g})")
     parser.add_argument("--out", help=f"where the PNG goes (default {DEFAULT_OUT})")
