@@ -3,21 +3,15 @@ pays, lrpipe.many), each member logged as its own MLflow child run.
 
 ``train_group_and_log`` returns what ``flows.common.train_and_log`` returns, one dict per
 member, so a flow can swap one for the other. ``plan_groups`` says which configs to put in one
-task, by the measured rule (``lrpipe.many.batching_pays``); a flow submits its plan like this::
-
-    for idxs in plan_groups(cfgs, dataset_for(cfgs[0]), workers):
-        if len(idxs) == 1:
-            futures.append(train_and_log.submit(dicts[idxs[0]], parent, experiment,
-                                                names[idxs[0]], threads))
-        else:
-            futures.append(train_group_and_log.submit([dicts[i] for i in idxs], parent,
-                                                      experiment, [names[i] for i in idxs],
-                                                      threads))
+task, by the measured rule (``lrpipe.many.batching_pays``); ``train_planned`` is what flows
+call: plan, submit (one ``train_and_log`` per lone config, one ``train_group_and_log`` per
+group), wait with progress lines, and return one result per config in order.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from prefect import task
@@ -26,36 +20,35 @@ from flows.common import (
     RESULTS,
     ResumeCache,
     both,
+    collect,
     dataset_for,
+    describe_result,
     epoch_printer,
     result_from_run,
     task_result,
+    train_and_log,
 )
 from lrpipe import tracking
-from lrpipe.config import TrainConfig, from_dict
+from lrpipe.config import TrainConfig, from_dict, to_dict
 from lrpipe.data import Dataset
 from lrpipe.many import group_batchable, group_pays, plan_many, train_many
 
 
 def chunks(idxs: list[int], parts: int) -> list[list[int]]:
-    """``idxs`` cut into ``min(parts, len(idxs))`` contiguous chunks whose sizes differ by at
-    most one, larger first: [0..6] in 3 -> [[0, 1, 2], [3, 4], [5, 6]]."""
+    """``idxs`` dealt into ``min(parts, len(idxs))`` chunks, every ``parts``-th one each:
+    [0..6] in 3 -> [[0, 3, 6], [1, 4], [2, 5]]. Dealt, not cut: a sweep's configs come sorted
+    by rate and the largest rates diverge early, so each chunk gets its share of the cheap ones
+    and the parallel workers finish together."""
     if not isinstance(parts, int) or parts < 1:
         raise ValueError(f"workers: got {parts!r}; allowed: an integer >= 1")
     parts = min(parts, len(idxs))
-    size, extra = divmod(len(idxs), parts)
-    out, start = [], 0
-    for p in range(parts):
-        end = start + size + (p < extra)
-        out.append(idxs[start:end])
-        start = end
-    return out
+    return [idxs[p::parts] for p in range(parts)]
 
 
 def plan_groups(cfgs: list[TrainConfig], data: Dataset, workers: int = 1) -> list[list[int]]:
     """Which configs to train together: lists of indices into ``cfgs``, one list per task.
 
-    Each batchable set (``lrpipe.many.group_batchable``) is cut into ``workers`` chunks, one per
+    Each batchable set (``lrpipe.many.group_batchable``) is dealt into ``workers`` chunks, one per
     parallel worker. A chunk becomes one ``train_group_and_log`` task if batching it is
     measurably faster than running its members one after another on one worker
     (``group_pays``: the chunk's size, model, optimizer and threads, measured here); otherwise
@@ -72,7 +65,7 @@ def plan_groups(cfgs: list[TrainConfig], data: Dataset, workers: int = 1) -> lis
                 tasks.append(part)
             else:
                 tasks.extend([i] for i in part)
-    return tasks
+    return sorted(tasks, key=lambda t: t[0])  # lone configs in the order they were given
 
 
 def _group_run_name(parameters: dict) -> str:
@@ -95,13 +88,14 @@ def _check_group(cfgs: list[TrainConfig], names: list[str]) -> None:
       persist_result=True, result_storage=RESULTS)
 def train_group_and_log(
     cfg_dicts: list[dict], parent_run_id: str, experiment: str, names: list[str],
-    threads: int = 1, tags: dict | None = None, uri: str | None = None,
+    threads: int = 1, tags: dict | list[dict] | None = None, uri: str | None = None,
 ) -> list[dict]:
     """Train a group of configs in one task, each member its own MLflow child run.
 
     ``lrpipe.many.train_many`` trains them batched where ``batching_pays`` says so. Each child
     gets params (the flattened config), per-epoch metrics (step=epoch, train()'s names) and
-    tags status, config_hash, device, diverged_epoch and ``trained`` (batched k=N | alone).
+    tags status, config_hash, device, diverged_epoch and ``trained`` (batched k=N | alone), plus
+    ``tags``: one dict for every member, or a list with one dict per member.
     As in ``train_and_log``, a member whose config already has a FINISHED child under the
     parent (a resumed sweep) is reused, not trained; ``uri`` names the tracking store.
     Returns:
@@ -112,22 +106,33 @@ def train_group_and_log(
     torch.set_num_threads(threads)  # per OS thread under OpenMP: set it in the task's thread
     cfgs = [from_dict(d) for d in cfg_dicts]
     _check_group(cfgs, names)
+    member_tags = _member_tags(tags, len(cfgs))
     results: list[dict | None] = [None] * len(cfgs)
     for i, cfg in enumerate(cfgs):
         if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
             results[i] = result_from_run(done, cfg, names[i], uri)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
+        process = tracking.process_tags()
         trained = _train_members([cfgs[i] for i in todo], [names[i] for i in todo],
-                                 parent_run_id, experiment, {**tracking.process_tags(),
-                                                             **(tags or {})}, uri)
+                                 parent_run_id, experiment,
+                                 [{**process, **member_tags[i]} for i in todo], uri)
         for i, result in zip(todo, trained, strict=True):
             results[i] = result
     return results
 
 
+def _member_tags(tags: dict | list[dict] | None, k: int) -> list[dict]:
+    if isinstance(tags, list):
+        if len(tags) != k:
+            raise ValueError(f"tags: got {len(tags)} dicts for {k} configs; allowed: one dict "
+                             "for all, or one per config")
+        return [dict(t or {}) for t in tags]
+    return [dict(tags or {}) for _ in range(k)]
+
+
 def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str,
-                   experiment: str, tags: dict, uri: str | None) -> list[dict]:
+                   experiment: str, tags: list[dict], uri: str | None) -> list[dict]:
     """Open every member's child run, train them all with train_many, log, close the runs."""
     data = dataset_for(cfgs[0])
     plan = plan_many(cfgs, data)
@@ -135,7 +140,7 @@ def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str
                for idxs, batched in plan for i in idxs}
     with contextlib.ExitStack() as stack:  # every child ends FAILED if training raises
         run_ids = [stack.enter_context(tracking.training_run(
-            cfg, experiment, parent_run_id, name=name, tags={**tags, "trained": trained[i]},
+            cfg, experiment, parent_run_id, name=name, tags={**tags[i], "trained": trained[i]},
             uri=uri)) for i, (cfg, name) in enumerate(zip(cfgs, names, strict=True))]
         hooks = [both(tracking.epoch_logger(run_id, uri), epoch_printer(name, cfg.epochs))
                  for run_id, name, cfg in zip(run_ids, names, cfgs, strict=True)]
@@ -147,3 +152,52 @@ def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str
                 tracking.log_divergence(run_id, result.diverged_epoch, uri=uri)
     return [task_result(run_id, name, cfg, result)
             for run_id, name, cfg, result in zip(run_ids, names, cfgs, results, strict=True)]
+
+
+def describe_task(describe: Callable[[dict], str]) -> Callable[[dict | list[dict]], str]:
+    """``describe`` for collect(): a group task's result is a list, one line per member."""
+    def line(result: dict | list[dict]) -> str:
+        if isinstance(result, list):
+            return f"{len(result)} trained together: " + "; ".join(map(describe, result))
+        return describe(result)
+    return line
+
+
+def train_planned(
+    cfgs: list[TrainConfig], parent: str, experiment: str, names: list[str], *,
+    threads: int, workers: int, tags: dict | list[dict] | None = None,
+    uri: str | None = None, label: str = "train",
+    describe: Callable[[dict], str] = describe_result,
+) -> list[dict]:
+    """Train every config as a child run of ``parent``, batched where it is measured to pay.
+
+    Configs are planned per dataset and device (``plan_groups``, with ``workers`` parallel
+    tasks of ``threads`` torch threads; call it where torch's thread count is ``threads``), then
+    submitted to the flow's task runner and waited for with ``collect``'s progress lines.
+    Returns:
+        One ``train_and_log``-style dict per config, in ``cfgs`` order.
+    """
+    member_tags = _member_tags(tags, len(cfgs))
+    dicts = [to_dict(c) for c in cfgs]
+    plan: list[list[int]] = []
+    by_data: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        by_data.setdefault((cfg.data, cfg.device), []).append(i)
+    for idxs in by_data.values():
+        sub = plan_groups([cfgs[i] for i in idxs], dataset_for(cfgs[idxs[0]]), workers)
+        plan.extend([idxs[j] for j in part] for part in sub)
+    futures = []
+    for part in plan:
+        if len(part) == 1:
+            i = part[0]
+            futures.append(train_and_log.submit(dicts[i], parent, experiment, names[i],
+                                                threads, member_tags[i], uri))
+        else:
+            futures.append(train_group_and_log.submit(
+                [dicts[i] for i in part], parent, experiment, [names[i] for i in part],
+                threads, [member_tags[i] for i in part], uri))
+    results: list[dict | None] = [None] * len(cfgs)
+    for part, out in zip(plan, collect(futures, label, describe_task(describe)), strict=True):
+        for i, result in zip(part, out if isinstance(out, list) else [out], strict=True):
+            results[i] = result
+    return results

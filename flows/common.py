@@ -80,14 +80,18 @@ def make_task_runner(runner: str = "threads", workers: int | None = None):
     return DaskTaskRunner(address=runner)
 
 
+def parallel_tasks(runner: str, workers: int | None) -> int:
+    """How many tasks run at once: 1 for serial, else ``workers`` (default one per core)."""
+    return 1 if runner == "serial" else (workers or cores())
+
+
 def set_torch_threads(runner: str, workers: int | None) -> int:
     """Threads per task so that tasks x threads <= cores (oversubscription is 8-26x slower);
     a Dask worker runs one task at a time on one torch thread."""
     if is_process_runner(runner):
         threads = 1
     else:
-        parallel = 1 if runner == "serial" else (workers or cores())
-        threads = max(1, cores() // max(1, parallel))
+        threads = max(1, cores() // parallel_tasks(runner, workers))
     torch.set_num_threads(threads)
     return threads
 

@@ -1,7 +1,8 @@
-"""Flow ``lr_sweep``: one training task per learning rate, fanned out with Prefect's mapping.
+"""Flow ``lr_sweep``: one training run per learning rate, fanned out as Prefect tasks.
 
 Each rate becomes an MLflow child run of one parent run (experiment ``lr-sweep``) that holds
-the overlaid figures. Every config is built and validated before anything is recorded.
+the overlaid figures. Rates share one task, trained as one batched computation, only where
+``lrpipe.many`` measures that to be faster on this machine (``flows.batched.train_planned``). Every config is built and validated before anything is recorded.
 """
 
 from __future__ import annotations
@@ -9,20 +10,19 @@ from __future__ import annotations
 import time
 
 import pandas as pd
-from prefect import flow, unmapped
+from prefect import flow
 
+from flows.batched import train_planned
 from flows.common import (
     check_runner,
     check_workers,
-    collect,
-    describe_result,
     make_task_runner,
     open_parent,
+    parallel_tasks,
     preflight,
     set_torch_threads,
     shared_api,
     task_resources,
-    train_and_log,
 )
 from flows.report import publish_report
 from lrpipe import plots, report, tracking
@@ -105,12 +105,11 @@ def lr_sweep(
         params={"lrs": list(lrs), "epochs": epochs, "runner": runner,
                 "base_config": tracking.to_json(to_dict(base))})
     try:
-        with task_resources(runner):
-            futures = train_and_log.map(
-                [to_dict(c) for c in cfgs], unmapped(parent), unmapped(experiment),
-                [tracking.training_run_name(c) for c in cfgs], unmapped(threads),
-                tags=unmapped({"sweep": parent}), uri=unmapped(uri))
-        results = collect(futures, "lr-sweep", describe_result)
+        with task_resources(runner):  # rates batched into one task where measured faster
+            results = train_planned(cfgs, parent, experiment,
+                                    [tracking.training_run_name(c) for c in cfgs],
+                                    threads=threads, workers=parallel_tasks(runner, workers),
+                                    tags={"sweep": parent}, uri=uri, label="lr-sweep")
         history = pd.DataFrame([row for r in results for row in r["history"]])
         figures = plots.sweep_figures(history)
         if any(c.startswith("ratio/") for c in history.columns):

@@ -163,7 +163,7 @@ def test_bad_groups_are_refused_before_any_run():
 
 
 def test_chunks_by_hand():
-    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert chunks(list(range(7)), 3) == [[0, 3, 6], [1, 4], [2, 5]]
     assert chunks([4, 5], 1) == [[4, 5]]
     assert chunks([4, 5], 8) == [[4], [5]]
     with pytest.raises(ValueError, match="workers: got 0"):
@@ -178,7 +178,7 @@ def digits_data():
 def test_plan_groups_batches_chunks_only_where_measured_faster(digits_data, timings):
     cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3, 0.4, 0.5)]
     cfgs.append(digits(**{"optim.name": "gains"}))  # cannot be batched: a task of its own
-    assert plan_groups(cfgs, digits_data, workers=2) == [[0, 1, 2], [3, 4], [5]]
+    assert plan_groups(cfgs, digits_data, workers=2) == [[0, 2, 4], [1, 3], [5]]
     assert timings.calls == [3, 2]  # the chunks' own sizes were measured
     many._PAYS_CACHE.clear()
     timings.value = (1.0, 1.0)  # batched no faster: every rate its own parallel task
@@ -189,3 +189,53 @@ def test_plan_groups_batches_chunks_only_where_measured_faster(digits_data, timi
 def test_plan_groups_one_worker_keeps_one_group(digits_data, timings):
     cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3)]
     assert plan_groups(cfgs, digits_data) == [[0, 1, 2]]
+
+
+@pytest.fixture(scope="module")
+def planned_run(prefect_harness, _session_store):
+    """train_planned in a flow: 4 rates (batching forced to pay, 2 workers -> 2 groups of 2)
+    and one unbatchable config (rprop: a task of its own), per-config tags."""
+    import os
+
+    from prefect import flow
+
+    from flows.batched import train_planned
+
+    cfgs = [digits(**{"optim.lr": lr}) for lr in (0.05, 0.1, 0.2, 1e4)]
+    cfgs.append(digits(**{"optim.name": "rprop", "optim.lr": 0.01}))
+    names = [f"m{i}" for i in range(len(cfgs))]
+    tags = [{"role": f"r{i}"} for i in range(len(cfgs))]
+
+    @flow(name="test-planned")
+    def planned(parent: str) -> list[dict]:
+        return train_planned(cfgs, parent, EXPERIMENT, names, threads=1, workers=2, tags=tags,
+                             label="planned")
+
+    os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    many._PAYS_CACHE.clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(many, "measure_step_times", lambda cfgs, data: (2.0, 1.0))
+            parent = tracking.start_run(EXPERIMENT, "planned parent")
+            out = planned(parent)
+            tracking.end_run(parent)
+        return cfgs, out, _session_store
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        many._PAYS_CACHE.clear()
+
+
+def test_train_planned_returns_one_result_per_config_in_order(planned_run):
+    cfgs, out, _ = planned_run
+    assert [r["name"] for r in out] == [f"m{i}" for i in range(5)]
+    assert [r["config_hash"] for r in out] == [c.hash() for c in cfgs]
+    assert [r["status"] for r in out] == ["ok", "ok", "ok", "diverged", "ok"]
+
+
+def test_train_planned_groups_dealt_rates_and_tags_each_member(planned_run, capsys):
+    _, out, uri = planned_run
+    c = tracking.client(uri)
+    tags = [c.get_run(r["run_id"]).data.tags for r in out]
+    assert [t["role"] for t in tags] == [f"r{i}" for i in range(5)]
+    # Dealt over 2 workers: (0.05, 0.2) and (0.1, 1e4) train together; rprop alone.
+    assert [t.get("trained", "alone") for t in tags] == ["batched k=2"] * 4 + ["alone"]
