@@ -250,18 +250,41 @@ def range_test_config(
     )
 
 
-def range_test_seeds(
-    cfg: TrainConfig, data: Dataset, seeds: Sequence[int] = (0, 1, 2), **opts: Any
-) -> pd.DataFrame:
-    """One range test per seed, as one long table: seed, step, lr, loss, smoothed, stop_reason."""
-    if not seeds:
-        raise ValueError("seeds: got none; allowed: one or more seeds (3 for a band)")
+def seeds_frame(seeds: Sequence[int], results: Sequence[RangeTestResult]) -> pd.DataFrame:
+    """One long table of per-seed results: seed, then ``RangeTestResult.to_frame``'s columns."""
     frames = []
-    for seed in seeds:
-        frame = range_test_config(cfg, data, seed=seed, **opts).to_frame()
+    for seed, result in zip(seeds, results, strict=True):
+        frame = result.to_frame()
         frame.insert(0, "seed", seed)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def range_test_seeds(
+    cfg: TrainConfig, data: Dataset, seeds: Sequence[int] = (0, 1, 2), *,
+    batched: bool | None = None, **opts: Any
+) -> pd.DataFrame:
+    """One range test per seed, as one long table: seed, step, lr, loss, smoothed, stop_reason.
+
+    Args:
+        batched: True runs all seeds as one batched computation
+            (``lrpipe.rangetest_batched``), False one after another; None (default) batches
+            when the measured rule ``rangetest_batched.batching_pays_for_seeds`` says it is
+            faster here (sequential for one seed or an optimizer that cannot be batched).
+        opts: go to ``range_test`` (min_lr, max_lr, num_steps, mode, smoothing, stop_factor).
+    The table is the same either way, to tolerance (exactly so in float64).
+    """
+    if not seeds:
+        raise ValueError("seeds: got none; allowed: one or more seeds (3 for a band)")
+    if not (batched is None or isinstance(batched, bool)):
+        raise ValueError(f"batched: got {batched!r}; allowed: True, False, None (measured)")
+    if batched is not False:
+        # Lazily: rangetest_batched imports this module (and lrpipe.many, lrpipe.batched).
+        from lrpipe import rangetest_batched
+
+        if batched or rangetest_batched.batching_pays_for_seeds(cfg, data, seeds)[0]:
+            return rangetest_batched.range_test_batched(cfg, data, seeds, **opts)
+    return seeds_frame(seeds, [range_test_config(cfg, data, seed=s, **opts) for s in seeds])
 
 
 class Band(NamedTuple):
