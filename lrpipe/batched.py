@@ -272,6 +272,7 @@ class _BatchedStep:
         self.alive = torch.ones(k, dtype=torch.bool, device=device)
         self.ratios = _UpdateRatios(self.members.params)
         self.threshold = torch.full((k,), math.inf, dtype=torch.float64, device=device)
+        self.eval_threshold = [math.inf] * k  # epoch rows' cross-entropy limit per member
         self.last_losses: torch.Tensor | None = None  # (K,) last step's losses, before its update
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, shared: bool, rates: torch.Tensor,
@@ -351,6 +352,20 @@ def _eval_rows(members: _Members, train_eval: Split, val: Split, epoch: int, lrs
             for k in range(members.k)]
 
 
+@torch.no_grad()
+def _initial_losses(members: _Members, split: Split, loss: str, rows: list[dict]) -> torch.Tensor:
+    """(K,) float64 epoch-0 loss in the training loss's units: the rows' cross-entropy, else
+    ``loss`` evaluated on ``split`` (``train.initial_training_loss`` per member)."""
+    if loss == "cross_entropy":
+        return torch.tensor([r["train_loss"] for r in rows], dtype=torch.float64)
+    total = torch.zeros(members.k, dtype=torch.float64, device=split.y.device)
+    chunk = max(256, EVAL_BATCH // members.k)
+    for start in range(0, len(split), chunk):
+        x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+        total += member_losses(members.forward(x, True, False), y, loss).double() * len(y)
+    return (total / len(split)).cpu()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -387,8 +402,10 @@ def train_batched(
     gens = _generators([c.seed for c in cfgs])
     train_eval = eval_train_split(data, cfg)
     rows = _eval_rows(step.members, train_eval, data.val, 0, table[:, 0].tolist(), 0.0)
-    step.threshold = torch.tensor([cfg.diverge_factor * r["train_loss"] for r in rows],
-                                  dtype=torch.float64, device=device)
+    # As train(): batch losses are judged in the training loss's units, epoch rows in CE.
+    step.threshold = cfg.diverge_factor * _initial_losses(step.members, train_eval, cfg.loss,
+                                                          rows).to(device)
+    step.eval_threshold = [cfg.diverge_factor * r["train_loss"] for r in rows]
     runs = [_MemberRun([r], cfg.epochs * steps_per_epoch) for r in rows]
     _emit(on_epoch, runs, rows)
     died_at = torch.full((k,), -1, dtype=torch.long, device=device)
@@ -429,7 +446,7 @@ def _mark_diverged(runs: list[_MemberRun], step: _BatchedStep, rows: list[dict],
                    died_at: list[int], epoch: int, steps: int) -> None:
     """train()'s two divergence checks: a batch loss this epoch (``step.alive`` is already
     off), or the epoch's evaluation (train loss over the threshold, or non-finite val loss)."""
-    alive, threshold = step.alive.tolist(), step.threshold.tolist()
+    alive, threshold = step.alive.tolist(), step.eval_threshold
     for m, run in enumerate(runs):
         if run.status != "ok":
             continue

@@ -343,3 +343,18 @@ def test_plan_many_is_what_train_many_follows(digits32, monkeypatch):
     with pytest.raises(ValueError, match="plan: got"):
         train_many(cfgs[:2], digits32, plan=[([0, 0], False)])
     many._PAYS_CACHE.clear()
+
+
+def test_squared_error_divergence_is_judged_in_its_own_units(f64, digits64):
+    """As train(): a batch's squared error is compared with diverge_factor x the initial
+    squared error (1.72 here), not x the initial cross-entropy (2.32). At factor 1.05 the first
+    batches' squared error (above 1.81, below 2.44) tells the two apart: train() stops every
+    run; judged against cross-entropy four of six would go on."""
+    for factor, diverged in ((1.05, 6), (3.0, 1)):
+        cfgs = [base_cfg(loss="mse", diverge_factor=factor, **{"optim.lr": lr})
+                for lr in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)]
+        got = train_batched(cfgs, digits64)
+        want = [train(c, digits64) for c in cfgs]
+        assert [r.status for r in want].count("diverged") == diverged
+        for g, w in zip(got, want, strict=True):
+            assert_same_run(g, w, rtol=1e-8, atol=1e-10)
