@@ -18,7 +18,9 @@ from lrpipe.search import (
     candidate_grid,
     choose_rate,
     cross_check,
+    halving_rates,
     halving_search,
+    judge_rung,
     regret_table,
 )
 from lrpipe.search_plots import plot_halving, plot_range_test, plot_regret
@@ -280,3 +282,29 @@ def test_plot_regret_marks_candidates(results):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "halving 0.1 (regret +0.0%)" in labels and "wild 1 diverged" in labels
     assert "grid best 0.1" in labels and "diverged" in labels
+
+
+# The pieces both search paths share.
+
+def test_halving_rates_hand_values():
+    assert halving_rates(10.0, 0.5, 1.0) == [10.0, 5.0, 2.5, 1.25]
+    assert halving_rates(1.0, 0.1, 1e-3) == pytest.approx([1.0, 0.1, 0.01, 1e-3], rel=1e-12)
+    assert len(halving_rates(1.0, 0.1, 1e-3)) == 4  # 0.1^3 is 1.0000000000000002e-3: kept
+    assert halving_rates(3.0, 0.5, 3.0) == [3.0]
+
+
+def test_judge_rung_hand_values():
+    def result(losses, status="ok", epoch=None):
+        return TrainResult(pd.DataFrame({"epoch": range(len(losses)), "train_loss": losses}),
+                           status=status, diverged_epoch=epoch)
+
+    assert judge_rung(0.1, result([2.0, 0.5])) == dict(
+        lr=0.1, loss=0.5, diverged=False, reason="train loss 2 -> 0.5")
+    assert judge_rung(0.2, result([2.0, 2.5])) == dict(
+        lr=0.2, loss=2.5, diverged=True, reason="final train loss 2.5 > initial 2")
+    row = judge_rung(0.4, result([2.0], "diverged", 1))
+    assert math.isnan(row["loss"]) and row["diverged"]
+    assert row["reason"] == "training diverged in epoch 1"
+    row = judge_rung(0.8, result([2.0, math.inf]))  # non-finite though train() said ok
+    assert row["diverged"] and math.isnan(row["loss"])
+    assert judge_rung(0.1, result([2.0, 2.0]))["diverged"] is False  # equal is not above

@@ -1,0 +1,216 @@
+"""The halving ladder trained a window of rungs at a time: the same ladder and choice as the
+one-rung-at-a-time search, on real digits (batched against train(), float64 as in
+test_batched) and with stand-ins that count the calls; the measured window rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lrpipe import many
+from lrpipe.batched import train_batched
+from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.data import Dataset, Split, load_data
+from lrpipe.search import halving_search, halving_window
+from lrpipe.train import TrainResult
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def f64():
+    """Float64 models (make_model follows the default dtype): batched = separate to ~1e-15."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="module")
+def digits32() -> Dataset:
+    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
+
+
+@pytest.fixture(scope="module")
+def digits64(digits32) -> Dataset:
+    d = digits32
+    return Dataset(*(Split(s.x.double(), s.y) for s in (d.train, d.val, d.test)),
+                   d.num_classes, d.input_shape, d.class_names)
+
+
+@pytest.fixture(autouse=True)
+def fresh_pays_cache():
+    many._PAYS_CACHE.clear()  # a monkeypatched timing must not leak into other tests
+    yield
+    many._PAYS_CACHE.clear()
+
+
+def make_cfg(model: str = "mlp", opt: str = "sgd", **changes) -> TrainConfig:
+    cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
+                      model=ModelConfig(name=model, hidden=(16,)), optim=OptimConfig(name=opt),
+                      batch_size=64, device="cpu", seed=3)
+    return cfg.replace(**changes)
+
+
+def batched_counting(sizes: list[int]):
+    """train_many_fn forced to batch (whatever batching_pays says), recording window sizes."""
+    def fn(cfgs, data):
+        sizes.append(len(cfgs))
+        assert len({c.seed for c in cfgs}) == 1  # rungs share a seed: one batch order
+        return train_batched(cfgs, data)
+    return fn
+
+
+def table_many(outcomes: dict[float, float | None], sizes: list[int]):
+    """train_many_fn replaced by a table: lr -> final train loss (None: diverged in epoch 1)."""
+    def fn(cfgs, data):
+        sizes.append(len(cfgs))
+        out = []
+        for cfg in cfgs:
+            final = outcomes[cfg.optim.lr]
+            rows = [dict(epoch=0, train_loss=2.0)] + ([] if final is None else
+                                                      [dict(epoch=1, train_loss=final)])
+            out.append(TrainResult(pd.DataFrame(rows), status="ok" if rows[1:] else "diverged",
+                                   diverged_epoch=None if rows[1:] else 1))
+        return out
+    return fn
+
+
+def assert_same_search(got, want) -> None:
+    assert got.ladder["lr"].tolist() == want.ladder["lr"].tolist()
+    assert got.ladder["diverged"].tolist() == want.ladder["diverged"].tolist()
+    assert got.ladder["reason"].tolist() == want.ladder["reason"].tolist()
+    np.testing.assert_allclose(got.ladder["loss"], want.ladder["loss"], rtol=1e-9,
+                               equal_nan=True)
+    assert got.chosen_lr == want.chosen_lr and got.reason == want.reason
+
+
+# Real runs: batched windows against train() rung by rung.
+
+# Measured ladders (float64, seed 3): mlp 100/10 steps: 5 diverged rungs, 3.125 stable, stop
+# at 1.5625 ("final train loss > initial"): rung 7 of window 2. mlp 10/full: 5.0 is judged
+# diverged by its loss, stop at 0.3125 (rung 6 of window 2). softmax 10/10: stop at 0.3125.
+@pytest.mark.parametrize(("model", "start_lr", "max_steps", "rungs"), [
+    ("mlp", 100.0, 10, 7), ("mlp", 10.0, None, 6), ("softmax", 10.0, 10, 6)])
+def test_window_of_batched_rungs_gives_the_sequential_ladder(f64, digits64, model, start_lr,
+                                                             max_steps, rungs):
+    cfg = make_cfg(model)
+    want = halving_search(cfg, digits64, start_lr=start_lr, max_steps=max_steps)
+    sizes: list[int] = []
+    got = halving_search(cfg, digits64, start_lr=start_lr, max_steps=max_steps, window=4,
+                         train_many_fn=batched_counting(sizes))
+    assert_same_search(got, want)
+    assert len(want.ladder) == rungs and rungs % 4 != 0  # the search stopped mid-window
+    assert want.ladder["diverged"].iloc[0] and "stopped at lr" in want.reason
+    assert sizes == [4, 4] and got.window == 4 and got.rungs_trained == 8
+    assert want.window == 1 and want.rungs_trained == rungs
+
+
+def test_window_larger_than_the_ladder_trains_it_in_one_call(f64, digits64):
+    cfg = make_cfg("softmax")
+    # 2.5, 1.25, 0.625: all stable, the loss falls at each (1.15, 0.45, 0.41): min_lr reached.
+    want = halving_search(cfg, digits64, start_lr=2.5, min_lr=0.625, max_steps=10)
+    sizes: list[int] = []
+    got = halving_search(cfg, digits64, start_lr=2.5, min_lr=0.625, max_steps=10, window=8,
+                         train_many_fn=batched_counting(sizes))
+    assert_same_search(got, want)
+    assert sizes == [3] and got.rungs_trained == 3 and "reached min_lr 0.625" in got.reason
+    assert not got.ladder["diverged"].any()
+
+
+def test_auto_window_follows_the_measurement_and_keeps_the_ladder(f64, digits64, monkeypatch):
+    cfg = make_cfg("mlp")
+    want = halving_search(cfg, digits64, start_lr=10.0, max_steps=10)
+    calls = []
+    real = many.train_batched
+    monkeypatch.setattr(many, "train_batched",
+                        lambda cfgs, data, **kw: calls.append(len(cfgs)) or real(cfgs, data))
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (3.0, 1.0))
+    got = halving_search(cfg, digits64, start_lr=10.0, max_steps=10, window="auto")
+    assert got.window == 4 and calls == [4, 4]  # the default train_many batched both windows
+    assert_same_search(got, want)
+    many._PAYS_CACHE.clear()
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
+    slow = halving_search(cfg, digits64, start_lr=10.0, max_steps=10, window="auto")
+    assert slow.window == 1 and calls == [4, 4]  # no batched call: train() rung by rung
+    assert_same_search(slow, want)
+
+
+# Stand-ins: which rungs are trained, in which calls.
+
+def test_windows_after_the_stop_are_never_trained():
+    # 8 rates from 8.0; 4.0 is the first stable rung, 2.0 does not lower its loss: stop there.
+    outcomes = {8.0 / 2**k: 1.0 for k in range(8)} | {8.0: None, 4.0: 1.0, 2.0: 1.2, 1.0: 0.5}
+    sizes: list[int] = []
+    result = halving_search(make_cfg(), None, start_lr=8.0, min_lr=8.0 / 2**7, window=4,
+                            train_many_fn=table_many(outcomes, sizes))
+    assert sizes == [4]  # rates 1.0 .. 0.0625 never trained
+    assert result.ladder["lr"].tolist() == [8.0, 4.0, 2.0]  # 1.0 trained, then discarded
+    assert result.ladder["diverged"].tolist() == [True, False, False]
+    assert result.chosen_lr == 4.0 and "stopped at lr 2: the loss no longer fell" in result.reason
+    assert result.rungs_trained == 4
+
+
+def test_last_window_is_what_remains_of_the_ladder():
+    outcomes = {1.0 / 2**k: 1.0 - 0.1 * k for k in range(7)}  # every rung lowers the loss
+    sizes: list[int] = []
+    result = halving_search(make_cfg(), None, start_lr=1.0, min_lr=1 / 64, window=3,
+                            train_many_fn=table_many(outcomes, sizes))
+    assert sizes == [3, 3, 1] and len(result.ladder) == 7 and result.rungs_trained == 7
+    assert result.chosen_lr == 1 / 64 and "reached min_lr" in result.reason
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.5, True, "4", None, "AUTO"])
+def test_bad_window_names_window(window):
+    with pytest.raises(ConfigError, match=r"window: got .*allowed: an integer >= 1"):
+        halving_search(make_cfg(), None, window=window, train_many_fn=table_many({}, []))
+
+
+def test_custom_train_fn_needs_train_many_fn_for_windows():
+    with pytest.raises(ValueError, match="train_fn: a custom train_fn trains window=1 only"):
+        halving_search(make_cfg(), None, window=2, train_fn=lambda c, d: None)
+
+
+def test_train_many_fn_must_return_one_result_per_config():
+    with pytest.raises(ValueError, match="train_many_fn: returned 1 results for 4 configs"):
+        halving_search(make_cfg(), None, start_lr=1.0, window=4,
+                       train_many_fn=lambda cfgs, d: table_many({1.0: 0.5}, [])(cfgs[:1], d))
+
+
+# The measured window rule.
+
+def test_halving_window_is_1_for_an_unbatchable_optimizer(digits32, monkeypatch):
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("measured"))
+    rprop = make_cfg(opt="rprop", **{"optim.weight_decay": 0.0})
+    assert halving_window(rprop, digits32) == 1
+    assert halving_window(make_cfg(opt="gains"), digits32, max_window=8) == 1
+    assert halving_window(make_cfg(), digits32, max_window=1) == 1  # nothing to measure
+
+
+def test_halving_window_measures_here(digits32):
+    for model in ("softmax", "mlp"):
+        window = halving_window(make_cfg(model), digits32, max_window=4)
+        assert isinstance(window, int) and window in (1, 4)
+
+
+# A window of W must be max(1.1, W / 2) x faster per step: it may waste half its rungs.
+@pytest.mark.parametrize(("seq_s", "bat_s", "max_window", "want"), [
+    (2.5, 1.0, 5, 5), (2.4, 1.0, 5, 1), (1.0, 1.0, 5, 1), (1.1, 1.0, 2, 2), (1.05, 1.0, 2, 1)])
+def test_halving_window_follows_the_timing(digits32, monkeypatch, seq_s, bat_s, max_window,
+                                           want):
+    probed = []
+    monkeypatch.setattr(many, "measure_step_times",
+                        lambda cfgs, data: probed.append(cfgs) or (seq_s, bat_s))
+    assert halving_window(make_cfg("mlp", "adam"), digits32, max_window=max_window) == want
+    # It probed max_window members of this model and optimizer with one shared batch order.
+    assert [len(c) for c in probed] == [max_window]
+    assert {c.optim.name for c in probed[0]} == {"adam"} and len({c.seed for c in probed[0]}) == 1
+
+
+@pytest.mark.parametrize("max_window", [0, 2.0, "4"])
+def test_halving_window_bad_max_window(digits32, max_window):
+    with pytest.raises(ConfigError, match="max_window"):
+        halving_window(make_cfg(), digits32, max_window=max_window)
