@@ -68,7 +68,8 @@ def plan_groups(cfgs: list[TrainConfig], data: Dataset, workers: int = 1) -> lis
     return sorted(tasks, key=lambda t: t[0])  # lone configs in the order they were given
 
 
-def _group_run_name(parameters: dict) -> str:
+def group_run_name(parameters: dict) -> str:
+    """A group task's run name from its ``names`` parameter."""
     names = parameters["names"]
     return f"train {names[0]}" if len(names) == 1 else \
         f"train {len(names)} together: {names[0]} .. {names[-1]}"
@@ -84,7 +85,7 @@ def _check_group(cfgs: list[TrainConfig], names: list[str]) -> None:
                              "dataset and device per group (they train on one loaded copy)")
 
 
-@task(name="train-group", task_run_name=_group_run_name, cache_policy=ResumeCache(),
+@task(name="train-group", task_run_name=group_run_name, cache_policy=ResumeCache(),
       persist_result=True, result_storage=RESULTS)
 def train_group_and_log(
     cfg_dicts: list[dict], parent_run_id: str, experiment: str, names: list[str],
@@ -163,6 +164,30 @@ def describe_task(describe: Callable[[dict], str]) -> Callable[[dict | list[dict
     return line
 
 
+def plan_tasks(cfgs: list[TrainConfig], workers: int) -> list[list[int]]:
+    """``plan_groups`` per dataset and device: lists of indices into ``cfgs``, one per task.
+    Loads each dataset here (``dataset_for`` caches it for the tasks of this process)."""
+    plan: list[list[int]] = []
+    by_data: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        by_data.setdefault((cfg.data, cfg.device), []).append(i)
+    for idxs in by_data.values():
+        sub = plan_groups([cfgs[i] for i in idxs], dataset_for(cfgs[idxs[0]]), workers)
+        plan.extend([idxs[j] for j in part] for part in sub)
+    return sorted(plan, key=lambda t: t[0])
+
+
+def gather(plan: list[list[int]], futures: list, label: str,
+           describe: Callable[[dict], str] = describe_result) -> list[dict]:
+    """Wait for the planned tasks (``collect``: progress lines, failures raised after all
+    finished); one result per config, in config order."""
+    results: list[dict | None] = [None] * sum(map(len, plan))
+    for part, out in zip(plan, collect(futures, label, describe_task(describe)), strict=True):
+        for i, result in zip(part, out if isinstance(out, list) else [out], strict=True):
+            results[i] = result
+    return results
+
+
 def train_planned(
     cfgs: list[TrainConfig], parent: str, experiment: str, names: list[str], *,
     threads: int, workers: int, tags: dict | list[dict] | None = None,
@@ -171,21 +196,15 @@ def train_planned(
 ) -> list[dict]:
     """Train every config as a child run of ``parent``, batched where it is measured to pay.
 
-    Configs are planned per dataset and device (``plan_groups``, with ``workers`` parallel
-    tasks of ``threads`` torch threads; call it where torch's thread count is ``threads``), then
-    submitted to the flow's task runner and waited for with ``collect``'s progress lines.
+    ``plan_tasks`` (``workers`` parallel tasks of ``threads`` torch threads; call it where
+    torch's thread count is ``threads``), then one ``train_and_log`` per lone config and one
+    ``train_group_and_log`` per group on the flow's task runner, waited for by ``gather``.
     Returns:
         One ``train_and_log``-style dict per config, in ``cfgs`` order.
     """
     member_tags = _member_tags(tags, len(cfgs))
     dicts = [to_dict(c) for c in cfgs]
-    plan: list[list[int]] = []
-    by_data: dict[tuple, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        by_data.setdefault((cfg.data, cfg.device), []).append(i)
-    for idxs in by_data.values():
-        sub = plan_groups([cfgs[i] for i in idxs], dataset_for(cfgs[idxs[0]]), workers)
-        plan.extend([idxs[j] for j in part] for part in sub)
+    plan = plan_tasks(cfgs, workers)
     futures = []
     for part in plan:
         if len(part) == 1:
@@ -196,8 +215,4 @@ def train_planned(
             futures.append(train_group_and_log.submit(
                 [dicts[i] for i in part], parent, experiment, [names[i] for i in part],
                 threads, [member_tags[i] for i in part], uri))
-    results: list[dict | None] = [None] * len(cfgs)
-    for part, out in zip(plan, collect(futures, label, describe_task(describe)), strict=True):
-        for i, result in zip(part, out if isinstance(out, list) else [out], strict=True):
-            results[i] = result
-    return results
+    return gather(plan, futures, label, describe)

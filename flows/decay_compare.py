@@ -15,14 +15,14 @@ import time
 
 import pandas as pd
 from matplotlib.figure import Figure
-from prefect import flow, task, unmapped
+from prefect import flow, task
 
+from flows.batched import gather, group_run_name, plan_tasks, train_group_and_log
 from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
-    collect,
-    describe_result,
     make_task_runner,
+    parallel_tasks,
     set_torch_threads,
     train_and_log,
 )
@@ -147,29 +147,56 @@ def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
     return specs
 
 
-@task(name="train-schedule", task_run_name="train {name}")
-def train_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
-                   threads: int, tags: dict, planned_decay: float | None,
-                   updates_per_epoch: int) -> dict:
-    """One training child run (``train_and_log``) plus its total decay as a metric and its
-    per-update rate curve (``schedules.preview``) as ``schedule/lr_per_step.csv``."""
-    result = train_and_log.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
-    cfg = from_dict(cfg_dict)
+def _log_schedule(result: dict, cfg: TrainConfig, planned_decay: float | None,
+                  updates_per_epoch: int) -> None:
+    """A schedule run's extras: its total decay as a metric, its per-update rate curve
+    (``schedules.preview``) as ``schedule/lr_per_step.csv``."""
     if planned_decay is not None:
         tracking.log_metrics(result["run_id"], {"total_decay": planned_decay}, step=0)
     curve = preview(cfg.schedule, cfg.epochs, updates_per_epoch, cfg.optim.lr)
     tracking.log_table(result["run_id"], curve, "schedule/lr_per_step.csv")
+
+
+@task(name="train-schedule", task_run_name="train {name}")
+def train_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
+                   threads: int, tags: dict, planned_decay: float | None,
+                   updates_per_epoch: int) -> dict:
+    """One training child run (``train_and_log``) plus its schedule extras."""
+    result = train_and_log.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
+    _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
     return result
 
 
+@task(name="train-schedules", task_run_name=group_run_name)
+def train_schedule_group(cfg_dicts: list[dict], parent_run_id: str, experiment: str,
+                         names: list[str], threads: int, tags: list[dict],
+                         planned: list[float | None], updates_per_epoch: int) -> list[dict]:
+    """Schedules and seeds trained as one group (``train_group_and_log``: batched, a child run
+    each), each with its schedule extras."""
+    results = train_group_and_log.fn(cfg_dicts, parent_run_id, experiment, names, threads,
+                                     tags)
+    for result, cfg_dict, total in zip(results, cfg_dicts, planned, strict=True):
+        _log_schedule(result, from_dict(cfg_dict), total, updates_per_epoch)
+    return results
+
+
 def train_stage(plan: DecayPlan, specs: list[dict], parent: str, experiment: str,
-                threads: int, label: str) -> pd.DataFrame:
-    """Run ``specs`` as mapped tasks; their histories stacked with schedule and loss columns."""
-    futures = train_schedule.map(
-        [s["cfg"] for s in specs], unmapped(parent), unmapped(experiment),
-        [s["name"] for s in specs], unmapped(threads), [s["tags"] for s in specs],
-        [s["total_decay"] for s in specs], unmapped(plan.steps_per_epoch))
-    results = collect(futures, label, describe_result)
+                threads: int, workers: int, label: str) -> pd.DataFrame:
+    """Train ``specs`` (schedules x seeds batched into one task per worker where measured to
+    pay); their histories stacked with schedule and loss columns."""
+    tasks = plan_tasks([from_dict(s["cfg"]) for s in specs], workers)
+    futures = []
+    for part in tasks:
+        group = [specs[i] for i in part]
+        cfgs, names = [g["cfg"] for g in group], [g["name"] for g in group]
+        tags, decays = [g["tags"] for g in group], [g["total_decay"] for g in group]
+        if len(part) == 1:
+            futures.append(train_schedule.submit(cfgs[0], parent, experiment, names[0], threads,
+                                                 tags[0], decays[0], plan.steps_per_epoch))
+        else:
+            futures.append(train_schedule_group.submit(cfgs, parent, experiment, names, threads,
+                                                       tags, decays, plan.steps_per_epoch))
+    results = gather(tasks, futures, label)
     return pd.DataFrame([{**row, "schedule": s["schedule"], "loss": s["loss"]}
                          for s, r in zip(specs, results, strict=True) for row in r["history"]])
 
@@ -315,12 +342,13 @@ def print_summary(ranking, losses, vs, parent, experiment, seconds) -> None:
     print(f"MLflow: {tracking.run_url(parent, experiment)}  (start the UI with `make ui`)")
 
 
-def compare_losses(plan, history, best, parent, experiment, threads) -> pd.DataFrame | None:
+def compare_losses(plan, history, best, parent, experiment, threads,
+                   workers) -> pd.DataFrame | None:
     """Train ``best`` with the other losses of ``plan.losses``; log the table and figure."""
     extra = [loss for loss in plan.losses if loss != plan.base.loss]
     if not extra:
         return None
-    runs = [train_stage(plan, run_specs(plan, [best], loss), parent, experiment, threads,
+    runs = [train_stage(plan, run_specs(plan, [best], loss), parent, experiment, threads, workers,
                         f"lr-decay-{loss.replace('_', '-')}") for loss in extra]
     both = pd.concat([history[history["schedule"] == best], *runs], ignore_index=True)
     rates = {loss: loss_rate(plan.base, loss) for loss in both["loss"].unique()}
@@ -353,12 +381,12 @@ def decay_compare(
     check_runner(runner)
     plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
     start = time.perf_counter()
-    threads = set_torch_threads(runner, workers)
+    threads, tasks = set_torch_threads(runner, workers), parallel_tasks(runner, workers)
     print_plan(plan)
     parent = start_parent(plan, experiment, runner)
     try:
         history = train_stage(plan, run_specs(plan, plan.schedules, plan.base.loss), parent,
-                              experiment, threads, "lr-decay")
+                              experiment, threads, tasks, "lr-decay")
         ranking = rank_schedules(history, plan.decays)
         tracking.log_table(parent, ranking, "ranking.csv")
         for name, fig in parent_figures(plan, history, ranking).items():
@@ -370,7 +398,8 @@ def decay_compare(
                                        "beats_constant"]})})
         tracking.log_metrics(parent, {"best_val_loss": best["final_val_loss_mean"],
                                       "best_val_error": best["final_val_error_mean"]}, step=0)
-        losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads)
+        losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads,
+                                   tasks)
         publish_flow_report(
             parent, experiment, "Learning-rate decay",
             f"Best schedule: {best['schedule']} (final validation loss "

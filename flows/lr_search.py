@@ -23,19 +23,19 @@ import torch
 from matplotlib.figure import Figure
 from prefect import flow, task, unmapped
 
+from flows.batched import train_planned
 from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     check_workers,
     collect,
     dataset_for,
-    describe_result,
     make_task_runner,
+    parallel_tasks,
     preflight,
     set_torch_threads,
     shared_api,
     task_resources,
-    train_and_log,
 )
 from flows.report import publish_flow_report
 from lrpipe import tracking
@@ -264,7 +264,7 @@ def summarize_evidence(curves: pd.DataFrame, halvings: list[dict]) -> dict:
 
 
 def run_grid(base: TrainConfig, candidates: dict[str, float], grid_span: float, parent: str,
-             experiment: str, runner: str, threads: int) -> pd.DataFrame:
+             experiment: str, runner: str, threads: int, workers: int | None) -> pd.DataFrame:
     """Full-data training at every candidate and coarse-grid rate, one child run each."""
     grid = candidate_grid(list(candidates.values()), POINTS_PER_DECADE, grid_span)
     cfgs = [base.replace(**{"optim.lr": lr}) for lr in grid]
@@ -273,11 +273,10 @@ def run_grid(base: TrainConfig, candidates: dict[str, float], grid_span: float, 
     names = [tracking.training_run_name(c) + (f" ({', '.join(r)})" if r else "")
              for c, r in zip(cfgs, roles, strict=True)]
     tags = [{"role": "candidate" if r else "grid", "candidates": ",".join(r)} for r in roles]
-    with task_resources(runner):
-        futures = train_and_log.map([to_dict(c) for c in cfgs], unmapped(parent),
-                                    unmapped(experiment), names, unmapped(threads), tags,
-                                    uri=unmapped(tracking.tracking_uri()))
-    results = collect(futures, "regret", describe_result)
+    with task_resources(runner):  # rates batched into one task where measured faster
+        results = train_planned(cfgs, parent, experiment, names, threads=threads,
+                                workers=parallel_tasks(runner, workers), tags=tags,
+                                uri=tracking.tracking_uri(), label="regret")
     cols = ["lr", "status", "val_loss", "val_error", "diverged_epoch", "name", "run_id"]
     return pd.DataFrame(results)[cols]
 
@@ -383,7 +382,7 @@ def lr_search(
                                           threads)
         evidence = summarize_evidence(curves, halvings)
         grid = run_grid(base, evidence["candidates"], grid_span, parent, experiment, runner,
-                        threads)
+                        threads, workers)
         regret = regret_table(grid, evidence["candidates"])
         lr, chosen_by, reason = decide(regret)
         choice = {"lr": lr, "chosen_by": chosen_by, "reason": reason,

@@ -2,7 +2,8 @@
 
 Each rate becomes an MLflow child run of one parent run (experiment ``lr-sweep``) that holds
 the overlaid figures. Rates share one task, trained as one batched computation, only where
-``lrpipe.many`` measures that to be faster on this machine (``flows.batched.train_planned``). Every config is built and validated before anything is recorded.
+``lrpipe.many`` measures that to be faster on this machine (``flows.batched.train_planned``).
+Every config is built and validated before anything is recorded.
 """
 
 from __future__ import annotations
