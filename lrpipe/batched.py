@@ -410,11 +410,14 @@ def train_batched(
     _emit(on_epoch, runs, rows)
     died_at = torch.full((k,), -1, dtype=torch.long, device=device)
     t, elapsed = 0, 0.0
+    check_every = 1 if device.type == "cpu" else 25  # as train(): asking the GPU syncs it
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         for i, (x, y, shared) in enumerate(_batches(data.train, cfg.batch_size, gens)):
             died_at = torch.where(step(x, y, shared, rates[:, t], i), t, died_at)
             t += 1
+            if t % check_every == 0 and not bool(step.alive.any()):
+                break  # every member diverged: stop at once, as train() does for one
         _sync(device)
         elapsed += time.perf_counter() - start
         lrs = table[:, (epoch - 1) * steps_per_epoch].tolist()

@@ -358,3 +358,18 @@ def test_squared_error_divergence_is_judged_in_its_own_units(f64, digits64):
         assert [r.status for r in want].count("diverged") == diverged
         for g, w in zip(got, want, strict=True):
             assert_same_run(g, w, rtol=1e-8, atol=1e-10)
+
+
+def test_training_stops_at_once_when_every_member_diverged(f64, digits64, monkeypatch):
+    calls = []
+    step_call = batched._BatchedStep.__call__
+    monkeypatch.setattr(batched._BatchedStep, "__call__",
+                        lambda self, *a, **k: calls.append(1) or step_call(self, *a, **k))
+    cfgs = [base_cfg(**{"optim.lr": lr}) for lr in (1e4, 1e5)]
+    got = train_batched(cfgs, digits64)
+    want = [train(c, digits64) for c in cfgs]
+    assert [r.status for r in got] == ["diverged", "diverged"]
+    for g, w in zip(got, want, strict=True):
+        assert_same_run(g, w)
+    # 19 steps an epoch: stopping at the end of the epoch would have taken 19 calls.
+    assert len(calls) == max(len(w.lr_trace) for w in want) < 5
