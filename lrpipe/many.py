@@ -56,12 +56,15 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def measure_step_times(cfgs: list[TrainConfig], data: Dataset, steps: int = 7,
-                       warmup: int = 2) -> tuple[float, float]:
+                       warmup: int = 2, min_seconds: float = 0.2,
+                       max_rounds: int = 200) -> tuple[float, float]:
     """(sequential, batched): median seconds for all K members to make one update.
 
     Sequential is K train()-style steps (forward, loss, divergence check, backward,
     torch.optim step); batched is one step of all members. The two alternate round by round,
-    so that load changes on a shared machine hit both; ``warmup`` rounds are not timed.
+    so that load changes on a shared machine hit both; ``warmup`` rounds are not timed. At
+    least ``steps`` rounds are timed, more until each side has run ``min_seconds`` (a few
+    steps of 2-3 ms each are at the mercy of one scheduler hiccup), at most ``max_rounds``.
     """
     device, cfg = resolve_device(cfgs[0].device), cfgs[0]
     model = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, device)
@@ -79,11 +82,14 @@ def measure_step_times(cfgs: list[TrainConfig], data: Dataset, steps: int = 7,
 
     model.train()
     seq, bat = [], []
-    for i in range(warmup + steps):
+    i = 0
+    while i < warmup + steps or (i < max_rounds and min(sum(seq[warmup:]),
+                                                        sum(bat[warmup:])) < min_seconds):
         x, y, shared = pool[i % len(pool)]
         one = (x, y) if shared else (x[0], y[0])
         seq.append(_seconds(lambda one=one: [sequential_step(*one) for _ in cfgs], device))
         bat.append(_seconds(lambda x=x, y=y, s=shared: batched(x, y, s, rates), device))
+        i += 1
     return statistics.median(seq[warmup:]), statistics.median(bat[warmup:])
 
 

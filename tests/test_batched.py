@@ -285,6 +285,19 @@ def test_batching_pays_measures_and_caches(digits32, monkeypatch):
     assert batching_pays(model, digits32, 4, "cpu") == (pays, {**timings, "cached": True})
 
 
+@pytest.mark.parametrize("per_step, want_rounds", [(0.01, 5), (0.1, 2), (1e-6, 50)])
+def test_measurement_times_until_each_side_ran_long_enough(digits32, monkeypatch, per_step,
+                                                           want_rounds):
+    """At least ``steps`` rounds, more until each side has min_seconds, at most max_rounds."""
+    calls = []
+    monkeypatch.setattr(many, "_seconds", lambda fn, device: calls.append(1) or per_step)
+    cfgs = [base_cfg(**{"optim.lr": lr}) for lr in (0.1, 0.2)]
+    seq, bat = many.measure_step_times(cfgs, digits32, steps=2, warmup=1, min_seconds=0.05,
+                                       max_rounds=51)
+    assert (seq, bat) == (per_step, per_step)
+    assert len(calls) == 2 * (1 + want_rounds)  # both sides, warm-up round included
+
+
 def test_group_batchable_groups_only_compatible_configs():
     cfgs = [base_cfg(**{"optim.lr": 0.1}), base_cfg(**{"optim.name": "adam"}),
             base_cfg(**{"optim.lr": 0.3}, seed=2), base_cfg(**{"optim.name": "gains"}),
