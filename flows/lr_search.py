@@ -1,9 +1,10 @@
 """Flow ``lr_search``: find a learning rate on a data subset, then check it on the full data.
 
 Three steps, one parent MLflow run (experiment ``lr-search``):
-1. On a seeded subset (default 5,000 Fashion-MNIST examples), one task per seed runs the LR
-   range test and one per seed runs the halving search; each is a child run (the range test's
-   curve as a metric series with step = range-test step, the halving ladder as rungs).
+1. On a seeded subset (default 5,000 Fashion-MNIST examples), the LR range test and the
+   halving search run per seed (``flows.search_tasks``: batched where measured to pay); each
+   seed's test and search is a child run (the range test's curve as a metric series with
+   step = range-test step, the halving ladder as rungs).
 2. Each rule's suggestion and the halving answer are summarized over seeds (median in log rate,
    min..max band) and cross-checked against each other.
 3. Regret: a short full-data training at every candidate (halving median, each rule's median)
@@ -19,17 +20,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
-from prefect import flow, task, unmapped
+from prefect import flow
 
 from flows.batched import train_planned
 from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     check_workers,
-    collect,
-    dataset_for,
     make_task_runner,
     parallel_tasks,
     preflight,
@@ -38,15 +36,15 @@ from flows.common import (
     task_resources,
 )
 from flows.report import publish_flow_report
+from flows.search_tasks import HALVING_OPTS, RANGE_OPTS, explore_subset
 from lrpipe import tracking
-from lrpipe.config import ConfigError, TrainConfig, check_number, from_dict, merge, to_dict
-from lrpipe.rangetest import range_test_config, suggest_band
+from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
+from lrpipe.rangetest import suggest_band
 from lrpipe.search import (
     RTOL,
     candidate_grid,
     choose_rate,
     cross_check,
-    halving_search,
     regret_table,
 )
 from lrpipe.search_plots import plot_halving, plot_range_test, plot_regret
@@ -66,8 +64,6 @@ DEFAULT_RANGE_STEPS = 100  # range-test updates (about 2.5 epochs of 5000 at bat
 DEFAULT_REGRET_EPOCHS = 3  # epochs of full-data training per candidate and grid rate
 DEFAULT_GRID_SPAN = 1.0  # decades of grid below the lowest and above the highest candidate
 POINTS_PER_DECADE = 2  # coarse grid: 0.01, 0.0316, 0.1, 0.316, ...
-RANGE_OPTS = {"min_lr": 1e-5, "max_lr": 10.0}  # reference rates at the ramp's ends
-HALVING_OPTS = {"start_lr": 10.0, "factor": 0.5, "min_lr": 1e-5, "budget_epochs": 1}
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -164,85 +160,7 @@ def check_search(seeds, range_steps, grid_span) -> list[int]:
     return list(seeds)
 
 
-# --- tasks --------------------------------------------------------------------------------
-
-@task(name="range-test", task_run_name="range test seed={seed}")
-def range_test_seed(cfg_dict: dict, seed: int, parent_run_id: str, experiment: str,
-                    num_steps: int, threads: int = 1, uri: str | None = None) -> dict:
-    """One range test on the subset as a child run: loss, smoothed loss and lr per step.
-    ``uri`` names the tracking store for workers on other machines (default: their env)."""
-    torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict).replace(seed=seed)
-    name = f"range test {cfg.optim.name} {cfg.model.name} seed={seed}"
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name, uri=uri,
-                               tags={"role": "range_test", **tracking.process_tags()}) as run_id:
-        tracking.log_params(run_id, {**{f"range.{k}": v for k, v in RANGE_OPTS.items()},
-                                     "range.num_steps": num_steps}, uri=uri)
-        result = range_test_config(cfg, dataset_for(cfg), seed=seed, num_steps=num_steps,
-                                   **RANGE_OPTS)
-        curve = result.to_frame()
-        for row in curve.itertuples(index=False):
-            tracking.log_metrics(run_id, {"range_test_loss": row.loss, "lr": row.lr,
-                                          "range_test_smoothed": row.smoothed}, step=row.step,
-                                 uri=uri)
-        tracking.log_table(run_id, curve, "range_test.csv", uri=uri)
-        tracking.set_tags(run_id, {"stop_reason": result.stop_reason}, uri=uri)
-    curve.insert(0, "seed", seed)
-    return {"run_id": run_id, "seed": seed, "stop_reason": result.stop_reason,
-            "curve": curve.to_dict("records")}
-
-
-@task(name="halving", task_run_name="halving seed={seed}")
-def halving_seed(cfg_dict: dict, seed: int, parent_run_id: str, experiment: str,
-                 threads: int = 1, uri: str | None = None) -> dict:
-    """One halving search on the subset as a child run: each rung's rate and loss by rung."""
-    torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict).replace(seed=seed)
-    name = f"halving {cfg.optim.name} {cfg.model.name} seed={seed}"
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name, uri=uri,
-                               tags={"role": "halving", **tracking.process_tags()}) as run_id:
-        tracking.log_params(run_id, {f"halving.{k}": v for k, v in HALVING_OPTS.items()},
-                            uri=uri)
-        result = halving_search(cfg, dataset_for(cfg), **HALVING_OPTS)
-        for i, row in enumerate(result.ladder.itertuples(index=False)):
-            loss = None if math.isnan(row.loss) else row.loss  # a diverged rung has no loss
-            tracking.log_metrics(run_id, {"lr": row.lr, "rung_loss": loss,
-                                          "rung_diverged": float(row.diverged)}, step=i,
-                                 uri=uri)
-        tracking.log_table(run_id, result.ladder, "ladder.csv", uri=uri)
-        tracking.log_metrics(run_id, {"halving_lr": result.chosen_lr}, step=0, uri=uri)
-        tracking.set_tags(run_id, {"reason": result.reason}, uri=uri)
-    return {"run_id": run_id, "seed": seed, "chosen_lr": result.chosen_lr,
-            "reason": result.reason,
-            "ladder": result.ladder.assign(seed=seed).to_dict("records")}
-
-
-def _describe(result: dict) -> str:
-    if "curve" in result:
-        last = result["curve"][-1] if result["curve"] else {"lr": math.nan}
-        return (f"range test seed={result['seed']}: {len(result['curve'])} steps, "
-                f"{result['stop_reason']} at lr {last['lr']:.3g}")
-    lr = result["chosen_lr"]
-    return f"halving seed={result['seed']}: " + ("every rung diverged" if lr is None
-                                                  else f"lr {lr:.3g}")
-
-
 # --- the flow's steps ---------------------------------------------------------------------
-
-def explore_subset(sub: TrainConfig, seeds: list[int], parent: str, experiment: str,
-                   range_steps: int, runner: str, threads: int) -> tuple[pd.DataFrame, list]:
-    """Range tests and halving searches, one task per seed each, all in flight together."""
-    cfg_dict, uri = to_dict(sub), tracking.tracking_uri()
-    with task_resources(runner):
-        tests = range_test_seed.map(unmapped(cfg_dict), seeds, unmapped(parent),
-                                    unmapped(experiment), unmapped(range_steps),
-                                    unmapped(threads), unmapped(uri))
-        halvings = halving_seed.map(unmapped(cfg_dict), seeds, unmapped(parent),
-                                    unmapped(experiment), unmapped(threads), unmapped(uri))
-    curves = collect(tests, "range-test", _describe)
-    ladders = collect(halvings, "halving", _describe)
-    return pd.DataFrame([row for r in curves for row in r["curve"]]), ladders
-
 
 def summarize_evidence(curves: pd.DataFrame, halvings: list[dict]) -> dict:
     """Bands (halving first, then each rule), candidates and the cross-check table."""

@@ -10,6 +10,7 @@ import pytest
 
 from flows import lr_search as ls
 from flows import pipeline as pl
+from flows import search_tasks as st
 from lrpipe import tracking
 from lrpipe.config import ConfigError
 from lrpipe.search import regret_table
@@ -185,15 +186,24 @@ def test_a_missing_stage_module_is_skipped(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def piped(prefect_harness, _session_store):
+    """The pipeline with batching measured to pay (3x): the range tests run as one batched
+    task, the halving rungs in windows, the regret grid and sweep as batched groups; every
+    check below holds for them. The one-task-per-seed path is checked against it apart."""
     import os
 
+    from lrpipe import many
+
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    many._PAYS_CACHE.clear()
     try:
-        result = pl.run(epochs=2, skip=["decay", "transfer"], overrides=OVERRIDES,
-                        search=SEARCH, workers=2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(many, "measure_step_times", lambda *a, **k: (3.0, 1.0))
+            result = pl.run(epochs=2, skip=["decay", "transfer"], overrides=OVERRIDES,
+                            search=SEARCH, workers=2)
         return result, tracking.client(_session_store)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+        many._PAYS_CACHE.clear()
 
 
 def _children(c, parent_id):
@@ -209,6 +219,10 @@ def test_search_parent_has_its_children(piped):
     children = _children(c, found["parent_run_id"])
     roles = [r.data.tags["role"] for r in children]
     assert roles.count("range_test") == 3 and roles.count("halving") == 3
+    assert {r.data.tags["trained"] for r in children if r.data.tags["role"] == "range_test"} \
+        == {"batched"}
+    halving = [r for r in children if r.data.tags["role"] == "halving"]
+    assert {r.data.params["halving.window"] for r in halving} == {"4"}
     assert roles.count("candidate") + roles.count("grid") == len(found["grid"])
     assert roles.count("candidate") >= 1
     assert all(r.info.status == "FINISHED" for r in children)
@@ -289,3 +303,27 @@ def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
     with pytest.raises(ConfigError, match="subset"):
         pl.run(search={"subset": 0}, overrides=OVERRIDES)
     assert len(tracking.client(mlflow_store).search_experiments()) == before
+
+
+def test_range_tests_together_equal_one_task_per_seed(mlflow_store):
+    """The batched task and the per-seed task log the same curves (float32: to tolerance)."""
+    from lrpipe.config import TrainConfig, merge, to_dict
+
+    cfg = to_dict(merge(TrainConfig(), {**OVERRIDES, "data": {**OVERRIDES["data"],
+                                                              "subset": 600}}))
+    parent = tracking.start_run("test-range-together", "parent")
+    together = st.range_test_seeds_together.fn(cfg, [0, 1], parent, "test-range-together", 30)
+    alone = [st.range_test_seed.fn(cfg, s, parent, "test-range-together", 30) for s in (0, 1)]
+    tracking.end_run(parent)
+    c = tracking.client(mlflow_store)
+    for got, want in zip(together, alone, strict=True):
+        assert (got["seed"], got["stop_reason"]) == (want["seed"], want["stop_reason"])
+        g, w = pd.DataFrame(got["curve"]), pd.DataFrame(want["curve"])
+        assert list(g.columns) == list(w.columns) and len(g) == len(w) >= 10
+        np.testing.assert_allclose(g["lr"], w["lr"], rtol=1e-12)
+        np.testing.assert_allclose(g["loss"], w["loss"], rtol=1e-3)
+        run = c.get_run(got["run_id"])
+        assert (run.info.status, run.data.tags["trained"], run.data.tags["role"]) == (
+            "FINISHED", "batched", "range_test")
+        assert len(c.get_metric_history(got["run_id"], "range_test_loss")) == len(g)
+        assert c.get_run(want["run_id"]).data.tags["trained"] == "alone"
