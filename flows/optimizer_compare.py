@@ -20,12 +20,14 @@ import pandas as pd
 import torch
 from prefect import flow, task, unmapped
 
+from flows.batched import train_planned
 from flows.common import (
     check_runner,
     collect,
     dataset_for,
     describe_result,
     make_task_runner,
+    parallel_tasks,
     set_torch_threads,
     train_and_log,
 )
@@ -248,14 +250,17 @@ def log_rprop(parent: str, history: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending) -> dict:
-    """Collect the searches, train every optimizer at its rate, collect Rprop; log all."""
+def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending,
+                 workers: int) -> dict:
+    """Collect the searches, train every optimizer at its rate (an optimizer's seeds batched
+    into one task per worker where measured to pay), collect Rprop; log all."""
     base = plan["base"]
     searches = collect(pending["search"], "optimizers-search", describe_search)
     rates = {s["optimizer"]: s["lr"] for s in searches if s["lr"] is not None}
     runs = real.compare_runs(base, rates, plan["seeds"])
-    finals = collect(submit_training(runs, parent, experiment, threads), "optimizers-train",
-                     describe_result)
+    finals = train_planned([r.cfg for r in runs], parent, experiment, [r.name for r in runs],
+                           threads=threads, workers=workers, tags=[r.tags for r in runs],
+                           label="optimizers-train") if runs else []
     rprop = collect(pending["rprop"], "optimizers-rprop", describe_result)
     table = log_real(parent, searches, real.history_frame(runs, finals, "optimizer"))
     rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch"))
@@ -391,7 +396,8 @@ def optimizer_compare(
             pending["surfaces"], "optimizers-surfaces", describe_surface))
             if "surfaces" in pending else pd.DataFrame()}
         if not plan["skip_real"]:
-            out.update(compare_real(plan, parent, experiment, threads, pending))
+            out.update(compare_real(plan, parent, experiment, threads, pending,
+                                    parallel_tasks(runner, workers)))
         report_optimizers(out, parent, experiment)
     except BaseException:
         tracking.end_run(parent, "FAILED")

@@ -172,13 +172,21 @@ def test_series_steps_and_run_configs():
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_harness, _session_store):
+    """The flow with batching measured to pay and one worker: each batchable optimizer's
+    seeds train as one batched group (see the tag test)."""
+    from lrpipe import many
+
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
+    many._PAYS_CACHE.clear()
     try:
-        result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
-                        rprop_epochs=3, overrides=DIGITS, workers=2)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(many, "measure_step_times", lambda *a, **k: (2.0, 1.0))
+            result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
+                            rprop_epochs=3, overrides=DIGITS, workers=1)
         return result, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
+        many._PAYS_CACHE.clear()
 
 
 def children(result, uri):
@@ -260,3 +268,16 @@ def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
     with pytest.raises(ConfigError, match="runner"):
         oc.run(runner="ray", overrides=DIGITS)
     assert len(tracking.client(mlflow_store).search_experiments()) == before
+
+
+def test_seed_repeats_of_an_optimizer_train_as_one_batched_group(flow_run):
+    result, uri = flow_run
+    _, runs = children(result, uri)
+    trained = {}
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("role") == "real" or "trained" in tags:
+            trained.setdefault(run.data.params.get("optim.name"), set()).add(
+                tags.get("trained", "alone"))
+    assert trained["sgd"] == {"batched k=2"} and trained["adam"] == {"batched k=2"}
+    assert "batched k=2" not in trained.get("rprop", {"alone"})  # rprop cannot be batched
