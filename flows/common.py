@@ -309,7 +309,7 @@ def train_and_log(
     if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
         return result_from_run(done, cfg, name, uri)
     data = dataset_for(cfg)
-    run_tags = {**tracking.process_tags(), **(tags or {})}
+    run_tags = {"trained": "alone", **tracking.process_tags(), **(tags or {})}
     with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
                                uri=uri) as run_id:
         result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),

@@ -184,6 +184,14 @@ def _sweep(model, optimizer, stream, loss_fn, rates, ratios, beta, stop_factor) 
     return out
 
 
+def check_sweep_opts(smoothing: float, stop_factor: float) -> None:
+    """The range test's smoothing (beta in [0, 1)) and stop factor (> 1), or a ConfigError."""
+    check_number("smoothing", smoothing, low=0.0, high=1.0)
+    if smoothing >= 1.0:  # beta = 1 would never move off its start
+        raise ConfigError(f"smoothing: got {smoothing!r}; allowed: a number >= 0 and < 1")
+    check_number("stop_factor", stop_factor, low=1.0, low_open=True)
+
+
 def range_test(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -215,10 +223,7 @@ def range_test(
             ``loss_fn`` or the model propagate, after the state is restored.
     """
     rates = ramp(min_lr, max_lr, num_steps, mode)
-    check_number("smoothing", smoothing, low=0.0, high=1.0)
-    if smoothing >= 1.0:  # beta = 1 would never move off its start
-        raise ConfigError(f"smoothing: got {smoothing!r}; allowed: a number >= 0 and < 1")
-    check_number("stop_factor", stop_factor, low=1.0, low_open=True)
+    check_sweep_opts(smoothing, stop_factor)
     ratios = group_ratios(optimizer)
     with preserved_state(model, optimizer):
         out = _sweep(model, optimizer, _cycle(batches), loss_fn, rates, ratios, smoothing,

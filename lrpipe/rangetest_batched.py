@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 
 from lrpipe.batched import _BatchedStep, _batches, _generators, unbatchable_reason
-from lrpipe.config import ConfigError, ScheduleConfig, TrainConfig, check_number
+from lrpipe.config import ScheduleConfig, TrainConfig
 from lrpipe.data import Dataset, Split
 from lrpipe.many import group_pays
 from lrpipe.models import layer_names
-from lrpipe.rangetest import RangeTestResult, _ema, ramp, seeds_frame
+from lrpipe.rangetest import RangeTestResult, _ema, check_sweep_opts, ramp, seeds_frame
 
 
 def member_cfgs(cfg: TrainConfig, data: Dataset, seeds: Sequence[int]) -> list[TrainConfig]:
@@ -147,14 +147,6 @@ def _sweep_batched(cfgs: list[TrainConfig], data: Dataset, rates: np.ndarray, be
     return [curve.result(ratios) for curve in curves]
 
 
-def _check_sweep_opts(smoothing: float, stop_factor: float) -> None:
-    # range_test makes these checks inline; the same ones, with the same messages.
-    check_number("smoothing", smoothing, low=0.0, high=1.0)
-    if smoothing >= 1.0:  # beta = 1 would never move off its start
-        raise ConfigError(f"smoothing: got {smoothing!r}; allowed: a number >= 0 and < 1")
-    check_number("stop_factor", stop_factor, low=1.0, low_open=True)
-
-
 def range_test_batched(
     cfg: TrainConfig,
     data: Dataset,
@@ -179,7 +171,7 @@ def range_test_batched(
             engine cannot batch (names ``optim.name``).
     """
     rates = ramp(min_lr, max_lr, num_steps, mode)
-    _check_sweep_opts(smoothing, stop_factor)
+    check_sweep_opts(smoothing, stop_factor)
     cfgs = member_cfgs(cfg, data, seeds)
     reason = unbatchable_reason(cfgs[0])
     if reason:

@@ -138,6 +138,10 @@ def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harnes
         return real(cfg, *args, **kwargs)
 
     monkeypatch.setattr(flows.common, "train", flaky)
+    from lrpipe import many  # one train() per rate: batching measured not to pay
+
+    monkeypatch.setattr(many, "_PAYS_CACHE", {})
+    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
     settings = dict(lrs=[0.05, 0.2, 0.5], epochs=2, overrides=OVERRIDES, workers=2,
                     experiment="fault-test")
     with pytest.raises(RuntimeError, match="injected fault"):
