@@ -171,8 +171,11 @@ def test_check_layer_names_builds_nothing_real():
 
 # --- a real sweep, killed and resumed ----------------------------------------------------
 
+# One task per rate (batching measured not to pay), so that rates finish one by one and the
+# kill lands between them; a batched group would finish its members all at once.
+NO_BATCHING = "from lrpipe import many; many.measure_step_times = lambda *a, **k: (1.0, 2.0); "
 SCRIPT = (
-    "import flows; from flows.lr_sweep import run; "
+    "import flows; from flows.lr_sweep import run; " + NO_BATCHING +
     f"run(lrs={LRS!r}, epochs={EPOCHS}, overrides={OVERRIDES!r}, workers=2, "
     f"experiment={EXPERIMENT!r})"
 )
@@ -215,15 +218,20 @@ def killed_and_resumed(prefect_harness, _session_store, tmp_path_factory):
     killed = {"parents": parents, "parent": parents[0], "finished": finished_children(uri),
               "pid": proc.pid, "all": runs_of(EXPERIMENT, uri)}
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    from lrpipe import many
+
     try:
-        start = time.perf_counter()
-        resumed = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
-                      experiment=EXPERIMENT)
-        resume_s = time.perf_counter() - start
-        start = time.perf_counter()
-        full = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
-                   experiment=EXPERIMENT)
-        full_s = time.perf_counter() - start
+        with pytest.MonkeyPatch.context() as mp:  # as in the killed process: one task per rate
+            mp.setattr(many, "_PAYS_CACHE", {})
+            mp.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
+            start = time.perf_counter()
+            resumed = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
+                          experiment=EXPERIMENT)
+            resume_s = time.perf_counter() - start
+            start = time.perf_counter()
+            full = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
+                       experiment=EXPERIMENT)
+            full_s = time.perf_counter() - start
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nresume: {resume_s:.1f} s training {len(LRS) - len(killed['finished'])} of "
