@@ -21,6 +21,36 @@ def digits_cfg() -> TrainConfig:
                        device="cpu")
 
 
+@pytest.fixture
+def f64():
+    """Float64 models (make_model follows the default dtype) for exact comparisons: batched
+    and separate runs then agree to ~1e-15."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="session")
+def digits32():
+    """The digits Dataset (float32, 300 validation examples) on the CPU."""
+    from lrpipe.data import load_data
+
+    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
+
+
+@pytest.fixture(scope="session")
+def digits64(digits32):
+    """The same examples in float64."""
+    from lrpipe.data import Dataset, Split
+
+    d = digits32
+    return Dataset(*(Split(s.x.double(), s.y) for s in (d.train, d.val, d.test)),
+                   d.num_classes, d.input_shape, d.class_names)
+
+
 @pytest.fixture(scope="session")
 def _session_store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns') / 'mlflow.db'}"

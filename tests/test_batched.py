@@ -36,30 +36,6 @@ TORCH_OPTIMIZERS = {"sgd": (torch.optim.SGD, {}),
 COMPARED = ["epoch", "train_loss", "val_loss", "train_error", "val_error", "lr"]
 
 
-@pytest.fixture
-def f64():
-    """Float64 models (make_model follows the default dtype) for exact comparisons."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-@pytest.fixture(scope="module")
-def digits32() -> Dataset:
-    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
-
-
-@pytest.fixture(scope="module")
-def digits64(digits32) -> Dataset:
-    def dbl(s: Split) -> Split:
-        return Split(s.x.double(), s.y)
-
-    d = digits32
-    return Dataset(dbl(d.train), dbl(d.val), dbl(d.test), d.num_classes, d.input_shape,
-                   d.class_names)
-
-
 def base_cfg(model: str = "mlp", opt: str = "sgd", **changes) -> TrainConfig:
     cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                       model=ModelConfig(name=model, hidden=(16,)),

@@ -13,32 +13,12 @@ import torch
 from lrpipe import many
 from lrpipe.batched import train_batched
 from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import Dataset, Split, load_data
 from lrpipe.search import halving_search, halving_window
 from lrpipe.train import TrainResult
 
 torch.set_num_threads(1)
 
 
-@pytest.fixture
-def f64():
-    """Float64 models (make_model follows the default dtype): batched = separate to ~1e-15."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-@pytest.fixture(scope="module")
-def digits32() -> Dataset:
-    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
-
-
-@pytest.fixture(scope="module")
-def digits64(digits32) -> Dataset:
-    d = digits32
-    return Dataset(*(Split(s.x.double(), s.y) for s in (d.train, d.val, d.test)),
-                   d.num_classes, d.input_shape, d.class_names)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import torch
 from lrpipe import many, rangetest_batched
 from lrpipe.batched import _BatchedStep
 from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import Dataset, Split, iterate_batches, load_data
+from lrpipe.data import iterate_batches
 from lrpipe.models import make_model
 from lrpipe.rangetest import ramp, range_test_config, range_test_seeds
 from lrpipe.rangetest_batched import batching_pays_for_seeds, range_test_batched
@@ -29,25 +29,6 @@ SEEDS = (0, 1, 2)
 COLUMNS = ["seed", "step", "lr", "loss", "smoothed", "stop_reason"]
 
 
-@pytest.fixture
-def f64():
-    """Float64 models (make_model follows the default dtype) for exact comparisons."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-@pytest.fixture(scope="module")
-def digits32() -> Dataset:
-    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
-
-
-@pytest.fixture(scope="module")
-def digits64(digits32) -> Dataset:
-    d = digits32
-    return Dataset(*(Split(s.x.double(), s.y) for s in (d.train, d.val, d.test)),
-                   d.num_classes, d.input_shape, d.class_names)
 
 
 @pytest.fixture
