@@ -74,3 +74,15 @@ def test_unwritable_store_is_refused(tmp_path):
     uri = f"sqlite:///{blocker / 'mlruns' / 'mlflow.db'}"
     with pytest.raises(tracking.TrackingError, match="cannot create"):
         tracking.check_tracking_uri(uri)
+
+
+def test_sqlite_store_is_written_through_a_write_ahead_log(tmp_path):
+    import sqlite3
+
+    uri = tracking.tracking_uri(tmp_path / "store")
+    run_id = tracking.start_run("wal-test", "r", uri=uri)
+    tracking.log_metrics(run_id, {"loss": 1.0}, step=0, uri=uri)
+    tracking.end_run(run_id, uri=uri)
+    with sqlite3.connect(tmp_path / "store" / "mlflow.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert tracking.client(uri).get_run(run_id).data.metrics == {"loss": 1.0}
