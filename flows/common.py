@@ -124,19 +124,34 @@ def task_resources(runner: str):
 
 @contextmanager
 def shared_api(runner: str) -> Iterator[str | None]:
-    """One Prefect API for the flow and all its worker processes.
+    """The Prefect API for a flow call: one API for the flow and all its worker processes, and
+    no flow heartbeats where the API is this process's own.
 
-    Threads need nothing. For process runners with no PREFECT_API_URL, start the ephemeral
-    API once here (the server this process would start anyway) and export its URL before the
-    workers spawn; otherwise each worker starts its own server on the same database (slow and
-    fragile, FIELD_NOTES). Yields the API URL (None for threads).
+    With no PREFECT_API_URL, Prefect serves the flow from a temporary API server that lives
+    and dies with this process. Heartbeats exist so that a server which outlives a crashed flow
+    can tell; this one cannot outlive it, and Prefect joins its heartbeat thread, which sleeps
+    in 1 s slices, at the end of every flow call: about 1 s of wall time per flow, for nothing.
+    So they are switched off here; with a configured API (``make server``, schedules, a
+    cluster) they stay on.
+
+    Threads need nothing more. For process runners with no PREFECT_API_URL, start the
+    temporary API once here (the server this process would start anyway) and export its URL
+    before the workers spawn; otherwise each worker starts its own server on the same database
+    (slow and fragile, FIELD_NOTES). Yields the API URL (None for threads).
     """
-    if not is_process_runner(runner):
-        yield None
-        return
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
 
     url = get_current_settings().api.url
+    updates: dict = {} if url else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if not is_process_runner(runner):
+        with temporary_settings(updates=updates):
+            yield None
+        return
     if not url:
         from prefect.server.api.server import SubprocessASGIServer
 
@@ -146,7 +161,7 @@ def shared_api(runner: str) -> Iterator[str | None]:
     before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates={**updates, PREFECT_API_URL: url}):
             yield url
     finally:
         if before is None:

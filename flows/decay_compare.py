@@ -24,6 +24,7 @@ from flows.common import (
     make_task_runner,
     parallel_tasks,
     set_torch_threads,
+    shared_api,
     train_and_log,
 )
 from flows.report import publish_flow_report
@@ -437,10 +438,11 @@ def run(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
     check_runner(runner)
     tracking.check_tracking_uri(tracking.tracking_uri())
     make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
-    return decay_compare.with_options(task_runner=make_task_runner(runner, workers))(
-        lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules, final_decay=final_decay,
-        losses=tuple(losses), overrides=overrides, runner=runner, workers=workers,
-        experiment=experiment)
+    compare = decay_compare.with_options(task_runner=make_task_runner(runner, workers))
+    with shared_api(runner):
+        return compare(lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules,
+                       final_decay=final_decay, losses=tuple(losses), overrides=overrides,
+                       runner=runner, workers=workers, experiment=experiment)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from flows.common import (
     make_task_runner,
     parallel_tasks,
     set_torch_threads,
+    shared_api,
     train_and_log,
 )
 from flows.report import publish_flow_report
@@ -439,10 +440,12 @@ def run(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOC
     make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
               overrides)
     tracking.check_tracking_uri(tracking.tracking_uri())
-    return optimizer_compare.with_options(task_runner=make_task_runner(runner, workers))(
-        optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
-        rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces, skip_real=skip_real,
-        overrides=overrides, runner=runner, workers=workers)
+    compare = optimizer_compare.with_options(task_runner=make_task_runner(runner, workers))
+    with shared_api(runner):
+        return compare(optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
+                       rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces,
+                       skip_real=skip_real, overrides=overrides, runner=runner,
+                       workers=workers)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from flows.common import (
     epoch_printer,
     make_task_runner,
     set_torch_threads,
+    shared_api,
 )
 from flows.report import publish_flow_report
 from lrpipe import tracking, transfer_plots
@@ -459,10 +460,12 @@ def run(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GR
     check_runner(runner)
     validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
     tracking.check_tracking_uri(tracking.tracking_uri())
-    return transfer.with_options(task_runner=make_task_runner(runner, workers))(
-        lr=lr, epochs=epochs, seeds=seeds, overrides=overrides, strategies=strategies,
-        grid_seeds=grid_seeds, lr_mult=lr_mult, model_name=model_name, retrain=bool(retrain),
-        runner=runner, workers=workers)
+    adapt = transfer.with_options(task_runner=make_task_runner(runner, workers))
+    with shared_api(runner):
+        return adapt(lr=lr, epochs=epochs, seeds=seeds, overrides=overrides,
+                     strategies=strategies, grid_seeds=grid_seeds, lr_mult=lr_mult,
+                     model_name=model_name, retrain=bool(retrain), runner=runner,
+                     workers=workers)
 
 
 if __name__ == "__main__":

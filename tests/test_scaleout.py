@@ -65,6 +65,24 @@ def test_shared_api_exports_the_url_to_workers_and_restores(monkeypatch):
     assert "PREFECT_API_URL" not in os.environ
 
 
+
+def test_shared_api_drops_heartbeats_only_for_this_process_own_api(monkeypatch):
+    """No configured API: the flow's server dies with this process, heartbeats are off (each
+    costs ~1 s of wall per flow call). A configured API keeps them."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with common.shared_api("threads"):
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == default
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        for runner in ("threads", "dask"):
+            with common.shared_api(runner):
+                assert get_current_settings().flows.heartbeat_frequency == default
+
 # --- a real scale-out run ----------------------------------------------------------------
 
 def free_port() -> int:
