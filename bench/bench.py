@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also (g): time `lrpipe pipeline` (takes minutes)")
     parser.add_argument("--repeats", type=int, help="rounds per timing (default 3; 2 quick)")
     parser.add_argument("--sweep-repeats", type=int,
-                        help="rounds per sweep timing in (d)/(f) (default 2; 1 quick)")
+                        help="rounds per sweep timing in (d), 2n+1 in (f) (default 2; 1 quick)")
     parser.add_argument("--workers", type=int, default=2, help="parallel tasks in (d)/(f)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file")
     args = parser.parse_args(argv)
@@ -121,9 +121,9 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     if args.only & set("df"):
         say(f"(d, f) the default sweep: threads, serial, dask, plain train() "
             f"({args.sweep_repeats} rounds) ...")
-        rows += [r for r in sweep_cases.case_d_f(sweep_cases.sweep_settings(quick),
-                                                 args.workers, args.sweep_repeats, log)
-                 if r.case in args.only]
+        rows += sweep_cases.case_d_f(sweep_cases.sweep_settings(quick), args.workers,
+                                     args.sweep_repeats, log,
+                                     "".join(sorted(args.only & set("df"))))
         if "d" in args.only:
             rows.append(sweep_cases.case_d_threads(5_000 if quick else 20_000, args.repeats))
     if "g" in args.only:
@@ -184,7 +184,7 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "# lrpipe speed bench", "",
         f"Produced by `make bench` (`bench/bench.py`), mode {mode}, cases "
         f"{','.join(sorted(args.only))}, {args.repeats} rounds per timing ({args.sweep_repeats} "
-        f"per sweep), medians; {seconds:.0f} s in all. Result = baseline s / lrpipe s "
+        f"per sweep in (d), {2 * args.sweep_repeats + 1} in (f)), medians; {seconds:.0f} s in all. Result = baseline s / lrpipe s "
         "(higher is faster) unless it is a share; targets are judged on wall time. The "
         "machine is shared: compare rows by their load (2.0 fills 2 cores); for one-thread "
         "cases the same ratio in CPU seconds of this process is given, which load moves less.",

@@ -81,8 +81,9 @@ def cpu_pair(t: dict[str, float], ours: str, theirs: str) -> tuple[float, float]
     return t[f"{ours}.cpu"], t[f"{theirs}.cpu"]
 
 
-def interleaved(fns: dict[str, Callable[[], dict | None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each measurement over ``repeats`` rounds.
+def interleaved_samples(fns: dict[str, Callable[[], dict | None]],
+                        repeats: int) -> dict[str, list[float]]:
+    """Every round's seconds of each measurement, over ``repeats`` rounds.
 
     Each round runs every function once, in alternating order (a load change on the shared
     machine then hits both sides). A function's wall time is ``<name>``, the CPU time of this
@@ -98,7 +99,13 @@ def interleaved(fns: dict[str, Callable[[], dict | None]], repeats: int) -> dict
             samples.setdefault(f"{name}.cpu", []).append(tree_cpu() - cpu)
             for part, seconds in parts.items():
                 samples.setdefault(f"{name}.{part}", []).append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], dict | None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each measurement over ``repeats`` rounds (``interleaved_samples``)."""
+    return {name: statistics.median(values)
+            for name, values in interleaved_samples(fns, repeats).items()}
 
 
 @contextlib.contextmanager

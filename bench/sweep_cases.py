@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from kit import Row, interleaved, quiet, say, speedup_row
+from kit import Row, interleaved, interleaved_samples, quiet, say, speedup_row
 
 from lrpipe.config import TrainConfig, merge
 from lrpipe.train import train
@@ -87,7 +88,10 @@ def figures_seconds(history: pd.DataFrame) -> dict[str, float]:
     return {"figures": time.perf_counter() - start, "figures_cpu": time.process_time() - cpu}
 
 
-def case_d_f(settings: dict, workers: int, repeats: int, log: Path) -> list[Row]:
+def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
+             cases: str = "df") -> list[Row]:
+    """(d) the sweep per runner and (f) Prefect + MLflow's share of it, for the cases named in
+    ``cases``; (f) alone first pays the batching probe, as (d) would have."""
     from flows.lr_sweep import run
 
     def flow(runner: str):
@@ -111,37 +115,59 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path) -> list[Row]
                 lrs=settings["lrs"], epochs=settings["epochs"],
                 overrides=settings["overrides"], runner="threads", workers=workers)
 
-    t = interleaved({"threads": flow("threads"), "one": one_at_a_time,
-                     "serial": flow("serial"), "dask": flow("dask")}, repeats)
-    # (f) apart, one round more, after (d) has paid the batching probe (cached per process):
-    # threads next to plain in every round, so that both see the same load.
-    f = interleaved({"threads": flow("threads"), "plain": lambda: plain_sweep(settings, workers)},
-                    repeats + 1)
+    rows: list[Row] = []
     size = f"{len(settings['lrs'])} rates x {settings['epochs']} epochs"
-    figures = f["plain.figures"]
-    # plain draws and renders the same figures (inside its timing), so the difference is what
-    # Prefect and MLflow add (and the batching probe, which the plain calls skip).
-    share = 100.0 * (f["threads"] - f["plain"]) / f["threads"]
-    cpu_share = 100.0 * (f["threads.cpu"] - f["plain.cpu"]) / f["threads.cpu"]
-    faster = "threads" if t["threads"] <= t["dask"] else "dask"
-    return [
-        speedup_row("d", f"default sweep ({size}), {workers} thread tasks x 1 torch thread vs "
-                    "the same sweep run serially (the same tasks one after another)",
-                    t["threads"], t["one"], 1.7, "whole flow: Prefect, MLflow, figures"),
-        speedup_row("d", f"the same, {workers} thread tasks vs runner=serial (1 task x "
-                    f"{workers} torch threads: serial given every core)", t["threads"],
-                    t["serial"], note="no target: a serial run that uses both cores as torch "
-                    "threads; see the 2-threads-vs-1 row"),
-        speedup_row("d", f"the same sweep, runner=threads vs runner=dask ({workers} worker "
-                    "processes, cluster start-up included)", t["threads"], t["dask"],
-                    note=f"faster: {faster}"),
-        Row("f", f"Prefect + MLflow share of the default sweep's wall time ({size})",
-            f["threads"], f["plain"], share, unit="%", target="<= 5%", met=share <= 5.0,
-            cpu_value=cpu_share,
-            note=f"(flow {f['threads']:.1f} s - plain train() on {workers} threads and the "
-                 f"same figures {f['plain']:.1f} s) / flow, {repeats + 1} rounds; the figures "
-                 f"themselves take {figures:.1f} s ({100 * figures / f['threads']:.1f}%)"),
-    ]
+    if "d" in cases:
+        t = interleaved({"threads": flow("threads"), "one": one_at_a_time,
+                         "serial": flow("serial"), "dask": flow("dask")}, repeats)
+        faster = "threads" if t["threads"] <= t["dask"] else "dask"
+        rows += [
+            speedup_row("d", f"default sweep ({size}), {workers} thread tasks x 1 torch thread "
+                        "vs the same sweep run serially (the same tasks one after another)",
+                        t["threads"], t["one"], 1.7, "whole flow: Prefect, MLflow, figures"),
+            speedup_row("d", f"the same, {workers} thread tasks vs runner=serial (1 task x "
+                        f"{workers} torch threads: serial given every core)", t["threads"],
+                        t["serial"], note="no target: a serial run that uses both cores as "
+                        "torch threads; see the 2-threads-vs-1 row"),
+            speedup_row("d", f"the same sweep, runner=threads vs runner=dask ({workers} worker "
+                        "processes, cluster start-up included)", t["threads"], t["dask"],
+                        note=f"faster: {faster}"),
+        ]
+    else:
+        pay_probe(settings, workers)
+    if "f" in cases:
+        rows.append(case_f(settings, workers, 2 * repeats + 1, flow("threads"), size))
+    return rows
+
+
+def pay_probe(settings: dict, workers: int) -> None:
+    """The batching probe the sweep's planning measures once per process (cached), paid here
+    so that no timed flow includes it."""
+    from flows.batched import plan_tasks
+    from flows.common import set_torch_threads
+
+    set_torch_threads("threads", workers)
+    plan_tasks(configs(settings), workers)
+
+
+def case_f(settings: dict, workers: int, rounds: int, flow, size: str) -> Row:
+    """The threads flow next to the same trainings as plain train() calls in every round (both
+    see the same load), the plain side drawing and rendering the same figures; the share is
+    (flow - plain) / flow of the medians, with the per-round shares in the note."""
+    f = interleaved_samples({"threads": flow, "plain": lambda: plain_sweep(settings, workers)},
+                            rounds)
+    med = {k: statistics.median(v) for k, v in f.items()}
+    share = 100.0 * (med["threads"] - med["plain"]) / med["threads"]
+    cpu_share = 100.0 * (med["threads.cpu"] - med["plain.cpu"]) / med["threads.cpu"]
+    paired = sorted(100.0 * (a - b) / a for a, b in zip(f["threads"], f["plain"], strict=True))
+    figures = med["plain.figures"]
+    return Row("f", f"Prefect + MLflow share of the default sweep's wall time ({size})",
+               med["threads"], med["plain"], share, unit="%", target="<= 5%", met=share <= 5.0,
+               cpu_value=cpu_share,
+               note=f"(flow {med['threads']:.1f} s - plain train() on {workers} threads and the "
+                    f"same figures {med['plain']:.1f} s) / flow, medians of {rounds} rounds; "
+                    f"round by round {', '.join(f'{p:.1f}' for p in paired)}%; the figures "
+                    f"themselves take {figures:.1f} s ({100 * figures / med['threads']:.1f}%)")
 
 
 def case_d_threads(n: int, repeats: int) -> Row:
