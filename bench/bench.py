@@ -184,10 +184,11 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "# lrpipe speed bench", "",
         f"Produced by `make bench` (`bench/bench.py`), mode {mode}, cases "
         f"{','.join(sorted(args.only))}, {args.repeats} rounds per timing ({args.sweep_repeats} "
-        f"per sweep in (d), {2 * args.sweep_repeats + 1} in (f)), medians; {seconds:.0f} s in all. Result = baseline s / lrpipe s "
-        "(higher is faster) unless it is a share; targets are judged on wall time. The "
-        "machine is shared: compare rows by their load (2.0 fills 2 cores); for one-thread "
-        "cases the same ratio in CPU seconds of this process is given, which load moves less.",
+        f"per sweep in (d), {2 * args.sweep_repeats + 1} in (f)), medians; {seconds:.0f} s in "
+        "all. Result = baseline s / lrpipe s (higher is faster) unless it is a share; targets "
+        "are judged on wall time. The machine is shared: compare rows by their load (2.0 "
+        "fills 2 cores); for one-thread cases the same ratio in CPU seconds of this process "
+        "is given, which load moves less.",
         "",
         "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()],
         f"| load average at end | {load_average():.2f} |", "",

@@ -139,19 +139,23 @@ def shared_api(runner: str) -> Iterator[str | None]:
     before the workers spawn; otherwise each worker starts its own server on the same database
     (slow and fragile, FIELD_NOTES). Yields the API URL (None for threads).
     """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        get_current_settings,
-        temporary_settings,
-    )
+    from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
-    updates: dict = {} if url else {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    if not is_process_runner(runner):
-        with nullcontext() if url else _without_heartbeats():
+    with nullcontext() if url else _without_heartbeats():
+        if not is_process_runner(runner):
             yield None
-        return
+        else:
+            with _exported_api(url) as exported:
+                yield exported
+
+
+@contextmanager
+def _exported_api(url: str | None) -> Iterator[str]:
+    """``url`` (or, if None, this process's temporary API, started now) in PREFECT_API_URL and
+    in the settings, for worker processes to inherit; the environment is restored after."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     if not url:
         from prefect.server.api.server import SubprocessASGIServer
 
@@ -161,7 +165,7 @@ def shared_api(runner: str) -> Iterator[str | None]:
     before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
     try:
-        with temporary_settings(updates={**updates, PREFECT_API_URL: url}):
+        with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
         if before is None:

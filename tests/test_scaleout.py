@@ -65,7 +65,6 @@ def test_shared_api_exports_the_url_to_workers_and_restores(monkeypatch):
     assert "PREFECT_API_URL" not in os.environ
 
 
-
 def test_shared_api_drops_heartbeats_only_for_this_process_own_api(monkeypatch):
     """No configured API: the flow's server dies with this process, heartbeats are off (each
     costs ~1 s of wall per flow call). A configured API keeps them."""
@@ -82,6 +81,7 @@ def test_shared_api_drops_heartbeats_only_for_this_process_own_api(monkeypatch):
         for runner in ("threads", "dask"):
             with common.shared_api(runner):
                 assert get_current_settings().flows.heartbeat_frequency == default
+
 
 # --- a real scale-out run ----------------------------------------------------------------
 
