@@ -241,6 +241,8 @@ def training_run(
         end_run(run_id, "FAILED", uri=uri)
         raise
     end_run(run_id, "FINISHED", uri=uri)
+    if (started_here := _STARTED_HERE.get((os.getpid(), parent_run_id))) is not None:
+        started_here[cfg.hash()] = run_id
 
 
 def epoch_logger(run_id: str, uri: str | None = None) -> Callable[[dict], None]:
@@ -453,6 +455,12 @@ def _rebuild(spec: dict, state: dict, device: Any, model_uri: str) -> Any:
 # parent after stale marking belongs to a live process (or another host) and is never taken.
 
 SWEEP_TAG = "sweep_id"
+# Parents this process started as new sweeps (open_sweep), with the children it finished under
+# each: config hash -> run id. Nothing else finishes a child of such a parent (a later process
+# resumes only FAILED or KILLED parents; under a process runner the workers train and this
+# process does not), so finished_child answers for them without a search (~45 ms a task).
+# Keyed by pid as well: a forked process inherits a copy it must not trust.
+_STARTED_HERE: dict[tuple[int, str], dict[str, str]] = {}
 HOST_TAG, PID_TAG, PID_STARTED_TAG = "host", "pid", "pid_started"
 RESUMABLE = ("FAILED", "KILLED")
 
@@ -572,18 +580,24 @@ def open_sweep(
     latest = latest_sweep(experiment, sweep_id, uri)
     if latest is not None and latest.info.status in RESUMABLE:
         run_id = latest.info.run_id
+        _STARTED_HERE.pop((os.getpid(), run_id), None)  # others may have added children since
         retry_locked(client(uri).update_run, run_id, "RUNNING")
         resumes = int(latest.data.tags.get("resumes", "0")) + 1
         set_tags(run_id, {**process_tags(), "resumes": resumes}, uri=uri)
         return run_id, True
     run_id = start_run(experiment, name, params=params, uri=uri,
                        tags={SWEEP_TAG: sweep_id, **process_tags(), **(tags or {})})
+    _STARTED_HERE[os.getpid(), run_id] = {}
     return run_id, False
 
 
 def finished_child(parent_run_id: str, config_hash: str, uri: str | None = None) -> Any | None:
     """A FINISHED child run of ``parent_run_id`` tagged ``config_hash`` (an mlflow Run), or
     None: the run a resumed sweep reuses instead of training again."""
+    started_here = _STARTED_HERE.get((os.getpid(), parent_run_id))
+    if started_here is not None:
+        child = started_here.get(config_hash)
+        return None if child is None else retry_locked(client(uri).get_run, child)
     parent = retry_locked(client(uri).get_run, parent_run_id)
     found = _search_all(
         [parent.info.experiment_id],

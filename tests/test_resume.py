@@ -101,6 +101,31 @@ def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, 
     tracking.end_run(parent)
 
 
+def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
+        mlflow_store, digits_cfg, monkeypatch):
+    from flows.common import train_and_log
+    from lrpipe.config import to_dict
+
+    searches = []
+    search = tracking._search_all
+    monkeypatch.setattr(tracking, "_search_all",
+                        lambda *a, **k: searches.append(a) or search(*a, **k))
+    parent, _ = tracking.open_sweep("reuse-here", "parent", "id-here")
+    args = (to_dict(digits_cfg), parent, "reuse-here", "lr=0.1")
+    fresh = train_and_log.fn(*args)
+    again = train_and_log.fn(*args)  # found in this process's memory of the sweep
+    assert again["reused"] and again["run_id"] == fresh["run_id"] and not searches
+    assert len(children(parent, mlflow_store, "reuse-here")) == 1
+    # Crashed and resumed: other processes may have finished children meanwhile, so search.
+    tracking.end_run(parent, "FAILED")
+    assert tracking.open_sweep("reuse-here", "parent", "id-here") == (parent, True)
+    other = tracking.start_run("reuse-here", "lr=0.2 from elsewhere", parent_run_id=parent,
+                               tags={"config_hash": "elsewhere"})
+    tracking.end_run(other)
+    assert tracking.finished_child(parent, "elsewhere").info.run_id == other and searches
+    tracking.end_run(parent)
+
+
 def table(rows: list[dict]) -> pd.DataFrame:
     """History rows as a frame, columns sorted, time dropped (NaNs compare equal in .equals)."""
     df = pd.DataFrame(rows).drop(columns="time_s")
