@@ -22,6 +22,24 @@ def test_training_run_logs_params_metrics_per_epoch_and_ends(mlflow_store, digit
     assert len(result.history) == 3
 
 
+def test_epoch_metrics_wait_at_most_every_seconds_and_end_run_writes_them(mlflow_store):
+    c = tracking.client(mlflow_store)
+    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 2.0, "ratio/fc1": 1e-3}
+            for e in range(3)]
+    held, live = tracking.start_run("t", "held"), tracking.start_run("t", "live")
+    log_held = tracking.epoch_logger(held, every=3600.0)
+    log_live = tracking.epoch_logger(live, every=0.0)
+    for row in rows:
+        log_held(row)
+        log_live(row)
+    assert c.get_metric_history(held, "train_loss") == []  # waiting in memory
+    assert [m.step for m in c.get_metric_history(live, "ratio/fc1")] == [0, 1, 2]
+    tracking.end_run(held, "FAILED")  # any status: what waited is written first
+    assert [m.value for m in c.get_metric_history(held, "train_loss")] == [1.0, 0.5, 1 / 3]
+    assert c.get_run(held).info.status == "FAILED"
+    tracking.end_run(live)
+
+
 def test_an_error_in_the_body_marks_the_run_failed(mlflow_store, digits_cfg):
     with pytest.raises(RuntimeError):
         with tracking.training_run(digits_cfg, "t", None) as run_id:
