@@ -199,7 +199,11 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "(training + per-epoch evaluation), sequential = train() one after another. (d) wall "
         "time of `flows.lr_sweep.run` per runner. (e) LRFinder construction + range_test + "
         "reset vs range_test_config (snapshot and restore included on both sides). (f) "
-        "(flow - plain) / flow, where plain = the same train() calls on the same threads.",
+        "attributed inside each flow run (bench/flow_clock.py): (start + end without the "
+        "figures + non-training CPU seconds while training / tasks) / flow wall time; "
+        "lrpipe s = the flow, baseline s = the flow less that overhead. The cross-check in "
+        "the note: (flow - plain) / flow, plain = the same train() calls on the same threads "
+        "and the same figures.",
         ""])
 
 

@@ -12,29 +12,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def tree_cpu() -> float:
-    """CPU seconds of this process plus its live descendants (Prefect's API server, worker
-    processes): on a loaded machine CPU time moves far less than wall time."""
-    total = time.process_time()
+def descendants_cpu(pids: list[int] | None = None) -> float:
+    """CPU seconds of this process's live descendants (Prefect's API server, worker processes;
+    with threads, the server alone), or of ``pids`` only (no scan of every /proc
+    scan): on a loaded machine CPU time moves far less than wall time."""
+    return sum(_cpu(pid) for pid in (descendants() if pids is None else pids))
+
+
+def descendants() -> list[int]:
+    """The pids of this process's live descendants."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except OSError:  # the process ended meanwhile
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        _TICKS[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / _HZ
-    todo = list(children.get(os.getpid(), []))
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(os.getpid(), []))
     while todo:
-        pid = todo.pop()
-        total += _TICKS.get(pid, 0.0)
+        found.append(pid := todo.pop())
         todo += children.get(pid, [])
-    _TICKS.clear()
-    return total
+    return found
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _HZ
 
 
 _HZ = os.sysconf("SC_CLK_TCK")
-_TICKS: dict[int, float] = {}
 
 
 def load_average() -> float:
@@ -87,16 +96,19 @@ def interleaved_samples(fns: dict[str, Callable[[], dict | None]],
 
     Each round runs every function once, in alternating order (a load change on the shared
     machine then hits both sides). A function's wall time is ``<name>``, the CPU time of this
-    process and its live descendants ``<name>.cpu`` (``tree_cpu``); a function may also return
+    process and its live descendants ``<name>.cpu``, that of the descendants alone
+    ``<name>.children`` (``descendants_cpu``); a function may also return
     its own measurements ``{"part": seconds}``, reported as ``<name>.<part>``.
     """
     samples: dict[str, list[float]] = {}
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            start, cpu = time.perf_counter(), tree_cpu()
+            start, own, children = time.perf_counter(), time.process_time(), descendants_cpu()
             parts = fns[name]() or {}
             samples.setdefault(name, []).append(time.perf_counter() - start)
-            samples.setdefault(f"{name}.cpu", []).append(tree_cpu() - cpu)
+            children = descendants_cpu() - children
+            samples.setdefault(f"{name}.cpu", []).append(time.process_time() - own + children)
+            samples.setdefault(f"{name}.children", []).append(children)
             for part, seconds in parts.items():
                 samples.setdefault(f"{name}.{part}", []).append(seconds)
     return samples
