@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -243,9 +244,14 @@ def both(*hooks):
     return call
 
 
+PROGRESS_EVERY_S = 5.0
+
+
 def collect(futures, label: str, describe=None) -> list:
     """Wait for mapped tasks as they finish, printing ``[k/N]`` lines and updating a Prefect
-    progress artifact; results come back in submission order.
+    progress artifact (at most every ``PROGRESS_EVERY_S`` seconds, and at the end: each update
+    is an API call and two events for Prefect's server, about a third of a sweep's events when
+    made per task); results come back in submission order.
 
     A failed task does not stop the others: every task is waited for (its run is recorded),
     then the first failure is raised; a re-run resumes, training only what did not finish.
@@ -257,6 +263,7 @@ def collect(futures, label: str, describe=None) -> list:
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     results: list = [None] * total
     failures: list[BaseException] = []
+    updated = time.monotonic()
     for done, future in enumerate(as_completed(futures), start=1):
         try:
             result = future.result()
@@ -266,7 +273,9 @@ def collect(futures, label: str, describe=None) -> list:
         else:
             results[index[future.task_run_id]] = result
             note = describe(result) if describe else ""
-        update_progress_artifact(artifact, 100.0 * done / total)
+        if done == total or time.monotonic() - updated >= PROGRESS_EVERY_S:
+            update_progress_artifact(artifact, 100.0 * done / total)
+            updated = time.monotonic()
         print(f"[{done}/{total}] {label}: {note}", flush=True)
     if failures:
         print(f"{label}: {len(failures)} of {total} tasks failed; re-run to resume", flush=True)

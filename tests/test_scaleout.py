@@ -83,6 +83,34 @@ def test_shared_api_drops_heartbeats_only_for_this_process_own_api(monkeypatch):
                 assert get_current_settings().flows.heartbeat_frequency == default
 
 
+def test_collect_updates_progress_at_most_every_few_seconds_and_at_the_end(
+        prefect_harness, monkeypatch, capsys):
+    from prefect import flow, task
+    from prefect.artifacts import Artifact
+
+    @task
+    def square(x: int) -> int:
+        return x * x
+
+    @flow
+    def squares(n: int) -> list:
+        return common.collect([square.submit(i) for i in range(n)], "squares-test")
+
+    sent = []
+    real = common.update_progress_artifact
+    monkeypatch.setattr(common, "update_progress_artifact",
+                        lambda artifact, progress: sent.append(progress) or real(artifact,
+                                                                                progress))
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 3600.0)
+    assert squares(4) == [0, 1, 4, 9] and sent == [100.0]  # the end only
+    assert Artifact.get("squares-test-progress").data == 100.0
+    assert capsys.readouterr().out.count("squares-test: ") == 4  # a printed line per task
+    sent.clear()
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.0)
+    squares(4)
+    assert sent == [25.0, 50.0, 75.0, 100.0]
+
+
 # --- a real scale-out run ----------------------------------------------------------------
 
 def free_port() -> int:
