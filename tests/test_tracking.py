@@ -104,3 +104,12 @@ def test_sqlite_store_is_written_through_a_write_ahead_log(tmp_path):
     with sqlite3.connect(tmp_path / "store" / "mlflow.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert tracking.client(uri).get_run(run_id).data.metrics == {"loss": 1.0}
+
+
+def test_experiment_ids_are_looked_up_once_per_store(mlflow_store, monkeypatch):
+    first = tracking.experiment_id("looked-up-once")
+    lookups = []
+    monkeypatch.setattr(tracking, "_get_or_create_experiment",
+                        lambda *a: lookups.append(a) or "other")
+    assert tracking.experiment_id("looked-up-once") == first and not lookups
+    assert tracking.experiment_id("looked-up-once", "sqlite:///elsewhere.db") == "other"
