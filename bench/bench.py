@@ -115,7 +115,8 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
                                    args.repeats)
     if "e" in args.only:
         say("(e) range test vs torch-lr-finder ...")
-        rows += speed_cases.case_e(data, "data", 30 if quick else 100, max(3, args.repeats))
+        rows += speed_cases.case_e(data, "data", 30 if quick else 100, max(3, args.repeats),
+                                   max(5 * args.repeats, 6 if quick else 15))
     if args.only & set("dfg"):
         sweep_cases.warm_up(log)
     if args.only & set("df"):
