@@ -116,8 +116,12 @@ def interleaved_samples(fns: dict[str, Callable[[], dict | None]],
 
 def interleaved(fns: dict[str, Callable[[], dict | None]], repeats: int) -> dict[str, float]:
     """Median seconds of each measurement over ``repeats`` rounds (``interleaved_samples``)."""
-    return {name: statistics.median(values)
-            for name, values in interleaved_samples(fns, repeats).items()}
+    return medians(interleaved_samples(fns, repeats))
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Each measurement's median over its rounds."""
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 @contextlib.contextmanager

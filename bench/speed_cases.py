@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kit import Row, cpu_pair, interleaved, interleaved_samples, say, speedup_row
+from kit import Row, cpu_pair, interleaved, interleaved_samples, medians, say, speedup_row
 
 from lrpipe import many
 from lrpipe.batched import train_batched
@@ -235,8 +235,7 @@ def case_e(data: Dataset, root: str, steps: int, repeats: int,
     lean = interleaved_samples({"ours": lambda: ours(soft),
                                 "memory": lambda: finder(in_memory, "softmax", soft)},
                                memory_repeats)
-    m = {k: statistics.median(v) for k, v in close.items()}
-    m_soft = {k: statistics.median(v) for k, v in lean.items()}
+    m, m_soft = medians(close), medians(lean)
 
     def by_round(samples) -> str:
         r = sorted(b / a for a, b in zip(samples["ours"], samples["memory"], strict=True))
