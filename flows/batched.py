@@ -28,7 +28,7 @@ from flows.common import (
     task_result,
     train_and_log,
 )
-from lrpipe import tracking
+from lrpipe import procs, tracking
 from lrpipe.config import TrainConfig, from_dict, to_dict
 from lrpipe.data import Dataset
 from lrpipe.many import group_batchable, group_pays, plan_many, train_many
@@ -114,7 +114,7 @@ def train_group_and_log(
             results[i] = result_from_run(done, cfg, names[i], uri)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        process = tracking.process_tags()
+        process = procs.process_tags()
         trained = _train_members([cfgs[i] for i in todo], [names[i] for i in todo],
                                  parent_run_id, experiment,
                                  [{**process, **member_tags[i]} for i in todo], uri)

@@ -21,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lrpipe import tracking
+from lrpipe import procs, tracking
 from lrpipe.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
 from lrpipe.data import Dataset, load_data
 from lrpipe.models import build_model
@@ -348,7 +348,7 @@ def train_and_log(
     if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
         return result_from_run(done, cfg, name, uri)
     data = dataset_for(cfg)
-    run_tags = {"trained": "alone", **tracking.process_tags(), **(tags or {})}
+    run_tags = {"trained": "alone", **procs.process_tags(), **(tags or {})}
     with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
                                uri=uri) as run_id:
         result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),

@@ -17,7 +17,7 @@ import torch
 from prefect import task, unmapped
 
 from flows.common import collect, dataset_for, task_resources
-from lrpipe import tracking
+from lrpipe import procs, tracking
 from lrpipe.config import TrainConfig, from_dict, to_dict
 from lrpipe.rangetest import range_test_config
 from lrpipe.rangetest_batched import batching_pays_for_seeds, range_test_batched
@@ -35,7 +35,7 @@ def _range_run(cfg: TrainConfig, seed: int, parent_run_id: str, experiment: str,
     name = f"range test {cfg.optim.name} {cfg.model.name} seed={seed}"
     return tracking.training_run(cfg.replace(seed=seed), experiment, parent_run_id, name=name,
                                  uri=uri, tags={"role": "range_test",
-                                                **tracking.process_tags()})
+                                                **procs.process_tags()})
 
 
 def _log_range_curve(run_id: str, seed: int, curve: pd.DataFrame, num_steps: int,
@@ -94,7 +94,7 @@ def halving_seed(cfg_dict: dict, seed: int, parent_run_id: str, experiment: str,
     cfg = from_dict(cfg_dict).replace(seed=seed)
     name = f"halving {cfg.optim.name} {cfg.model.name} seed={seed}"
     with tracking.training_run(cfg, experiment, parent_run_id, name=name, uri=uri,
-                               tags={"role": "halving", **tracking.process_tags()}) as run_id:
+                               tags={"role": "halving", **procs.process_tags()}) as run_id:
         tracking.log_params(run_id, {f"halving.{k}": v for k, v in HALVING_OPTS.items()},
                             uri=uri)
         result = halving_search(cfg, dataset_for(cfg), window="auto", **HALVING_OPTS)

@@ -33,7 +33,7 @@ from flows.common import (
     shared_api,
 )
 from flows.report import publish_flow_report
-from lrpipe import tracking, transfer_plots
+from lrpipe import checkpoint, tracking, transfer_plots
 from lrpipe.config import ConfigError, ModelConfig, TrainConfig, check_number
 from lrpipe.models import HEAD, build_model
 from lrpipe.optim import param_groups
@@ -151,7 +151,7 @@ def validate(lr=None, epochs=None, seeds=None, overrides=None, strategies=None,
     names = check_strategies(strategies, mult)
     check_number("grid_seeds", grid_seeds, low=0, high=len(tc.seeds), integer=True)
     model_name = model_name or f"lrpipe-pretrained-{tc.model}"
-    tracking.check_model_name(model_name)
+    checkpoint.check_model_name(model_name)
     return tc, names, mult, model_name
 
 

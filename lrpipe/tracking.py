@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from lrpipe import checkpoint, procs
 from lrpipe.config import TrainConfig, flatten
 
 T = TypeVar("T")
@@ -311,10 +312,8 @@ def to_json(value: Any) -> str:
 
 
 # --- model registry ---
-# A registered version is two files under its run's ``model/`` folder: ``state_dict.pt``
-# (tensors only, read back with torch.load(weights_only=True)) and ``model.json`` (the
-# ModelConfig, input shape and class count); loading rebuilds the nn.Sequential with
-# make_model's builder, so layer names (fc1.., head) survive and transplant() works on it.
+# A registered version is lrpipe.checkpoint's folder (state_dict.pt + model.json) stored as its
+# run's ``model/`` artifacts.
 # Why not mlflow.pytorch (3.17): its default "pt2" format (torch.export) needs an input example
 # and loads back as an exported GraphModule without our named layers; its "pickle" format
 # cloudpickles the whole module and load_model passes a pickle_module to torch.load, which
@@ -322,30 +321,6 @@ def to_json(value: Any) -> str:
 # the process-global registry URI; here every lookup goes through an explicit client.
 
 MODEL_DIR = "model"
-MODEL_FORMAT = "lrpipe-state-dict/1"
-
-
-def check_model_name(name: Any, field: str = "model_name") -> None:
-    """Registered-model names: 1-128 of letters, digits, '.', '_', '-' (safe in filters)."""
-    from lrpipe.config import ConfigError
-
-    ok = isinstance(name, str) and 0 < len(name) <= 128 and all(
-        ch.isascii() and (ch.isalnum() or ch in "._-") for ch in name)
-    if not ok:
-        raise ConfigError(f"{field}: got {name!r}; allowed: 1-128 letters, digits, '.', '_', '-'")
-
-
-def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """``models:/name/3`` -> (name, "3", None); ``models:/name@alias`` -> (name, None, alias)."""
-    body = model_uri[len("models:/"):] if str(model_uri).startswith("models:/") else ""
-    name, sep, version = body.partition("/")
-    if name and sep and version.isdigit() and "@" not in name:
-        return name, version, None
-    name, sep, alias = body.partition("@")
-    if name and sep and alias and "/" not in body:
-        return name, None, alias
-    raise ValueError(f"model_uri: got {model_uri!r}; allowed: models:/<name>/<version> or "
-                     "models:/<name>@<alias>")
 
 
 def register_model(
@@ -367,12 +342,14 @@ def register_model(
     The run must exist (it is not started or ended here; the caller's run context marks it
     FAILED if this raises). Raises ConfigError for a bad name.
     """
-    check_model_name(name)
-    _check_hash(config_hash)
-    spec = {"format": MODEL_FORMAT, "model": _plain_dict(model_cfg),
-            "input_shape": list(input_shape), "num_classes": int(num_classes),
-            "config_hash": config_hash}
-    _log_model_files(run_id, model, spec, uri)
+    import tempfile
+
+    checkpoint.check_model_name(name)
+    checkpoint.check_config_hash(config_hash)
+    spec = checkpoint.model_spec(model_cfg, input_shape, num_classes, config_hash)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.save_model(Path(tmp), model, spec)
+        retry_locked(client(uri).log_artifacts, run_id, tmp, MODEL_DIR)
     c = client(uri)
     _ensure_registered_model(name, description, uri)
     version = retry_locked(
@@ -382,29 +359,6 @@ def register_model(
     registered = f"models:/{name}/{version.version}"
     set_tags(run_id, {"registered_model": registered}, uri=uri)
     return registered
-
-
-def _plain_dict(cfg: Any) -> dict:
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def _check_hash(config_hash: Any) -> None:
-    if not isinstance(config_hash, str) or not config_hash.isalnum():
-        raise ValueError(f"config_hash: got {config_hash!r}; allowed: a hex digest")
-
-
-def _log_model_files(run_id: str, model: Any, spec: dict, uri: str | None) -> None:
-    import tempfile
-
-    import torch
-
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / "state_dict.pt")
-        (Path(tmp) / "model.json").write_text(json.dumps(spec, indent=2))
-        retry_locked(client(uri).log_artifacts, run_id, tmp, MODEL_DIR)
 
 
 def _ensure_registered_model(name: str, description: str | None, uri: str | None) -> None:
@@ -420,8 +374,8 @@ def _ensure_registered_model(name: str, description: str | None, uri: str | None
 def find_registered(name: str, config_hash: str, uri: str | None = None) -> str | None:
     """The newest READY version of ``name`` tagged ``config_hash`` whose files still exist,
     as ``models:/<name>/<version>``; None if there is none (or no such registered model)."""
-    check_model_name(name)
-    _check_hash(config_hash)
+    checkpoint.check_model_name(name)
+    checkpoint.check_config_hash(config_hash)
     c = client(uri)
     found = retry_locked(c.search_model_versions,
                          f"name = '{name}' and tags.config_hash = '{config_hash}'")
@@ -440,7 +394,7 @@ def _has_model_files(run_id: str | None, uri: str | None) -> bool:
         files = {Path(f.path).name for f in client(uri).list_artifacts(run_id, MODEL_DIR)}
     except (MlflowException, OSError):  # run or artifact folder deleted since registration
         return False
-    return {"state_dict.pt", "model.json"} <= files
+    return checkpoint.has_model_files(files)
 
 
 def load_registered(model_uri: str, device: Any = "cpu", uri: str | None = None) -> Any:
@@ -453,9 +407,8 @@ def load_registered(model_uri: str, device: Any = "cpu", uri: str | None = None)
     import tempfile
 
     import mlflow.artifacts
-    import torch
 
-    name, version, alias = parse_model_uri(model_uri)
+    name, version, alias = checkpoint.parse_model_uri(model_uri)
     c = client(uri)
     if alias is not None:
         version = retry_locked(c.get_model_version_by_alias, name, alias).version
@@ -463,37 +416,15 @@ def load_registered(model_uri: str, device: Any = "cpu", uri: str | None = None)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=tmp, tracking_uri=uri or tracking_uri()))
-        spec = json.loads((local / "model.json").read_text())
-        state = torch.load(local / "state_dict.pt", map_location="cpu", weights_only=True)
-    return _rebuild(spec, state, device, model_uri)
-
-
-def _rebuild(spec: dict, state: dict, device: Any, model_uri: str) -> Any:
-    import torch
-
-    from lrpipe.config import ModelConfig
-    from lrpipe.models import build_model, seed_dropout
-
-    if spec.get("format") != MODEL_FORMAT:
-        raise ValueError(f"model_uri: {model_uri} holds format {spec.get('format')!r}; "
-                         f"allowed: {MODEL_FORMAT} (written by register_model)")
-    # Built on the meta device (no memory, no draws from the global RNG that concurrent tasks
-    # share), then the loaded tensors are assigned as the parameters.
-    with torch.device("meta"):
-        model = build_model(ModelConfig(**spec["model"]), tuple(spec["input_shape"]),
-                            int(spec["num_classes"]))
-    model.load_state_dict(state, strict=True, assign=True)
-    model.to(device)
-    seed_dropout(model, 0, device)
-    return model
+        return checkpoint.load_model(local, device, model_uri)
 
 
 # --- resume and stale runs ---
 # A sweep's parent run carries SWEEP_TAG (a hash of the flow name and its sorted config hashes);
-# every run carries the host, pid and pid start time of the process writing it. So a later flow
-# can tell a run whose process died (SIGKILL, power loss) from a live one, mark it KILLED, and
-# resume into a crashed sweep instead of starting over. Resumable = FAILED or KILLED: a RUNNING
-# parent after stale marking belongs to a live process (or another host) and is never taken.
+# every run carries lrpipe.procs' tags naming its writer. So a later flow can mark KILLED a run
+# whose process died and resume into a crashed sweep instead of starting over. Resumable =
+# FAILED or KILLED: a RUNNING parent after stale marking belongs to a live process (or another
+# host) and is never taken.
 
 SWEEP_TAG = "sweep_id"
 # Parents this process started as new sweeps (open_sweep), with the children it finished under
@@ -502,47 +433,7 @@ SWEEP_TAG = "sweep_id"
 # process does not), so finished_child answers for them without a search (~45 ms a task).
 # Keyed by pid as well: a forked process inherits a copy it must not trust.
 _STARTED_HERE: dict[tuple[int, str], dict[str, str]] = {}
-HOST_TAG, PID_TAG, PID_STARTED_TAG = "host", "pid", "pid_started"
 RESUMABLE = ("FAILED", "KILLED")
-
-
-def _proc_stat(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name (state first); [] where unknown."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text.rsplit(")", 1)[1].split()
-
-
-def _pid_started(pid: int) -> str:
-    # Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid it names one process
-    # even after the kernel reuses the pid number.
-    fields = _proc_stat(pid)
-    return fields[19] if len(fields) > 19 else ""
-
-
-def process_tags() -> dict[str, str]:
-    """Tags naming the process that writes a run: host, pid and the pid's start time."""
-    import socket
-
-    pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_STARTED_TAG: _pid_started(pid)}
-
-
-def process_alive(pid: int, started: str = "") -> bool:
-    """Whether process ``pid`` (started at ``started``, if known) still runs on this host.
-    A zombie (exited, not yet reaped) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    fields = _proc_stat(pid)
-    if fields and fields[0] == "Z":
-        return False
-    return not started or not fields or _pid_started(pid) == started
 
 
 def _search_all(experiment_ids: list[str], filter_string: str, uri: str | None = None,
@@ -566,18 +457,12 @@ def mark_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
     Runs without process tags, from other hosts, or from live processes are left alone.
     Returns the ids marked.
     """
-    import socket
-
     exp = retry_locked(client(uri).get_experiment_by_name, experiment)
     if exp is None:
         return []
-    host, stale = socket.gethostname(), []
+    stale = []
     for run in _search_all([exp.experiment_id], "attributes.status = 'RUNNING'", uri):
-        tags = run.data.tags
-        pid = tags.get(PID_TAG, "")
-        if tags.get(HOST_TAG) != host or not pid.isdigit():
-            continue
-        if not process_alive(int(pid), tags.get(PID_STARTED_TAG, "")):
+        if procs.writer_is_dead(run.data.tags):
             end_run(run.info.run_id, "KILLED", uri=uri)
             stale.append(run.info.run_id)
     return stale
@@ -624,10 +509,10 @@ def open_sweep(
         _STARTED_HERE.pop((os.getpid(), run_id), None)  # others may have added children since
         retry_locked(client(uri).update_run, run_id, "RUNNING")
         resumes = int(latest.data.tags.get("resumes", "0")) + 1
-        set_tags(run_id, {**process_tags(), "resumes": resumes}, uri=uri)
+        set_tags(run_id, {**procs.process_tags(), "resumes": resumes}, uri=uri)
         return run_id, True
     run_id = start_run(experiment, name, params=params, uri=uri,
-                       tags={SWEEP_TAG: sweep_id, **process_tags(), **(tags or {})})
+                       tags={SWEEP_TAG: sweep_id, **procs.process_tags(), **(tags or {})})
     _STARTED_HERE[os.getpid(), run_id] = {}
     return run_id, False
 

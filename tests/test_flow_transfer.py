@@ -28,7 +28,7 @@ from flows.transfer import (
     transfer_config,
     verdict_line,
 )
-from lrpipe import tracking
+from lrpipe import checkpoint, tracking
 from lrpipe.config import ConfigError, ModelConfig
 from lrpipe.models import layer_names, make_model
 from lrpipe.transfer import finetune, target_config
@@ -100,14 +100,14 @@ def test_newest_version_wins_and_missing_files_are_skipped(mlflow_store):
 
 
 def test_model_uris_and_names_are_checked():
-    assert tracking.parse_model_uri("models:/m-1/12") == ("m-1", "12", None)
-    assert tracking.parse_model_uri("models:/m@best") == ("m", None, "best")
+    assert checkpoint.parse_model_uri("models:/m-1/12") == ("m-1", "12", None)
+    assert checkpoint.parse_model_uri("models:/m@best") == ("m", None, "best")
     for bad in ("runs:/abc/model", "models:/m", "models:/m/latest", "models:/m/1/x", "m/1"):
         with pytest.raises(ValueError, match="models:/<name>/<version>"):
-            tracking.parse_model_uri(bad)
+            checkpoint.parse_model_uri(bad)
     for bad in ("", "a b", "x'; drop", "é", 3):
         with pytest.raises(ConfigError, match="model_name"):
-            tracking.check_model_name(bad)
+            checkpoint.check_model_name(bad)
 
 
 def test_bad_name_registers_nothing(mlflow_store):

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from lrpipe import tracking
+from lrpipe import procs, tracking
 from lrpipe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,18 +39,26 @@ def children(parent: str, uri: str, experiment: str = EXPERIMENT) -> list:
 # --- stale runs, sweep identity, reuse: small and fast -----------------------------------
 
 def test_process_tags_name_this_live_process_and_a_dead_pid_is_dead():
-    tags = tracking.process_tags()
-    assert tags[tracking.PID_TAG] == str(os.getpid()) and tags[tracking.PID_STARTED_TAG]
-    assert tracking.process_alive(os.getpid(), tags[tracking.PID_STARTED_TAG])
-    assert not tracking.process_alive(int(DEAD_PID))
+    tags = procs.process_tags()
+    assert tags[procs.PID_TAG] == str(os.getpid()) and tags[procs.PID_STARTED_TAG]
+    assert procs.process_alive(os.getpid(), tags[procs.PID_STARTED_TAG])
+    assert not procs.process_alive(int(DEAD_PID))
     # Same pid, another start time: the pid was reused by a new process, the writer is gone.
-    assert not tracking.process_alive(os.getpid(), "1")
+    assert not procs.process_alive(os.getpid(), "1")
+
+
+def test_a_writer_is_dead_only_if_it_was_on_this_host_and_its_process_is_gone():
+    mine = procs.process_tags()
+    assert not procs.writer_is_dead(mine)
+    assert procs.writer_is_dead({**mine, procs.PID_TAG: DEAD_PID})
+    assert not procs.writer_is_dead({**mine, procs.HOST_TAG: "elsewhere", procs.PID_TAG: DEAD_PID})
+    assert not procs.writer_is_dead({})  # untagged: never judged
 
 
 def test_stale_runs_are_marked_killed_live_and_foreign_ones_are_not(mlflow_store):
-    host = tracking.process_tags()[tracking.HOST_TAG]
+    host = procs.process_tags()[procs.HOST_TAG]
     dead = tracking.start_run("stale", "dead", tags={"host": host, "pid": DEAD_PID})
-    live = tracking.start_run("stale", "live", tags=tracking.process_tags())
+    live = tracking.start_run("stale", "live", tags=procs.process_tags())
     foreign = tracking.start_run("stale", "other host", tags={"host": "elsewhere",
                                                              "pid": DEAD_PID})
     untagged = tracking.start_run("stale", "no tags")
@@ -271,7 +279,7 @@ def test_the_kill_landed_mid_sweep(killed_and_resumed):
     assert len(k["parents"]) == 1
     assert 1 <= len(k["finished"]) < len(LRS)  # so the resume trains fewer than a full run
     assert k["parent"].info.status == "RUNNING"  # SIGKILL left it so: nothing ended it
-    assert k["parent"].data.tags[tracking.PID_TAG] == str(k["pid"])
+    assert k["parent"].data.tags[procs.PID_TAG] == str(k["pid"])
 
 
 @pytest.mark.slow

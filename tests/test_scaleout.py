@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows import common, server
-from lrpipe import tracking
+from lrpipe import procs, tracking
 from lrpipe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def dask_cluster():
             pids = set(client.run(os.getpid).values())
         yield cluster.scheduler_address, pids
     for pid in pids:
-        assert not tracking.process_alive(pid)
+        assert not procs.process_alive(pid)
 
 
 def server_children(pids: set[int]) -> list[str]:
@@ -223,6 +223,6 @@ def test_tasks_ran_in_the_dask_workers_which_started_no_api_server(scaled_out):
     c = tracking.client(scaled_out["uri"])
     exp = c.get_experiment_by_name("lr-sweep")
     kids = c.search_runs([exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` != ''")
-    pids = {int(k.data.tags[tracking.PID_TAG]) for k in kids}
+    pids = {int(k.data.tags[procs.PID_TAG]) for k in kids}
     assert pids <= scaled_out["worker_pids"]
     assert scaled_out["servers"] == []
