@@ -24,7 +24,7 @@ from lrpipe.config import TrainConfig
 from lrpipe.data import Dataset, Split, iterate_batches, load_data
 from lrpipe.models import layer_names, make_model
 from lrpipe.optim import make_optimizer
-from lrpipe.schedules import make_schedule
+from lrpipe.schedules import Schedule, make_schedule
 
 METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
 EVAL_BATCH = 4096
@@ -158,6 +158,27 @@ def _row(epoch: int, model: nn.Module, train_eval: Split, val: Split, lr: float,
                 val_error=val_error, lr=lr, time_s=seconds)
 
 
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                 ratios: UpdateRatio,
+                 split: Split, cfg: TrainConfig, gen: torch.Generator, threshold: float,
+                 check_every: int, lr_trace: list[float]) -> bool:
+    """One pass over ``split``; False as soon as a checked batch loss is not finite or above
+    ``threshold`` (that batch's update is not applied)."""
+    for step, (x, y) in enumerate(iterate_batches(split, cfg.batch_size, gen)):
+        lr_trace.append(base_lr(optimizer))
+        loss = batch_loss(model(x), y, cfg.loss)
+        # One comparison catches both: NaN <= x is False, inf <= x is False.
+        if step % check_every == 0 and not bool(loss <= threshold):
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ratios.before_step(step)
+        optimizer.step()
+        ratios.after_step()
+        schedule.after_batch()
+    return True
+
+
 def train(
     cfg: TrainConfig,
     data: Dataset | None = None,
@@ -205,26 +226,15 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         epoch_lr = base_lr(optimizer)
-        for step, (x, y) in enumerate(iterate_batches(data.train, cfg.batch_size, gen)):
-            lr_trace.append(base_lr(optimizer))
-            loss = batch_loss(model(x), y, cfg.loss)
-            # One comparison catches both: NaN <= x is False, inf <= x is False.
-            if step % check_every == 0 and not bool(loss <= threshold):
-                status, diverged_epoch = "diverged", epoch
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ratios.before_step(step)
-            optimizer.step()
-            ratios.after_step()
-            schedule.after_batch()
+        finite = _train_epoch(model, optimizer, schedule, ratios, data.train, cfg, gen,
+                              threshold, check_every, lr_trace)
         elapsed += time.perf_counter() - start
-        if status == "ok":
+        if finite:
             row = _row(epoch, model, train_eval, data.val, epoch_lr, elapsed)
             row.update(ratios.epoch_means())
-            if not (row["train_loss"] <= eval_threshold and math.isfinite(row["val_loss"])):
-                status, diverged_epoch = "diverged", epoch
-        if status == "diverged":
+            finite = row["train_loss"] <= eval_threshold and math.isfinite(row["val_loss"])
+        if not finite:
+            status, diverged_epoch = "diverged", epoch
             break
         rows.append(row)
         if on_epoch:
