@@ -32,7 +32,7 @@ import flows  # noqa: F401  (sets OMP_WAIT_POLICY and Prefect/MLflow defaults be
 import torch
 # isort: on
 
-from kit import Row, load_average, say
+from kit import Row, load_average, matmul_ms, say
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+MATMUL = ("128x784 @ 784x256 matmul, 1 thread, at start (0.7-0.8 ms: quiet host; 1.6-1.8 ms: "
+          "busy)")
+
+
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
     cpu = platform.processor() or "unknown"
@@ -85,6 +89,7 @@ def machine() -> dict[str, str]:
                                     + os.environ.get("OMP_WAIT_POLICY", "unset"),
         "python": platform.python_version(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        MATMUL: f"{matmul_ms():.2f} ms",
     }
 
 
@@ -192,7 +197,8 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "is given, which load moves less.",
         "",
         "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()],
-        f"| load average at end | {load_average():.2f} |", "",
+        f"| load average at end | {load_average():.2f} |",
+        f"| the same matmul at end | {matmul_ms():.2f} ms |", "",
         table([r for r in rows if r.case != "g"], kept), "", kept_note, "", g_line, "",
         "Cases: (a) training only = train()'s `time_s` (its evaluation and epoch-0 evaluation "
         "excluded) against the hand loop's training time; whole call = train() against the "
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine()
     say(f"lrpipe bench: {info['CPU']}, cores {info['cores (usable / machine)']}, load "
-        f"{info['load average at start (1, 5, 15 min)']}, torch {info['torch']}")
+        f"{info['load average at start (1, 5, 15 min)']}, torch {info['torch']}, one-thread "
+        f"matmul {info[MATMUL]} (0.7-0.8 ms on a quiet host)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lrpipe-bench-") as tmp:
         # A throwaway MLflow store: bench runs stay out of the project's UI.

@@ -51,6 +51,24 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def matmul_ms(calls: int = 300) -> float:
+    """Median milliseconds of the MLP's first-layer matmul (128x784 @ 784x256) on one thread:
+    the state of a shared host's core. The step of (a), (b) and (c) is mostly this product, and
+    this machine has been seen at 0.7-0.8 ms (idle neighbours) and 1.6-1.8 ms (busy ones)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(128, 784), torch.randn(784, 256)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return 1000 * statistics.median(times)
+
+
 @dataclass
 class Row:
     """One measured comparison. ``value`` is a speed-up (baseline s / lrpipe s, ``unit`` "x")
