@@ -32,7 +32,7 @@ import flows  # noqa: F401  (sets OMP_WAIT_POLICY and Prefect/MLflow defaults be
 import torch
 # isort: on
 
-from kit import Row, load_average, matmul_ms, say
+from kit import MATMUL_SEEN, Row, load_average, matmul_ms, say
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
@@ -66,8 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-MATMUL = ("128x784 @ 784x256 matmul, 1 thread, at start (0.7-0.8 ms: quiet host; 1.6-1.8 ms: "
-          "busy)")
+MATMUL = f"128x784 @ 784x256 matmul, 1 thread, at start ({MATMUL_SEEN})"
 
 
 def machine() -> dict[str, str]:
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     say(f"lrpipe bench: {info['CPU']}, cores {info['cores (usable / machine)']}, load "
         f"{info['load average at start (1, 5, 15 min)']}, torch {info['torch']}, one-thread "
-        f"matmul {info[MATMUL]} (0.7-0.8 ms on a quiet host)")
+        f"matmul {info[MATMUL]} ({MATMUL_SEEN})")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lrpipe-bench-") as tmp:
         # A throwaway MLflow store: bench runs stay out of the project's UI.

@@ -51,10 +51,14 @@ def load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+# What matmul_ms() read on this machine with quiet and with busy neighbours on the host.
+MATMUL_SEEN = "0.7-0.8 ms: quiet host; 1.5-1.8 ms: busy"
+
+
 def matmul_ms(calls: int = 300) -> float:
     """Median milliseconds of the MLP's first-layer matmul (128x784 @ 784x256) on one thread:
-    the state of a shared host's core. The step of (a), (b) and (c) is mostly this product, and
-    this machine has been seen at 0.7-0.8 ms (idle neighbours) and 1.6-1.8 ms (busy ones)."""
+    the state of a shared host's core (the step of (a), (b) and (c) is mostly this product;
+    MATMUL_SEEN says what it reads here)."""
     import torch
 
     threads = torch.get_num_threads()
