@@ -5,8 +5,9 @@ schedule as one computation: every weight tensor gets a leading member axis (K, 
 layers run as one wide GEMM (shared batch) or ``baddbmm`` (per-member batches), other models
 (the CNN) through ``torch.func.vmap`` + ``functional_call``. Member k starts from the weights
 ``make_model(..., seed=cfg_k.seed)`` gives, sees the batches ``train()`` would draw for its
-seed, is updated with torch.optim's formulas at its own rate, and yields its own TrainResult
-with ``train()``'s history columns. A diverging member is frozen and dropped; the others go on.
+seed, is updated with torch.optim's formulas at its own rate (``lrpipe.member_update``),
+and yields its own TrainResult with ``train()``'s history columns. A diverging member is
+frozen and dropped; the others go on.
 
 Batching pays for small models and on GPUs; on a busy 2-core CPU a K-batched MLP is about as
 fast as K sequential runs (FIELD_NOTES). ``lrpipe.many`` measures it per model and device
@@ -27,17 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lrpipe.config import OptimConfig, TrainConfig
+from lrpipe.config import TrainConfig
 from lrpipe.data import Dataset, Split, iterate_batches
+from lrpipe.member_update import UpdateRatios, direction
 from lrpipe.models import SeededDropout, make_model
 from lrpipe.optim import param_groups
 from lrpipe.train import EVAL_BATCH, TrainResult, eval_train_split, resolve_device
 
 BATCHED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
-# torch.optim's defaults, which the per-member math below reproduces.
-ADAGRAD_EPS = 1e-10
-RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8
-ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 _LINEAR_ONLY = (nn.Flatten, nn.Linear, nn.ReLU, SeededDropout)
 
 
@@ -179,89 +177,6 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Ten
     return (logits - target).square().sum((1, 2)) / y.shape[1]
 
 
-def _zeros(state: dict, key: str, like: torch.Tensor) -> torch.Tensor:
-    """``state[key]``, created as zeros on first use (setdefault would allocate every call)."""
-    if key not in state:
-        state[key] = torch.zeros_like(like)
-    return state[key]
-
-
-def _direction(cfg: OptimConfig, p: torch.Tensor, g: torch.Tensor, state: dict,
-               step: int) -> tuple[torch.Tensor, float]:
-    """(d, scale): torch.optim's update is ``p -= rate * scale * d``, state updated in place."""
-    if cfg.weight_decay:
-        g = g.add(p, alpha=cfg.weight_decay)
-    name = cfg.name
-    if name in ("momentum", "nesterov"):  # dampening 0; the first buffer is the gradient
-        buf = state.get("buf")
-        if buf is None:
-            buf = state["buf"] = g.clone()
-        else:
-            buf.mul_(cfg.momentum).add_(g)
-        return (g.add(buf, alpha=cfg.momentum) if name == "nesterov" else buf), 1.0
-    if name == "adagrad":
-        acc = _zeros(state, "sum", p)
-        acc.addcmul_(g, g, value=1)
-        return g / acc.sqrt().add_(ADAGRAD_EPS), 1.0
-    if name == "rmsprop":
-        sq = _zeros(state, "square_avg", p)
-        sq.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
-        return g / sq.sqrt().add_(RMSPROP_EPS), 1.0
-    if name == "adam":
-        (b1, b2), m = ADAM_BETAS, _zeros(state, "exp_avg", p)
-        v = _zeros(state, "exp_avg_sq", p)
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        denom = v.sqrt().div_((1 - b2**step) ** 0.5).add_(ADAM_EPS)
-        return m / denom, 1.0 / (1 - b1**step)
-    return g, 1.0  # sgd
-
-
-class _UpdateRatios:
-    """``train.UpdateRatio`` per member: ||update|| / ||weight|| per layer, averaged over every
-    ``every``-th step of an epoch (the cs231n rule of thumb: about 1e-3 is healthy).
-
-    ||update|| comes from rate x direction, not from a copy of the weights: copying K models
-    and differencing in float64 cost 20% of a K=16 MLP step, two norms per tensor under 1%."""
-
-    def __init__(self, params: dict[str, torch.Tensor], every: int = 10) -> None:
-        self.layers: dict[str, list[str]] = {}
-        for name in params:
-            self.layers.setdefault(name.split(".")[0], []).append(name)
-        self.every, self.pending, self.sums, self.counts = every, {}, {}, {}
-
-    def sampled(self, step: int) -> bool:
-        """Whether this step of the epoch is one of the sampled ones."""
-        return step % self.every == 0
-
-    def add_update(self, name: str, direction: torch.Tensor, rate: torch.Tensor) -> None:
-        """Record parameter ``name``'s update ``rate * direction`` (rate: (K, 1, ...))."""
-        sq = _norms_sq(direction) * rate.reshape(-1).double().square()
-        layer = name.split(".")[0]
-        self.pending[layer] = self.pending.get(layer, 0.0) + sq
-
-    def end_step(self, params: dict[str, torch.Tensor]) -> None:
-        """After the sampled step's updates: one ratio per layer and member."""
-        for layer, names in self.layers.items():
-            delta = self.pending.get(layer, 0.0)  # a frozen layer has no update
-            norm = sum(_norms_sq(params[n].detach()) for n in names)
-            self.sums[layer] = self.sums.get(layer, 0.0) + torch.where(
-                norm > 0, (delta / norm).sqrt(), 0.0)
-            self.counts[layer] = self.counts.get(layer, 0) + (norm > 0).double()
-        self.pending = {}
-
-    def epoch_means(self) -> dict[str, list[float]]:
-        """``{"ratio/<layer>": [member 0, member 1, ...]}``; the sums start again."""
-        means = {f"ratio/{n}": (self.sums[n] / self.counts[n]).tolist() for n in self.sums}
-        self.sums, self.counts = {}, {}
-        return means
-
-
-def _norms_sq(t: torch.Tensor) -> torch.Tensor:
-    """(K,) float64 squared L2 norm of each member's slice of ``t`` (K, ...)."""
-    return torch.linalg.vector_norm(t.flatten(1), dim=1).double().square()
-
-
 class _BatchedStep:
     """One training step of all members: forward, per-member loss, backward, masked update."""
 
@@ -270,7 +185,7 @@ class _BatchedStep:
         self.cfg, self.steps, self.state = cfgs[0], 0, {n: {} for n in self.members.params}
         k = self.members.k
         self.alive = torch.ones(k, dtype=torch.bool, device=device)
-        self.ratios = _UpdateRatios(self.members.params)
+        self.ratios = UpdateRatios(self.members.params)
         self.threshold = torch.full((k,), math.inf, dtype=torch.float64, device=device)
         self.eval_threshold = [math.inf] * k  # epoch rows' cross-entropy limit per member
         self.last_losses: torch.Tensor | None = None  # (K,) last step's losses, before its update
@@ -293,7 +208,7 @@ class _BatchedStep:
         sampled = self.ratios.sampled(step_in_epoch)
         with torch.no_grad():
             for (name, p), g in zip(trainable.items(), grads, strict=True):
-                d, scale = _direction(self.cfg.optim, p, g, self.state[name], self.steps)
+                d, scale = direction(self.cfg.optim, p, g, self.state[name], self.steps)
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 rate = (rates * (self.members.mult[name] * scale)).to(p.dtype).view(shape)
                 if not all_alive:  # where, not rate 0: 0 x NaN would reach frozen weights

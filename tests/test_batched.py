@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from lrpipe import batched, many
-from lrpipe.batched import _direction, check_batchable, member_losses, train_batched
+from lrpipe.batched import check_batchable, member_losses, train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import Dataset, Split, load_data
 from lrpipe.many import batching_pays, group_batchable, group_pays, train_many
+from lrpipe.member_update import direction
 from lrpipe.train import batch_loss, train
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
@@ -222,7 +223,7 @@ def test_member_losses_by_hand():
 
 def test_sgd_step_by_hand():
     p, g = torch.tensor([[1.0], [1.0]]), torch.tensor([[2.0], [2.0]])
-    d, scale = _direction(OptimConfig(name="sgd", lr=1.0), p, g, {}, step=1)
+    d, scale = direction(OptimConfig(name="sgd", lr=1.0), p, g, {}, step=1)
     rates = torch.tensor([[0.1], [0.5]])
     assert torch.allclose(p - rates * scale * d, torch.tensor([[0.8], [0.0]]))
 
@@ -236,7 +237,7 @@ def test_update_math_matches_torch_optim(f64, opt):
     grads = [torch.randn(2, 5, 3, generator=gen) for _ in range(4)]
     p, state = p0.clone(), {}
     for t, g in enumerate(grads, start=1):
-        d, scale = _direction(cfg, p, g, state, t)
+        d, scale = direction(cfg, p, g, state, t)
         p -= torch.tensor(lrs).view(2, 1, 1) * scale * d
     for k, lr in enumerate(lrs):
         ref = torch.nn.Parameter(p0[k].clone())
