@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from flows.transfer import (
-    compare,
     finetune_and_log,
     finetune_config,
     plan_runs,
@@ -26,8 +25,8 @@ from flows.transfer import (
     pretrained_model,
     run_name,
     transfer_config,
-    verdict_line,
 )
+from flows.transfer_results import compare, verdict_line
 from lrpipe import checkpoint, tracking
 from lrpipe.config import ConfigError, ModelConfig
 from lrpipe.models import layer_names, make_model
