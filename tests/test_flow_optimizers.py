@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flows import optimizer_compare as oc
+from flows.optimizer_surfaces import series_steps
 from lrpipe import optimizers_real as real
 from lrpipe import tracking
 from lrpipe.config import ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -149,8 +150,8 @@ def test_settings_are_checked_with_the_field_named():
 
 
 def test_series_steps_and_run_configs():
-    assert oc.series_steps(100, 5) == [0, 25, 50, 75, 100]
-    assert oc.series_steps(3, 21) == [0, 1, 2, 3]
+    assert series_steps(100, 5) == [0, 25, 50, 75, 100]
+    assert series_steps(3, 21) == [0, 1, 2, 3]
     base = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                        model=ModelConfig(hidden=(32,)), batch_size=64)
     runs = real.compare_runs(base, {"adam": 0.001}, 2)
@@ -222,7 +223,7 @@ def test_surface_children_log_rate_distance_and_series(flow_run):
         assert r.data.params["surface"] == "saddle"
         assert {"lr", "final_loss", "final_distance"} <= set(r.data.metrics)
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "loss")]
-        assert steps == oc.series_steps(100)
+        assert steps == series_steps(100)
     assert {row["optimizer"] for row in result["surfaces"]} == set(OPTIMIZERS)
 
 

@@ -1,0 +1,96 @@
+"""The optimizers flow's 2-D surface part: one task per (surface, optimizer) that tunes the
+rate on the shared grid and logs a child run, and what the parent run gets per surface
+(contour with every path, loss against step, animated GIF, summary table)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from prefect import task
+
+from lrpipe import tracking
+from lrpipe.surface_plots import animate_paths, plot_contour_paths, plot_surface_losses
+from lrpipe.surfaces import LR_GRID, compare_on_surface, get_surface, summarize_paths
+
+SERIES_POINTS = 21  # points of a surface child's loss series (one sqlite transaction each)
+
+
+def series_steps(last: int, points: int = SERIES_POINTS) -> list[int]:
+    """At most ``points`` steps evenly spread over 0..last, both ends included."""
+    return sorted({round(last * i / max(1, points - 1)) for i in range(points)})
+
+
+def _log_surface_run(run_id: str, paths: pd.DataFrame, summary: dict | None) -> None:
+    if summary is None:
+        tracking.set_tags(run_id, {"status": "diverged at every rate"})
+        return
+    tracking.log_metrics(run_id, {k: float(summary[k]) for k in (
+        "lr", "final_loss", "final_distance", "success", "steps_to_success")
+        if pd.notna(summary[k])}, step=0)
+    by_step = paths.set_index("step")
+    for step in series_steps(int(by_step.index.max())):
+        tracking.log_metrics(run_id, {"loss": by_step.at[step, "loss"],
+                                      "distance": by_step.at[step, "distance"]}, step=step)
+    tracking.set_tags(run_id, {"status": "ok", "success": summary["success"]})
+
+
+@task(name="surface", task_run_name="{surface_name} {optimizer}")
+def compare_on_surface_task(surface_name: str, optimizer: str, parent_run_id: str,
+                            experiment: str, threads: int = 1) -> dict:
+    """Tune ``optimizer``'s rate on one surface (same grid and budget for all), run it from the
+    surface's start, log it as a child run; return its summary row and path."""
+    torch.set_num_threads(threads)
+    surface = get_surface(surface_name)
+    paths = compare_on_surface(surface, [optimizer])
+    summary = (summarize_paths(paths, surface.success_radius).iloc[0].to_dict()
+               if len(paths) else None)
+    lr = None if summary is None else float(summary["lr"])
+    name = f"{surface_name} {optimizer} " + ("diverged" if lr is None else f"lr={lr:.3g}")
+    run_id = tracking.start_run(
+        experiment, name, parent_run_id=parent_run_id,
+        params={"surface": surface_name, "optimizer": optimizer, "lr": lr,
+                "steps": surface.steps, "start": list(surface.start),
+                "lr_grid": f"{len(LR_GRID)} rates {LR_GRID[0]:g}..{LR_GRID[-1]:g}"},
+        tags={"optimizer": optimizer, "surface": surface_name, "part": "surface"})
+    try:
+        _log_surface_run(run_id, paths, summary)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id)
+    return {"surface": surface_name, "optimizer": optimizer, "lr": lr, "run_id": run_id,
+            "summary": summary, "paths": paths}
+
+
+def describe_surface(result: dict) -> str:
+    s = result["summary"]
+    if s is None:
+        return f"{result['surface']} {result['optimizer']}: every rate diverged"
+    return (f"{result['surface']} {result['optimizer']}: lr {s['lr']:.3g}, distance to the "
+            f"minimum {s['final_distance']:.3g}")
+
+
+def log_surfaces(parent: str, results: list[dict]) -> pd.DataFrame:
+    """Per surface on the parent: contour with paths, loss against step, GIF, summary table."""
+    tables = []
+    for name in dict.fromkeys(r["surface"] for r in results):
+        frames = [r["paths"] for r in results if r["surface"] == name and len(r["paths"])]
+        if not frames:
+            continue  # every optimizer diverged at every rate: nothing to draw
+        surface, paths = get_surface(name), pd.concat(frames, ignore_index=True)
+        table = summarize_paths(paths, surface.success_radius)
+        tables.append(table)
+        tracking.log_figure(parent, plot_contour_paths(surface, paths), f"{name}_paths")
+        tracking.log_figure(parent, plot_surface_losses(paths), f"{name}_loss")
+        tracking.log_bytes(parent, animate_paths(surface, paths), f"figures/{name}.gif")
+        tracking.log_table(parent, table, f"surfaces/{name}.csv")
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def surface_answer(table: pd.DataFrame) -> pd.DataFrame:
+    """optimizer x surface: the tuned rate and the final distance to the minimum."""
+    if table.empty:
+        return table
+    wide = table.pivot(index="optimizer", columns="surface", values=["lr", "final_distance"])
+    wide = wide.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
+    return wide.reindex(pd.unique(table["optimizer"]))
