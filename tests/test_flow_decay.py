@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from flows import decay_compare as dc
+from flows import decay_results as dr
 from flows import schedule_preview as sp
 from lrpipe import tracking
 from lrpipe.config import ConfigError, TrainConfig
@@ -104,17 +105,17 @@ def test_rank_schedules_adds_gap_columns_by_hand():
         run("constant", 1, [2.0, 1.5, 1.2, 1.1, 1.0], [2.1, 1.6, 1.3, 1.2, 1.3]),
     ], ignore_index=True)
     decays = pd.DataFrame({"schedule": ["cosine", "constant"], "total_decay": [100.0, 1.0]})
-    ranking = dc.rank_schedules(history, decays).set_index("schedule")
+    ranking = dr.rank_schedules(history, decays).set_index("schedule")
     assert list(ranking.index) == ["cosine", "constant"]
     assert ranking.loc["cosine", "gap_growth_epoch"] == 1
     assert pd.isna(ranking.loc["constant", "gap_growth_epoch"])  # gap flat, then one blip
     assert ranking.loc["cosine", "final_gap_mean"] == pytest.approx(0.4)
     assert ranking.loc["constant", "final_gap_mean"] == pytest.approx(0.2)
-    vs = dc.versus_constant(ranking.reset_index())
+    vs = dr.versus_constant(ranking.reset_index())
     assert vs == {"best_decaying": "cosine", "best_val_loss": pytest.approx(0.8),
                   "constant_val_loss": pytest.approx(1.2), "beats_constant": True}
-    assert dc.versus_constant(ranking.reset_index().iloc[:1]) is None
-    text = dc.ranking_text(ranking.reset_index())
+    assert dr.versus_constant(ranking.reset_index().iloc[:1]) is None
+    text = dr.ranking_text(ranking.reset_index())
     assert "0.8000 +- 0.0000 [0.8000, 0.8000]" in text and "100x" in text
 
 
@@ -130,7 +131,7 @@ def test_loss_table_summarizes_per_training_loss():
              "val_loss": v, "train_error": 0.0, "val_error": v / 10, "lr": 0.1}
             for loss, seed, v in [("cross_entropy", 0, 0.4), ("cross_entropy", 1, 0.6),
                                   ("mse", 0, 1.0), ("mse", 1, 1.2)]]
-    table = dc.loss_table(pd.DataFrame(rows)).set_index("loss")
+    table = dr.loss_table(pd.DataFrame(rows)).set_index("loss")
     assert table.loc["cross_entropy", "final_val_loss_mean"] == pytest.approx(0.5)
     assert table.loc["mse", "final_val_error_mean"] == pytest.approx(0.11)
     assert table.loc["mse", "n_seeds"] == 2 and table.loc["cross_entropy", "rank"] == 1
