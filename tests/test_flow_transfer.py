@@ -26,7 +26,7 @@ from flows.transfer import (
     run_name,
     transfer_config,
 )
-from flows.transfer_results import compare, verdict_line
+from flows.transfer_results import compare, print_summary, verdict_line
 from lrpipe import checkpoint, tracking
 from lrpipe.config import ConfigError, ModelConfig
 from lrpipe.models import layer_names, make_model
@@ -185,6 +185,20 @@ def test_compare_hand_computed():
     assert "did not beat head_mult" in verdict_line(compare(summary, "uniform", "head_mult"), tc)
     assert "one seed" in verdict_line(compare(one, "head_mult", "uniform"), tc)
 
+
+
+def test_printed_link_opens_the_flows_own_experiment(mlflow_store, capsys):
+    """The summary's MLflow link points into the experiment the flow logged to (it once named
+    the default ``transfer`` experiment whatever ``experiment`` was)."""
+    parent = tracking.start_run("my-transfer", "parent")
+    tracking.end_run(parent)
+    summary = pd.DataFrame({"strategy": ["head_mult"], "mean": [0.1], "std": [0.01],
+                            "seeds": [3]})
+    pre = {"reused": True, "model_uri": "models:/m/1"}
+    print_summary(transfer_config(), summary, pd.DataFrame(), pre, [], parent, "my-transfer",
+                  1.0, 1)
+    own = tracking.experiment_id("my-transfer")
+    assert f"/#/experiments/{own}/runs/{parent}" in capsys.readouterr().out
 
 # --- settings refused before any run ---------------------------------------------------------
 
