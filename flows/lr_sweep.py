@@ -64,7 +64,9 @@ def best_rate(summary: pd.DataFrame) -> pd.Series | None:
     return None if ok.empty else ok.loc[ok["val_loss"].idxmin()]
 
 
-def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float) -> None:
+def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float,
+                  experiment: str = EXPERIMENT) -> None:
+    """Per-rate table, the best rate, and the links to the parent run and its report."""
     print(f"\nlr_sweep: {len(summary)} rates in {seconds:.0f} s")
     print(summary.drop(columns=["run_id"]).to_string(index=False, float_format="%.4g"))
     best = best_rate(summary)
@@ -73,7 +75,7 @@ def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float) -> None
     else:
         print(f"Best rate: lr={best['lr']:g}  validation loss {best['val_loss']:.4f}, "
               f"validation accuracy {1 - best['val_error']:.4f}")
-    url = tracking.run_url(parent_id, EXPERIMENT)
+    url = tracking.run_url(parent_id, experiment)
     print(f"MLflow: {url}  (start the UI with `make ui`)")
     print(f"Report: {url.split('?')[0]}/artifacts/report.md?workflowType=machine_learning")
 
@@ -132,7 +134,7 @@ def lr_sweep(
         tracking.end_run(parent, "FAILED")
         raise
     tracking.end_run(parent)
-    print_summary(summary, parent, time.perf_counter() - start)
+    print_summary(summary, parent, time.perf_counter() - start, experiment)
     return {"parent_run_id": parent, "summary": summary.to_dict("records"),
             "best_lr": None if best is None else float(best["lr"])}
 

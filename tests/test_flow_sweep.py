@@ -71,3 +71,22 @@ def test_bad_rates_are_refused_before_any_run(prefect_harness, mlflow_store):
     with pytest.raises(ConfigError, match="runner"):
         run(lrs=[0.1], epochs=1, overrides=OVERRIDES, runner="ray")
     assert len(tracking.client(mlflow_store).search_experiments()) == before
+
+
+def test_printed_links_open_the_flows_own_experiment(mlflow_store, capsys):
+    """The summary's MLflow and report links point into the experiment the sweep logged to
+    (they once named the default ``lr-sweep`` experiment whatever ``experiment`` was)."""
+    import pandas as pd
+
+    from flows.lr_sweep import print_summary
+
+    parent = tracking.start_run("my-sweep", "parent")
+    tracking.end_run(parent)
+    summary = pd.DataFrame({"lr": [0.1], "status": ["ok"], "val_loss": [0.4],
+                            "val_error": [0.1], "best_val_error": [0.1],
+                            "diverged_epoch": [None], "run_id": ["x"]})
+    print_summary(summary, parent, 1.0, "my-sweep")
+    out = capsys.readouterr().out
+    own = tracking.experiment_id("my-sweep")
+    assert f"MLflow: http://127.0.0.1:5000/#/experiments/{own}/runs/{parent}?" in out
+    assert f"Report: http://127.0.0.1:5000/#/experiments/{own}/runs/{parent}/artifacts/" in out
