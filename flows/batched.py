@@ -28,7 +28,7 @@ from flows.common import (
     task_result,
     train_and_log,
 )
-from lrpipe import procs, tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.config import TrainConfig, from_dict, to_dict
 from lrpipe.data import Dataset
 from lrpipe.many import group_batchable, group_pays, plan_many, train_many
@@ -110,7 +110,7 @@ def train_group_and_log(
     member_tags = _member_tags(tags, len(cfgs))
     results: list[dict | None] = [None] * len(cfgs)
     for i, cfg in enumerate(cfgs):
-        if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
+        if parent_run_id and (done := resume.finished_child(parent_run_id, cfg.hash(), uri)):
             results[i] = result_from_run(done, cfg, names[i], uri)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:

@@ -21,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lrpipe import procs, tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
 from lrpipe.data import Dataset, load_data
 from lrpipe.models import build_model
@@ -288,8 +288,8 @@ def open_parent(experiment: str, flow_name: str, cfgs: list[TrainConfig], name: 
     """The flow's parent run, resumable: ``(run_id, resumed)``. The sweep's identity is its
     flow name and sorted config hashes; a crashed (FAILED/KILLED) sweep of the same identity
     is resumed, so its FINISHED children are reused; otherwise a new sweep starts."""
-    sweep_id = tracking.sweep_identity(flow_name, [c.hash() for c in cfgs])
-    parent, resumed = tracking.open_sweep(experiment, name, sweep_id, params=params)
+    sweep_id = resume.sweep_identity(flow_name, [c.hash() for c in cfgs])
+    parent, resumed = resume.open_sweep(experiment, name, sweep_id, params=params)
     if resumed:
         print(f"{flow_name}: resuming sweep {sweep_id} into parent run {parent}; finished runs "
               "are reused, failed, killed and missing ones run again", flush=True)
@@ -345,7 +345,7 @@ def train_and_log(
     # torch's intra-op thread count is per OS thread under OpenMP: set it in the task's thread.
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
-    if parent_run_id and (done := tracking.finished_child(parent_run_id, cfg.hash(), uri)):
+    if parent_run_id and (done := resume.finished_child(parent_run_id, cfg.hash(), uri)):
         return result_from_run(done, cfg, name, uri)
     data = dataset_for(cfg)
     run_tags = {"trained": "alone", **procs.process_tags(), **(tags or {})}

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from lrpipe import checkpoint, procs
+from lrpipe import checkpoint
 from lrpipe.config import TrainConfig, flatten
 
 T = TypeVar("T")
@@ -255,8 +255,29 @@ def training_run(
         end_run(run_id, "FAILED", uri=uri)
         raise
     end_run(run_id, "FINISHED", uri=uri)
-    if (started_here := _STARTED_HERE.get((os.getpid(), parent_run_id))) is not None:
-        started_here[cfg.hash()] = run_id
+    if (here := children_finished_here(parent_run_id)) is not None:
+        here[cfg.hash()] = run_id
+
+
+# Parents whose children only this process finishes (lrpipe.resume.open_sweep watches the new
+# sweeps it starts): config hash -> child run id, filled by training_run. Keyed by pid as
+# well: a forked process inherits a copy it must not trust.
+_CHILDREN_HERE: dict[tuple[int, str], dict[str, str]] = {}
+
+
+def watch_children(parent_run_id: str, watch: bool = True) -> None:
+    """Start (or, with ``watch`` False, stop) remembering the children that training_run
+    finishes under ``parent_run_id`` in this process."""
+    if watch:
+        _CHILDREN_HERE[os.getpid(), parent_run_id] = {}
+    else:
+        _CHILDREN_HERE.pop((os.getpid(), parent_run_id), None)
+
+
+def children_finished_here(parent_run_id: str | None) -> dict[str, str] | None:
+    """config hash -> run id of the children finished under a watched parent; None if this
+    process does not watch it."""
+    return _CHILDREN_HERE.get((os.getpid(), parent_run_id))
 
 
 EPOCH_LOG_EVERY_S = 5.0
@@ -417,120 +438,6 @@ def load_registered(model_uri: str, device: Any = "cpu", uri: str | None = None)
         local = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=tmp, tracking_uri=uri or tracking_uri()))
         return checkpoint.load_model(local, device, model_uri)
-
-
-# --- resume and stale runs ---
-# A sweep's parent run carries SWEEP_TAG (a hash of the flow name and its sorted config hashes);
-# every run carries lrpipe.procs' tags naming its writer. So a later flow can mark KILLED a run
-# whose process died and resume into a crashed sweep instead of starting over. Resumable =
-# FAILED or KILLED: a RUNNING parent after stale marking belongs to a live process (or another
-# host) and is never taken.
-
-SWEEP_TAG = "sweep_id"
-# Parents this process started as new sweeps (open_sweep), with the children it finished under
-# each: config hash -> run id. Nothing else finishes a child of such a parent (a later process
-# resumes only FAILED or KILLED parents; under a process runner the workers train and this
-# process does not), so finished_child answers for them without a search (~45 ms a task).
-# Keyed by pid as well: a forked process inherits a copy it must not trust.
-_STARTED_HERE: dict[tuple[int, str], dict[str, str]] = {}
-RESUMABLE = ("FAILED", "KILLED")
-
-
-def _search_all(experiment_ids: list[str], filter_string: str, uri: str | None = None,
-                order_by: list[str] | None = None, limit: int | None = None) -> list:
-    """Every run matching ``filter_string`` (pages followed), or the first ``limit``."""
-    c = client(uri)
-    runs, token = [], None
-    while True:
-        page = retry_locked(c.search_runs, experiment_ids, filter_string,
-                            max_results=min(limit or 1000, 1000), order_by=order_by,
-                            page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token or (limit and len(runs) >= limit):
-            return runs[:limit] if limit else runs
-
-
-def mark_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
-    """Mark KILLED every RUNNING run of ``experiment`` whose writer died on this host.
-
-    Runs without process tags, from other hosts, or from live processes are left alone.
-    Returns the ids marked.
-    """
-    exp = retry_locked(client(uri).get_experiment_by_name, experiment)
-    if exp is None:
-        return []
-    stale = []
-    for run in _search_all([exp.experiment_id], "attributes.status = 'RUNNING'", uri):
-        if procs.writer_is_dead(run.data.tags):
-            end_run(run.info.run_id, "KILLED", uri=uri)
-            stale.append(run.info.run_id)
-    return stale
-
-
-def sweep_identity(flow_name: str, config_hashes: list[str]) -> str:
-    """16 hex digits naming a sweep: its flow and its set of configs (order does not matter)."""
-    import hashlib
-
-    text = json.dumps([flow_name, sorted(config_hashes)], separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def latest_sweep(experiment: str, sweep_id: str, uri: str | None = None) -> Any | None:
-    """The most recently started parent run tagged ``sweep_id`` (an mlflow Run), or None."""
-    exp = retry_locked(client(uri).get_experiment_by_name, experiment)
-    if exp is None:
-        return None
-    found = _search_all([exp.experiment_id], f"tags.{SWEEP_TAG} = '{sweep_id}'", uri,
-                        order_by=["attributes.start_time DESC"], limit=1)
-    return found[0] if found else None
-
-
-def open_sweep(
-    experiment: str,
-    name: str,
-    sweep_id: str,
-    *,
-    params: Mapping[str, Any] | None = None,
-    tags: Mapping[str, str] | None = None,
-    uri: str | None = None,
-) -> tuple[str, bool]:
-    """The parent run of sweep ``sweep_id``: ``(run_id, resumed)``.
-
-    First marks stale runs of the experiment KILLED. If the latest parent of this sweep is
-    FAILED or KILLED it is set RUNNING again and reused (``resumed`` True, params untouched:
-    MLflow refuses to change them); otherwise (none, FINISHED, or RUNNING in a live process) a
-    new parent starts, so a scheduled re-run of a finished sweep is a new sweep.
-    """
-    mark_stale_runs(experiment, uri)
-    latest = latest_sweep(experiment, sweep_id, uri)
-    if latest is not None and latest.info.status in RESUMABLE:
-        run_id = latest.info.run_id
-        _STARTED_HERE.pop((os.getpid(), run_id), None)  # others may have added children since
-        retry_locked(client(uri).update_run, run_id, "RUNNING")
-        resumes = int(latest.data.tags.get("resumes", "0")) + 1
-        set_tags(run_id, {**procs.process_tags(), "resumes": resumes}, uri=uri)
-        return run_id, True
-    run_id = start_run(experiment, name, params=params, uri=uri,
-                       tags={SWEEP_TAG: sweep_id, **procs.process_tags(), **(tags or {})})
-    _STARTED_HERE[os.getpid(), run_id] = {}
-    return run_id, False
-
-
-def finished_child(parent_run_id: str, config_hash: str, uri: str | None = None) -> Any | None:
-    """A FINISHED child run of ``parent_run_id`` tagged ``config_hash`` (an mlflow Run), or
-    None: the run a resumed sweep reuses instead of training again."""
-    started_here = _STARTED_HERE.get((os.getpid(), parent_run_id))
-    if started_here is not None:
-        child = started_here.get(config_hash)
-        return None if child is None else retry_locked(client(uri).get_run, child)
-    parent = retry_locked(client(uri).get_run, parent_run_id)
-    found = _search_all(
-        [parent.info.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.config_hash = '{config_hash}' "
-        "and attributes.status = 'FINISHED'", uri,
-        order_by=["attributes.start_time DESC"], limit=1)
-    return found[0] if found else None
 
 
 def run_history(run_id: str, uri: str | None = None) -> pd.DataFrame:

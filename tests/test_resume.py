@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from lrpipe import procs, tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_stale_runs_are_marked_killed_live_and_foreign_ones_are_not(mlflow_store
     foreign = tracking.start_run("stale", "other host", tags={"host": "elsewhere",
                                                              "pid": DEAD_PID})
     untagged = tracking.start_run("stale", "no tags")
-    assert tracking.mark_stale_runs("stale") == [dead]
+    assert resume.mark_stale_runs("stale") == [dead]
     status = {r: tracking.client().get_run(r).info.status for r in (dead, live, foreign, untagged)}
     assert status == {dead: "KILLED", live: "RUNNING", foreign: "RUNNING", untagged: "RUNNING"}
     for run_id in (live, foreign, untagged):
@@ -70,23 +70,23 @@ def test_stale_runs_are_marked_killed_live_and_foreign_ones_are_not(mlflow_store
 
 
 def test_sweep_identity_ignores_order_and_names_the_flow():
-    assert tracking.sweep_identity("a", ["x", "y"]) == tracking.sweep_identity("a", ["y", "x"])
-    assert tracking.sweep_identity("a", ["x"]) != tracking.sweep_identity("b", ["x"])
-    assert tracking.sweep_identity("a", ["x"]) != tracking.sweep_identity("a", ["x", "y"])
+    assert resume.sweep_identity("a", ["x", "y"]) == resume.sweep_identity("a", ["y", "x"])
+    assert resume.sweep_identity("a", ["x"]) != resume.sweep_identity("b", ["x"])
+    assert resume.sweep_identity("a", ["x"]) != resume.sweep_identity("a", ["x", "y"])
 
 
 def test_open_sweep_resumes_only_a_crashed_parent(mlflow_store):
-    first, resumed = tracking.open_sweep("sweeps", "s", "id1")
+    first, resumed = resume.open_sweep("sweeps", "s", "id1")
     assert not resumed
-    again, resumed = tracking.open_sweep("sweeps", "s", "id1")  # first is RUNNING and alive
+    again, resumed = resume.open_sweep("sweeps", "s", "id1")  # first is RUNNING and alive
     assert again != first and not resumed
     tracking.end_run(again, "FAILED")
-    back, resumed = tracking.open_sweep("sweeps", "s", "id1")  # latest crashed: resume it
+    back, resumed = resume.open_sweep("sweeps", "s", "id1")  # latest crashed: resume it
     assert (back, resumed) == (again, True)
     run = tracking.client().get_run(back)
     assert run.info.status == "RUNNING" and run.data.tags["resumes"] == "1"
     tracking.end_run(back)
-    fresh, resumed = tracking.open_sweep("sweeps", "s", "id1")  # latest finished: a new sweep
+    fresh, resumed = resume.open_sweep("sweeps", "s", "id1")  # latest finished: a new sweep
     assert fresh not in (first, again) and not resumed
     for run_id in (first, fresh):
         tracking.end_run(run_id)
@@ -115,10 +115,10 @@ def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
     from lrpipe.config import to_dict
 
     searches = []
-    search = tracking._search_all
-    monkeypatch.setattr(tracking, "_search_all",
+    search = resume._search_all
+    monkeypatch.setattr(resume, "_search_all",
                         lambda *a, **k: searches.append(a) or search(*a, **k))
-    parent, _ = tracking.open_sweep("reuse-here", "parent", "id-here")
+    parent, _ = resume.open_sweep("reuse-here", "parent", "id-here")
     args = (to_dict(digits_cfg), parent, "reuse-here", "lr=0.1")
     fresh = train_and_log.fn(*args)
     again = train_and_log.fn(*args)  # found in this process's memory of the sweep
@@ -126,11 +126,11 @@ def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
     assert len(children(parent, mlflow_store, "reuse-here")) == 1
     # Crashed and resumed: other processes may have finished children meanwhile, so search.
     tracking.end_run(parent, "FAILED")
-    assert tracking.open_sweep("reuse-here", "parent", "id-here") == (parent, True)
+    assert resume.open_sweep("reuse-here", "parent", "id-here") == (parent, True)
     other = tracking.start_run("reuse-here", "lr=0.2 from elsewhere", parent_run_id=parent,
                                tags={"config_hash": "elsewhere"})
     tracking.end_run(other)
-    assert tracking.finished_child(parent, "elsewhere").info.run_id == other and searches
+    assert resume.finished_child(parent, "elsewhere").info.run_id == other and searches
     tracking.end_run(parent)
 
 
@@ -180,7 +180,7 @@ def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harnes
     with pytest.raises(RuntimeError, match="injected fault"):
         run(**settings)
     assert sorted(calls) == [0.05, 0.2, 0.5]  # the others ran to the end despite the fault
-    (parent,) = runs_of("fault-test", mlflow_store, f"tags.{tracking.SWEEP_TAG} != ''")
+    (parent,) = runs_of("fault-test", mlflow_store, f"tags.{resume.SWEEP_TAG} != ''")
     kids = children(parent.info.run_id, mlflow_store, "fault-test")
     assert parent.info.status == "FAILED"
     assert sorted(k.info.status for k in kids) == ["FAILED", "FINISHED", "FINISHED"]
@@ -247,7 +247,7 @@ def killed_and_resumed(prefect_harness, _session_store, tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    parents = runs_of(EXPERIMENT, uri, f"tags.{tracking.SWEEP_TAG} != ''")
+    parents = runs_of(EXPERIMENT, uri, f"tags.{resume.SWEEP_TAG} != ''")
     killed = {"parents": parents, "parent": parents[0], "finished": finished_children(uri),
               "pid": proc.pid, "all": runs_of(EXPERIMENT, uri)}
     os.environ["MLFLOW_TRACKING_URI"] = uri

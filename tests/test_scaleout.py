@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows import common, server
-from lrpipe import procs, tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def scaled_out(mlflow_server, dask_cluster, tmp_path_factory):
 def test_every_run_and_metric_landed_on_the_tracking_server(scaled_out):
     c = tracking.client(scaled_out["uri"])
     exp = c.get_experiment_by_name("lr-sweep")
-    parents = c.search_runs([exp.experiment_id], f"tags.{tracking.SWEEP_TAG} != ''")
+    parents = c.search_runs([exp.experiment_id], f"tags.{resume.SWEEP_TAG} != ''")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.params["runner"].startswith("tcp://127.0.0.1:")
     kids = c.search_runs([exp.experiment_id],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows import server
-from lrpipe import tracking
+from lrpipe import resume, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["schedule", "--flow", "sweep", "--interval", "10", "--lrs", "0.1,0.3", "--epochs", "2",
@@ -45,7 +45,7 @@ def sweep_parents(uri: str) -> list:
     if exp is None:
         return []
     return tracking.client(uri).search_runs(
-        [exp.experiment_id], f"tags.{tracking.SWEEP_TAG} != '' and attributes.status = 'FINISHED'")
+        [exp.experiment_id], f"tags.{resume.SWEEP_TAG} != '' and attributes.status = 'FINISHED'")
 
 
 def processes_mentioning(marker: str) -> list[int]:
@@ -112,7 +112,7 @@ def test_each_scheduled_run_is_a_new_sweep_not_a_cache_hit(scheduled):
     uri = scheduled["uri"]
     parents = scheduled["parents"][:2]
     assert len({p.info.run_id for p in parents}) == 2
-    assert len({p.data.tags[tracking.SWEEP_TAG] for p in parents}) == 1  # same sweep, re-run
+    assert len({p.data.tags[resume.SWEEP_TAG] for p in parents}) == 1  # same sweep, re-run
     kids = []
     for p in parents:
         found = tracking.client(uri).search_runs(
