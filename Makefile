@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+LOCK_VENV := .lock-venv
 DATA := data/FashionMNIST/raw/train-images-idx3-ubyte
 PREFECT_DB := .prefect/.db-ready
 
@@ -25,7 +27,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: server-stop screenshots help setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
+.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -34,11 +36,26 @@ help: ## list the targets
 
 setup: $(STAMP) $(DATA) $(PREFECT_DB) ## virtualenv, editable install, data, Prefect database (idempotent)
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions (pip and setuptools included), then lrpipe itself, editable, with
+# no dependency resolution and no build isolation (the locked setuptools builds it); a venv that
+# drifts from the lock is an error naming the package.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) tests/lockfile.py $(LOCK)
 	touch $@
+
+lock: ## re-resolve pyproject's dependencies into requirements.lock (the one upgrade command)
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/pip install -q '.[dev]'
+	{ echo "# Every package of lrpipe's virtualenv, pinned: written by 'make lock' from pyproject.toml"; \
+	  echo "# (CPython $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())')); installed by 'make setup'. Do not edit by hand."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -vE '^lrpipe( @|==)' | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf $(LOCK_VENV) build lrpipe.egg-info
+	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) packages; rebuild the venv with: rm -rf $(VENV) && make setup"
 
 $(DATA): | $(STAMP)
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

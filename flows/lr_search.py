@@ -48,7 +48,7 @@ from lrpipe.search import (
     regret_table,
 )
 from lrpipe.search_plots import plot_halving, plot_range_test, plot_regret
-from lrpipe.suggest import RULES
+from lrpipe.suggest import RULES, log_median
 
 HELP = "find a learning rate: range test + halving search on a subset, checked on full data"
 EXAMPLES = """examples:
@@ -69,21 +69,14 @@ POINTS_PER_DECADE = 2  # coarse grid: 0.01, 0.0316, 0.1, 0.316, ...
 # --- pure helpers -------------------------------------------------------------------------
 
 def log_median_band(rates: Sequence[float | None]) -> tuple[float | None, ...]:
-    """(median, lo, hi) of the rates that are not None; the median is taken in log10 rate
-    (as ``suggest_band``: an even count gives the geometric mean of the middle two).
+    """(median, lo, hi) of the rates that are not None; the median is ``log_median``'s (as
+    ``suggest_band``: an odd count gives the middle rate itself, an even count the geometric
+    mean of the middle two), so lo <= median <= hi whatever the float rounding.
     All three are None when every rate is None."""
-    found = np.array([r for r in rates if r is not None], dtype=float)
-    if len(found) == 0:
+    found = [float(r) for r in rates if r is not None]
+    if not found:
         return None, None, None
-    return clipped_band(10 ** np.median(np.log10(found)), found.min(), found.max())
-
-
-def clipped_band(median, lo, hi) -> tuple[float | None, ...]:
-    """(median, lo, hi) as floats with the median clipped into lo..hi: 10 ** log10(x) can
-    land an ulp outside the band (0.3125 -> 0.31249999999999994)."""
-    if median is None:
-        return None, None, None
-    return float(min(max(median, lo), hi)), float(lo), float(hi)
+    return log_median(found), min(found), max(found)
 
 
 def candidate_rates(bands: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
@@ -166,7 +159,7 @@ def summarize_evidence(curves: pd.DataFrame, halvings: list[dict]) -> dict:
     """Bands (halving first, then each rule), candidates and the cross-check table."""
     rules = {rule: suggest_band(curves, rule) for rule in RULES}
     bands = {"halving": log_median_band([h["chosen_lr"] for h in halvings]),
-             **{rule: clipped_band(*band[:3]) for rule, band in rules.items()}}
+             **{rule: tuple(band[:3]) for rule, band in rules.items()}}
     candidates = candidate_rates(bands)
     halving_lr = bands["halving"][0]
     check = (cross_check(halving_lr, {r: bands[r][0] for r in RULES}) if halving_lr is not None

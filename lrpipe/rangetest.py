@@ -28,7 +28,7 @@ from lrpipe.config import ConfigError, TrainConfig, check_choice, check_number
 from lrpipe.data import Dataset, iterate_batches
 from lrpipe.models import make_model
 from lrpipe.optim import make_optimizer
-from lrpipe.suggest import Suggestion, get_rule
+from lrpipe.suggest import Suggestion, get_rule, log_median
 from lrpipe.train import batch_loss
 
 MODES = ("exp", "linear")
@@ -324,5 +324,4 @@ def suggest_band(
     found = np.array([s.lr for s in per_seed if s.lr is not None], dtype=float)
     if len(found) == 0:
         return Band(None, None, None, per_seed)
-    median = float(10 ** np.median(np.log10(found)))
-    return Band(median, float(found.min()), float(found.max()), per_seed)
+    return Band(log_median(found), float(found.min()), float(found.max()), per_seed)

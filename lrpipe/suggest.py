@@ -16,6 +16,7 @@ Rules (``RULES`` maps their names to them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -147,6 +148,28 @@ RULES: dict[str, Callable[..., Suggestion]] = {
     "valley": suggest_valley,
     "min_over_10": suggest_min_over_10,
 }
+
+
+def log_median(rates: Sequence[float]) -> float:
+    """The median of positive ``rates`` taken in log rate, inside [min, max] by construction.
+
+    An odd count returns the middle rate itself (not ``10 ** log10(rate)``, which can land an
+    ulp away from it, either side, depending on the libm); an even count returns the geometric
+    mean of the middle two, clipped into their interval for the same reason.
+
+    Raises:
+        ValueError: no rates, or a rate that is not finite and > 0.
+    """
+    ordered = sorted(float(r) for r in rates)
+    if not ordered:
+        raise ValueError("rates: got none; allowed: one or more finite rates > 0")
+    for r in ordered:
+        check_number("rates", r, low=0.0, low_open=True)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    lo, hi = ordered[mid - 1], ordered[mid]
+    return min(max(math.sqrt(lo) * math.sqrt(hi), lo), hi)
 
 
 def get_rule(name: str) -> Callable[..., Suggestion]:

@@ -13,7 +13,9 @@ from flows import pipeline as pl
 from flows import search_tasks as st
 from lrpipe import tracking
 from lrpipe.config import ConfigError
+from lrpipe.rangetest import suggest_band
 from lrpipe.search import regret_table
+from lrpipe.suggest import log_median
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64}
@@ -31,12 +33,42 @@ def test_log_median_band_by_hand():
     assert ls.log_median_band([None, None]) == (None, None, None)
 
 
-def test_band_median_never_leaves_the_band():
-    # 10 ** log10(0.3125) is 0.31249999999999994: below a band whose lo is 0.3125.
-    assert 10 ** np.log10(0.3125) < 0.3125
-    median, lo, hi = ls.log_median_band([0.3125, 0.3125, 0.625])
-    assert lo <= median <= hi and median == 0.3125
-    assert ls.clipped_band(None, None, None) == (None, None, None)
+# Rates where 10 ** log10(r) rounds below r, above r, or exactly, on one libm or another
+# (0.3125 went 0.31249999999999994 on one numpy and 0.31250000000000006 on the next).
+ROUNDING_RATES = [0.3125, 0.1, 0.3, 0.7, 1e-5, 3e-4, 0.0390625, 2.5e-3, 0.078125, 6.0]
+
+
+@pytest.mark.parametrize("rate", ROUNDING_RATES)
+def test_band_median_never_leaves_the_band(rate):
+    # Whatever 10 ** log10(rate) gives here, an odd count returns the middle rate itself and
+    # an even count stays inside its pair: the median is inside [lo, hi] by construction.
+    for rates in ([rate, rate, 2 * rate], [rate / 2, rate, rate], [rate, rate], [rate],
+                  [rate, np.nextafter(rate, 1.0)]):
+        median, lo, hi = ls.log_median_band(rates)
+        assert lo <= median <= hi
+        band = suggest_band(_curves_suggesting(rates), "min_over_10")
+        assert band.lo <= band.median <= band.hi
+    assert ls.log_median_band([rate, rate, 2 * rate])[0] == rate
+    assert ls.log_median_band([None, None]) == (None, None, None)
+
+
+def test_log_median_by_hand():
+    assert log_median([0.3125, 0.625, 0.3125]) == 0.3125  # the middle rate itself, exactly
+    assert log_median([1.0, 4.0]) == 2.0
+    assert log_median([1e-3, 1e-1, 10.0, 1.0]) == pytest.approx(0.316227766, rel=1e-9)
+    for bad in ([], [0.0], [-1.0], [float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="rates"):
+            log_median(bad)
+
+
+def _curves_suggesting(rates: list[float]) -> pd.DataFrame:
+    """Range-test curves whose min_over_10 suggestion is exactly each of ``rates``."""
+    frames = []
+    for seed, rate in enumerate(rates):
+        lrs = np.array([rate * 10 / 4, rate * 10 / 2, rate * 10, rate * 10 * 2, rate * 10 * 4])
+        frames.append(pd.DataFrame({"seed": seed, "step": range(5), "lr": lrs,
+                                    "smoothed": [2.0, 1.5, 1.0, 1.5, 2.0]}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def test_candidate_rates_keep_order_and_drop_none():
