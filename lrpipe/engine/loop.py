@@ -1,0 +1,223 @@
+"""The one training loop, for K >= 1 members (``lrpipe.engine.members``).
+
+``fit`` trains: it evaluates before any update (epoch 0) and after every epoch, on a fixed
+training subset and on the validation split, both in eval mode. A member whose batch loss is
+not finite or above ``diverge_factor`` x its initial loss is stopped at once (that batch's
+update is not applied) and recorded as ``diverged`` with the epoch, its finite history kept;
+an epoch whose evaluated training loss is over that limit, or whose validation loss is not
+finite, ends the member the same way. The others go on. The loop emits (``on_epoch``); the
+caller logs.
+
+``sweep`` is the same loop as the LR range test runs it: the rate follows a ramp, there is no
+evaluation, and each member stops on its own rule (``Curve``).
+
+``train()`` (one model, torch.optim and its scheduler), ``train_batched()`` (K stacked members)
+and the range tests (one model, or K seeds stacked) all run through these two functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from lrpipe.data import Split
+
+METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
+Batch3 = tuple[torch.Tensor, torch.Tensor, bool]  # x, y, shared by every member
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``history`` has one row per evaluated epoch (0 = before training)."""
+
+    history: pd.DataFrame
+    status: str  # "ok" | "diverged"
+    diverged_epoch: int | None = None
+    device: str = "cpu"
+    model: nn.Module | None = field(default=None, repr=False)
+    lr_trace: list[float] = field(default_factory=list, repr=False)  # base rate at every step
+
+    def final(self) -> dict[str, float]:
+        """Metrics of the last finite epoch (plus status), small enough to pass between tasks."""
+        last = self.history.iloc[-1]
+        out = {m: float(last[m]) for m in METRICS if m in last}
+        out.update(epoch=int(last["epoch"]), status=self.status,
+                   diverged_epoch=self.diverged_epoch,
+                   best_val_loss=float(self.history["val_loss"].min()),
+                   best_val_error=float(self.history["val_error"].min()))
+        return out
+
+
+@dataclass
+class _Run:
+    """One member's growing History and status while the loop runs."""
+
+    rows: list[dict]
+    status: str = "ok"
+    diverged_epoch: int | None = None
+    steps: int = 0  # updates whose rate the member saw (the diverging one included)
+
+
+def _rows(members, train_eval: Split, val: Split, epoch: int, lrs: list[float],
+          seconds: float, extra: dict[str, list[float]]) -> list[dict]:
+    """One History row per member (``extra``: per-member columns such as ratio/<layer>)."""
+    train_loss, train_error = members.evaluate(train_eval)
+    val_loss, val_error = members.evaluate(val)
+    return [dict(epoch=epoch, train_loss=train_loss[m], val_loss=val_loss[m],
+                 train_error=train_error[m], val_error=val_error[m], lr=lrs[m], time_s=seconds,
+                 **{col: values[m] for col, values in extra.items()})
+            for m in range(members.k)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _emit(on_epoch: Callable[[int, dict], None] | None, runs: list[_Run], rows: list[dict],
+          alive: list[bool]) -> None:
+    for m, (run, row) in enumerate(zip(runs, rows, strict=True)):
+        if alive[m]:
+            run.rows.append(row)
+            if on_epoch:
+                on_epoch(m, row)
+
+
+def fit(
+    members,
+    batches: Callable[[], Iterable[Batch3]],
+    *,
+    epochs: int,
+    train_eval: Split,
+    val: Split,
+    loss: str,
+    diverge_factor: float,
+    rates: torch.Tensor | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> list[TrainResult]:
+    """Train ``members`` for ``epochs`` epochs; one TrainResult per member.
+
+    Args:
+        batches: called once per epoch for that epoch's (x, y, shared) batches.
+        loss: the training loss's name; divergence is judged in its units, while epoch rows
+            always report cross-entropy and classification error.
+        rates: (K, total steps + 1) float64 base rate of member k at global step t, or None
+            when the members set their own (one model with its torch.optim scheduler).
+        on_epoch: called as ``on_epoch(k, row)`` with member k's History row when it exists.
+    Returns:
+        TrainResults in member order; ``time_s`` is the training wall time so far (evaluation
+        excluded); ``lr_trace`` the base rate at every update the member saw.
+    """
+    k, device = members.k, members.device
+    table = None if rates is None else rates.to(device)
+    trace: list[float] = []  # base rates of a member that schedules itself
+    lrs = members.base_rates() if rates is None else rates[:, 0].tolist()
+    first = _rows(members, train_eval, val, 0, lrs, 0.0, {})
+    runs = [_Run([]) for _ in range(k)]
+    _emit(on_epoch, runs, first, [True] * k)
+    initial = [r["train_loss"] for r in first] if loss == "cross_entropy" else \
+        members.training_losses(train_eval, loss)
+    threshold = diverge_factor * torch.tensor(initial, dtype=torch.float64, device=device)
+    eval_threshold = [diverge_factor * r["train_loss"] for r in first]
+    alive = torch.ones(k, dtype=torch.bool, device=device)
+    died_at = torch.full((k,), -1, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else 25  # asking the GPU syncs it
+    t, elapsed = 0, 0.0
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        lrs = members.base_rates() if rates is None else rates[:, t].tolist()
+        for i, (x, y, shared) in enumerate(batches()):
+            if rates is None:
+                trace.append(members.base_rates()[0])
+            losses = members.losses(x, y, shared)
+            ok = losses <= threshold.to(losses.dtype)  # False for NaN and inf, too
+            died_at = torch.where(alive & ~ok, t, died_at)
+            alive &= ok
+            t += 1
+            if t % check_every == 0 and not bool(alive.any()):
+                break  # every member diverged: stop at once, that batch not applied
+            members.update(alive, i, None if table is None else table[:, t - 1])
+        _sync(device)
+        elapsed += time.perf_counter() - start
+        still = alive.tolist()
+        for m, run in enumerate(runs):
+            if run.status == "ok" and not still[m]:
+                run.status, run.diverged_epoch, run.steps = "diverged", epoch, int(died_at[m]) + 1
+        if not any(still):
+            break
+        rows = _rows(members, train_eval, val, epoch, lrs, elapsed, members.ratio_means())
+        for m, row in enumerate(rows):
+            if still[m] and not (row["train_loss"] <= eval_threshold[m]
+                                 and math.isfinite(row["val_loss"])):
+                runs[m].status, runs[m].diverged_epoch, runs[m].steps = "diverged", epoch, t
+                alive[m], still[m] = False, False
+        _emit(on_epoch, runs, rows, still)
+        if not any(still):
+            break
+        members.after_epoch([row["val_loss"] for row in rows])
+    device_name = str(device)
+    results = []
+    for m, run in enumerate(runs):
+        steps = run.steps if run.status == "diverged" else t
+        lr_trace = trace[:steps] if rates is None else rates[m, :steps].tolist()
+        results.append(TrainResult(history=pd.DataFrame(run.rows), status=run.status,
+                                   diverged_epoch=run.diverged_epoch, device=device_name,
+                                   lr_trace=lr_trace))
+    return results
+
+
+class Curve:
+    """One member's range-test record: rate, raw loss and bias-corrected smoothed loss per
+    step, and why it stopped."""
+
+    def __init__(self, beta: float, stop_factor: float) -> None:
+        self.beta, self.stop_factor = beta, stop_factor
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self.stop_reason, self.avg, self.best = "completed", 0.0, math.inf
+
+    def add(self, step: int, rate: float, value: float) -> bool:
+        """Record the loss ``value`` of step ``step`` at ``rate``; True if the member stops:
+        at a non-finite loss (not recorded) or once the smoothed loss exceeds ``stop_factor``
+        x its best (recorded, then stop)."""
+        if not math.isfinite(value):
+            self.stop_reason = "nonfinite"
+            return True
+        self.avg = self.beta * self.avg + (1.0 - self.beta) * value
+        smooth = self.avg / (1.0 - self.beta ** (step + 1))
+        self.lrs.append(float(rate))
+        self.losses.append(value)
+        self.smoothed.append(smooth)
+        if smooth > self.stop_factor * self.best:
+            self.stop_reason = "diverged"
+            return True
+        self.best = min(self.best, smooth)
+        return False
+
+
+def sweep(members, stream: Iterator[Batch3], ramp: Iterable[float], beta: float,
+          stop_factor: float) -> list[Curve]:
+    """The range test: one update per rate of ``ramp`` (the reference rate of every member),
+    recording each member's batch loss before its update, until every member stopped."""
+    curves = [Curve(beta, stop_factor) for _ in range(members.k)]
+    alive = torch.ones(members.k, dtype=torch.bool, device=members.device)
+    live = list(range(members.k))
+    for i, rate in enumerate(ramp):
+        x, y, shared = next(stream)
+        values = members.losses(x, y, shared).tolist()
+        stopped = [m for m in live if curves[m].add(i, float(rate), values[m])]
+        if stopped:
+            alive[stopped] = False  # no further update; the others go on
+            live = [m for m in live if m not in stopped]
+        if not live:
+            break
+        rates = torch.full((members.k,), float(rate), dtype=torch.float64, device=members.device)
+        members.update(alive, i, rates)
+    return curves
