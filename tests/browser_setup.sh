@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Headless Chromium and its Python driver for tests/test_browser.py. Idempotent and quiet; a
-# second run takes well under a second. Without apt or root the browser test skips and says why.
+# Headless Chromium for tests/test_browser.py (its Python driver, playwright, comes from
+# requirements.lock). Idempotent and quiet; a second run takes well under a second. Without apt
+# or root the browser test skips and says why.
 # Never runs `playwright install`: the driver drives Debian's /usr/bin/chromium.
 set -u
 VENV=${VENV:-.venv}
-PLAYWRIGHT=1.65.2
 
 if [ ! -x /usr/bin/chromium ]; then
 	if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -17,14 +17,8 @@ if [ ! -x /usr/bin/chromium ]; then
 	fi
 fi
 
-if ! "$VENV/bin/python" - "$PLAYWRIGHT" 2>/dev/null <<'EOF'
-import sys
-from importlib.metadata import version
-sys.exit(version("playwright") != sys.argv[1])
-EOF
-then
-	echo "browser_setup: pip install playwright==$PLAYWRIGHT (its driver is in the wheel)"
-	"$VENV/bin/python" -m pip install -q "playwright==$PLAYWRIGHT" ||
-		echo "browser_setup: pip install playwright failed; the browser test will skip"
+# The Python driver (playwright) is a locked dev dependency: requirements.lock, `make setup`.
+if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+	echo "browser_setup: playwright is not in $VENV; run make setup (it installs requirements.lock)"
 fi
 exit 0
