@@ -3,7 +3,10 @@
 Usage (from the repo root): ``.venv/bin/python bench/batched_probe.py [--k 16] [--epochs 1]``.
 Full Fashion-MNIST (50k train, 10k validation), batch 128, one torch thread by default. Prints,
 per model: total wall seconds (training + per-epoch evaluation), training seconds (train()'s
-``time_s``, summed over the sequential runs), their ratios, and what ``batching_pays`` decides.
+``time_s``, summed over the sequential runs), their ratios, and what the declared rule chooses
+(``lrpipe.many.trains_batched`` with ``batching=auto`` on this device): the figures that rule
+cites come from this script and ``make bench`` case (c); re-run it on a new device or model
+before changing the rule.
 Note the machine's load (printed from /proc/loadavg): on a shared CPU the numbers move.
 """
 
@@ -19,7 +22,7 @@ import torch
 from lrpipe.batched import train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import load_data
-from lrpipe.many import batching_pays
+from lrpipe.many import trains_batched
 from lrpipe.train import resolve_device, train
 
 MODELS = {"softmax": ModelConfig(name="softmax"), "mlp": ModelConfig(name="mlp", hidden=(256,))}
@@ -46,12 +49,10 @@ def probe(model: str, k: int, epochs: int, optimizer: str, device: str, data,
     bat_train = float(bat[0].history["time_s"].iloc[-1])
     gap = max(abs(a.history["val_error"].iloc[-1] - b.history["val_error"].iloc[-1])
               for a, b in zip(seq, bat, strict=True))
-    pays, timings = batching_pays(MODELS[model], data, k, resolve_device(device), optimizer,
-                                  shared_batches=not distinct_seeds)
     return dict(model=model, optimizer=optimizer, k=k, seq_wall=seq_wall, bat_wall=bat_wall,
                 wall_speedup=seq_wall / bat_wall, seq_train=seq_train, bat_train=bat_train,
                 train_speedup=seq_train / bat_train, max_val_error_gap=gap,
-                pays=pays, probe_speedup=timings["speedup"])
+                chosen=trains_batched(cfgs))
 
 
 def main() -> None:
@@ -79,8 +80,8 @@ def main() -> None:
                   f"sequential vs {r['bat_wall']:.1f} s batched ({r['wall_speedup']:.2f}x); "
                   f"training {r['seq_train']:.1f} vs {r['bat_train']:.1f} s "
                   f"({r['train_speedup']:.2f}x); "
-                  f"max |val_error gap| {r['max_val_error_gap']:.4f}; batching_pays="
-                  f"{r['pays']} (probe {r['probe_speedup']:.2f}x); load {load_average()}",
+                  f"max |val_error gap| {r['max_val_error_gap']:.4f}; batching=auto "
+                  f"chooses {'batched' if r['chosen'] else 'alone'}; load {load_average()}",
                   flush=True)
 
 

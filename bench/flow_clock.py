@@ -53,7 +53,8 @@ class FlowClock:
         cpu = self._tree_cpu() + descendants_cpu(born) - cpu
         if not self.calls:
             raise RuntimeError("flow clock: no train() call seen (the sweep trained batched); "
-                               "it needs the default MLP sweep, one train() per rate")
+                               "it needs one train() per rate: the default MLP sweep on the "
+                               "CPU, or batching=off (lrpipe.many.batching_rule)")
         first_wall, first_cpu = self.first
         last_wall, last_cpu = self.last
         training = self.train_cpu - self.hooks_cpu

@@ -91,7 +91,8 @@ def figures_seconds(history: pd.DataFrame) -> dict[str, float]:
 def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
              cases: str = "df") -> list[Row]:
     """(d) the sweep per runner and (f) Prefect + MLflow's share of it, for the cases named in
-    ``cases``; (f) alone first pays the batching probe, as (d) would have."""
+    ``cases``. The sweep trains one task per rate: the default MLP with batching auto is not
+    batched on the CPU (``lrpipe.many.batching_rule``), which (f)'s clock needs."""
     from flows.lr_sweep import run
 
     def flow(runner: str):
@@ -133,21 +134,9 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
                         "processes, cluster start-up included)", t["threads"], t["dask"],
                         note=f"faster: {faster}"),
         ]
-    else:
-        pay_probe(settings, workers)
     if "f" in cases:
         rows.append(case_f(settings, workers, 2 * repeats + 1, flow("threads"), size))
     return rows
-
-
-def pay_probe(settings: dict, workers: int) -> None:
-    """The batching probe the sweep's planning measures once per process (cached), paid here
-    so that no timed flow includes it."""
-    from flows.batched import plan_tasks
-    from flows.common import set_torch_threads
-
-    set_torch_threads("threads", workers)
-    plan_tasks(configs(settings), workers)
 
 
 def case_f(settings: dict, workers: int, rounds: int, flow, size: str) -> Row:

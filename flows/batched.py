@@ -1,9 +1,9 @@
-"""Wiring for many rates per pass: a group of configs trained in one task (batched where it
-pays, lrpipe.many), each member logged as its own MLflow child run.
+"""Wiring for many rates per pass: a group of configs trained in one task (batched where the
+declared policy says so, lrpipe.many), each member logged as its own MLflow child run.
 
 ``train_group_and_log`` returns what ``flows.common.train_and_log`` returns, one dict per
 member, so a flow can swap one for the other. ``plan_groups`` says which configs to put in one
-task, by the measured rule (``lrpipe.many.batching_pays``); ``train_planned`` is what flows
+task, by the declared rule (``lrpipe.many.trains_batched``); ``train_planned`` is what flows
 call: plan, submit (one ``train_and_log`` per lone config, one ``train_group_and_log`` per
 group), wait with progress lines, and return one result per config in order.
 """
@@ -30,8 +30,7 @@ from flows.common import (
 )
 from lrpipe import procs, resume, tracking
 from lrpipe.config import TrainConfig, from_dict, to_dict
-from lrpipe.data import Dataset
-from lrpipe.many import group_batchable, group_pays, plan_many, train_many
+from lrpipe.many import group_batchable, plan_many, train_many, trains_batched
 
 
 def chunks(idxs: list[int], parts: int) -> list[list[int]]:
@@ -45,23 +44,22 @@ def chunks(idxs: list[int], parts: int) -> list[list[int]]:
     return [idxs[p::parts] for p in range(parts)]
 
 
-def plan_groups(cfgs: list[TrainConfig], data: Dataset, workers: int = 1) -> list[list[int]]:
+def plan_groups(cfgs: list[TrainConfig], workers: int = 1) -> list[list[int]]:
     """Which configs to train together: lists of indices into ``cfgs``, one list per task.
 
     Each batchable set (``lrpipe.many.group_batchable``) is dealt into ``workers`` chunks, one per
-    parallel worker. A chunk becomes one ``train_group_and_log`` task if batching it is
-    measurably faster than running its members one after another on one worker
-    (``group_pays``: the chunk's size, model, optimizer and threads, measured here); otherwise
-    each member is a task of its own (``train_and_log``), and the workers run them in parallel.
-    Call it with torch's thread count set as in the tasks (``set_torch_threads``): the
-    measurement is cached per thread count, so the tasks then reuse it.
+    parallel worker. A chunk becomes one ``train_group_and_log`` task if the declared policy
+    batches it (``trains_batched``: the configs' ``batching`` field, and for auto the rule of
+    ``lrpipe.many.batching_rule`` for their model and device); otherwise each member is a task
+    of its own (``train_and_log``), and the workers run them in parallel. Deterministic: the
+    same configs on the same device always give the same tasks.
     Raises:
         ValueError: workers < 1.
     """
     tasks: list[list[int]] = []
     for idxs in group_batchable(cfgs):
         for part in chunks(idxs, workers):
-            if len(part) > 1 and group_pays([cfgs[i] for i in part], data)[0]:
+            if trains_batched([cfgs[i] for i in part]):
                 tasks.append(part)
             else:
                 tasks.extend([i] for i in part)
@@ -93,7 +91,7 @@ def train_group_and_log(
 ) -> list[dict]:
     """Train a group of configs in one task, each member its own MLflow child run.
 
-    ``lrpipe.many.train_many`` trains them batched where ``batching_pays`` says so. Each child
+    ``lrpipe.many.train_many`` trains them batched where ``plan_many`` says so. Each child
     gets params (the flattened config), per-epoch metrics (step=epoch, train()'s names) and
     tags status, config_hash, device, diverged_epoch and ``trained`` (batched k=N | alone), plus
     ``tags``: one dict for every member, or a list with one dict per member.
@@ -136,7 +134,7 @@ def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str
                    experiment: str, tags: list[dict], uri: str | None) -> list[dict]:
     """Open every member's child run, train them all with train_many, log, close the runs."""
     data = dataset_for(cfgs[0])
-    plan = plan_many(cfgs, data)
+    plan = plan_many(cfgs)
     trained = {i: f"batched k={len(idxs)}" if batched else "alone"
                for idxs, batched in plan for i in idxs}
     with contextlib.ExitStack() as stack:  # every child ends FAILED if training raises
@@ -166,13 +164,15 @@ def describe_task(describe: Callable[[dict], str]) -> Callable[[dict | list[dict
 
 def plan_tasks(cfgs: list[TrainConfig], workers: int) -> list[list[int]]:
     """``plan_groups`` per dataset and device: lists of indices into ``cfgs``, one per task.
-    Loads each dataset here (``dataset_for`` caches it for the tasks of this process)."""
+    Loads each dataset here, once, before the tasks start (``dataset_for`` caches it for the
+    tasks of this process, which would otherwise all load it at the same time)."""
     plan: list[list[int]] = []
     by_data: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
         by_data.setdefault((cfg.data, cfg.device), []).append(i)
     for idxs in by_data.values():
-        sub = plan_groups([cfgs[i] for i in idxs], dataset_for(cfgs[idxs[0]]), workers)
+        dataset_for(cfgs[idxs[0]])
+        sub = plan_groups([cfgs[i] for i in idxs], workers)
         plan.extend([idxs[j] for j in part] for part in sub)
     return sorted(plan, key=lambda t: t[0])
 
@@ -194,11 +194,11 @@ def train_planned(
     uri: str | None = None, label: str = "train",
     describe: Callable[[dict], str] = describe_result,
 ) -> list[dict]:
-    """Train every config as a child run of ``parent``, batched where it is measured to pay.
+    """Train every config as a child run of ``parent``, batched where the policy says so.
 
-    ``plan_tasks`` (``workers`` parallel tasks of ``threads`` torch threads; call it where
-    torch's thread count is ``threads``), then one ``train_and_log`` per lone config and one
-    ``train_group_and_log`` per group on the flow's task runner, waited for by ``gather``.
+    ``plan_tasks`` (``workers`` parallel tasks of ``threads`` torch threads), then one
+    ``train_and_log`` per lone config and one ``train_group_and_log`` per group on the flow's
+    task runner, waited for by ``gather``.
     Returns:
         One ``train_and_log``-style dict per config, in ``cfgs`` order.
     """

@@ -1,10 +1,11 @@
 """The lr_search flow's subset tasks: a range test and a halving search per seed, each a
 child run of the search's parent, and ``explore_subset``, which puts them all in flight.
 
-The range tests of all seeds run as one batched task when ``batching_pays_for_seeds`` measures
-that to be faster here (else one task per seed); each halving search trains windows of rungs
-batched where ``halving_window`` measures that to pay. Either way every seed is its own child
-run with the same metrics.
+The range tests of all seeds run as one batched task when the declared batching policy says so
+(``lrpipe.many.trains_batched`` on the seeds' members: the config's ``batching`` field, and for
+auto the rule of ``batching_rule``), else one task per seed; each halving search trains windows
+of rungs batched by the same policy (``halving_window``). Either way every seed is its own
+child run with the same metrics, tagged ``trained`` (batched | alone).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from prefect import task, unmapped
 from flows.common import collect, dataset_for, task_resources
 from lrpipe import procs, tracking
 from lrpipe.config import TrainConfig, from_dict, to_dict
+from lrpipe.many import trains_batched
 from lrpipe.rangetest import range_test_config
-from lrpipe.rangetest_batched import batching_pays_for_seeds, range_test_batched
+from lrpipe.rangetest_batched import member_cfgs, range_test_batched
 from lrpipe.search import halving_search
 
 RANGE_OPTS = {"min_lr": 1e-5, "max_lr": 10.0}  # reference rates at the ramp's ends
@@ -128,10 +130,11 @@ def _describe(result: dict | list[dict]) -> str:
 def explore_subset(sub: TrainConfig, seeds: list[int], parent: str, experiment: str,
                    range_steps: int, runner: str, threads: int) -> tuple[pd.DataFrame, list]:
     """Range tests and halving searches, all in flight together: the range tests as one
-    batched task when ``batching_pays_for_seeds`` measures that faster here, else one task
-    per seed; one halving task per seed (each batches windows of rungs where that pays)."""
+    batched task when the declared policy batches the seeds' members (``trains_batched``),
+    else one task per seed; one halving task per seed (each batches windows of rungs by the
+    same policy)."""
     cfg_dict, uri = to_dict(sub), tracking.tracking_uri()
-    together = len(seeds) > 1 and batching_pays_for_seeds(sub, dataset_for(sub), seeds)[0]
+    together = len(seeds) > 1 and trains_batched(member_cfgs(sub, dataset_for(sub), seeds))
     with task_resources(runner):
         if together:
             tests = [range_test_seeds_together.submit(cfg_dict, list(seeds), parent,

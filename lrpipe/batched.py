@@ -10,9 +10,9 @@ and yields its own TrainResult with ``train()``'s history columns. A diverging m
 frozen and dropped; the others go on.
 
 Batching pays for small models and on GPUs; on a busy 2-core CPU a K-batched MLP is about as
-fast as K sequential runs (FIELD_NOTES). ``lrpipe.many`` measures it per model and device
-(``batching_pays``) and holds the entry point for flows (``train_many``), which batches only
-where the measurement says so.
+fast as K sequential runs (FIELD_NOTES). ``lrpipe.many`` writes that down as the declared
+policy (the config's ``batching`` field, ``batching_rule``) and holds the entry point for flows
+(``train_many``), which batches only where the policy says so.
 """
 
 from __future__ import annotations

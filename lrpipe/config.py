@@ -24,6 +24,7 @@ SCHEDULES = (
     "constant", "step", "multistep", "exponential", "cosine", "onecycle", "inverse_time", "plateau",
 )
 LOSSES = ("cross_entropy", "mse")
+BATCHING = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -237,6 +238,18 @@ class TrainConfig:
         None = as many as the validation split.
     diverge_factor: a batch loss above this multiple of the initial (epoch 0) training loss,
         or a non-finite one, counts as divergence and stops the run (x initial loss).
+    batching: auto | on | off: whether configs that differ only in rate, seed or schedule
+        train as one batched computation (K members stacked on a leading axis) or one after
+        another. auto follows the rule written down in ``lrpipe.many.batching_rule`` (on for
+        CUDA; on the CPU, on for softmax regression and off for the MLP and CNN, from the
+        measured figures there); on batches whatever the engine can batch (not rprop, gains or
+        plateau: those still train alone); off never batches. Members of one batched group
+        share it. ``true``/``false`` mean on/off: YAML 1.1, which reads ``--set`` values and
+        config files, turns a bare ``on``/``off`` into them. It is part of the config hash,
+        as ``device`` is: in float32 a batched run differs slightly from a lone one
+        (FIELD_NOTES), so a resumed sweep reuses only runs declared the same way, and re-running
+        with another ``batching`` trains afresh. The MLflow tag ``trained`` records what auto
+        chose for each run.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +263,7 @@ class TrainConfig:
     loss: str = "cross_entropy"
     eval_train_size: int | None = None
     diverge_factor: float = 10.0
+    batching: str = "auto"
 
     def __post_init__(self) -> None:
         for name, cls in (("data", DataConfig), ("model", ModelConfig), ("optim", OptimConfig),
@@ -264,6 +278,9 @@ class TrainConfig:
         if self.eval_train_size is not None:
             check_number("eval_train_size", self.eval_train_size, low=1, integer=True)
         check_number("diverge_factor", self.diverge_factor, low=1.0, low_open=True)
+        if isinstance(self.batching, bool):  # YAML 1.1 read a bare on/off (see the docstring)
+            object.__setattr__(self, "batching", "on" if self.batching else "off")
+        check_choice("batching", self.batching, BATCHING)
         if self.data.subset is not None and self.batch_size > self.data.subset:
             _fail("batch_size", self.batch_size, f"<= data.subset ({self.data.subset})")
 

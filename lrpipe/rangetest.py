@@ -26,6 +26,7 @@ from torch import nn
 
 from lrpipe.config import ConfigError, TrainConfig, check_choice, check_number
 from lrpipe.data import Dataset, iterate_batches
+from lrpipe.many import trains_batched
 from lrpipe.models import make_model
 from lrpipe.optim import make_optimizer
 from lrpipe.suggest import Suggestion, get_rule, log_median
@@ -273,21 +274,22 @@ def range_test_seeds(
 
     Args:
         batched: True runs all seeds as one batched computation
-            (``lrpipe.rangetest_batched``), False one after another; None (default) batches
-            when the measured rule ``rangetest_batched.batching_pays_for_seeds`` says it is
-            faster here (sequential for one seed or an optimizer that cannot be batched).
+            (``lrpipe.rangetest_batched``), False one after another; None (default) follows
+            the declared policy for the seeds' members on the data's device
+            (``lrpipe.many.trains_batched``: ``cfg.batching``, and for auto the rule of
+            ``batching_rule``), sequential for one seed or an optimizer that cannot be batched.
         opts: go to ``range_test`` (min_lr, max_lr, num_steps, mode, smoothing, stop_factor).
     The table is the same either way, to tolerance (exactly so in float64).
     """
     if not seeds:
         raise ValueError("seeds: got none; allowed: one or more seeds (3 for a band)")
     if not (batched is None or isinstance(batched, bool)):
-        raise ValueError(f"batched: got {batched!r}; allowed: True, False, None (measured)")
+        raise ValueError(f"batched: got {batched!r}; allowed: True, False, None (the policy)")
     if batched is not False:
-        # Lazily: rangetest_batched imports this module (and lrpipe.many, lrpipe.batched).
+        # Lazily: rangetest_batched imports this module (RangeTestResult, ramp, seeds_frame).
         from lrpipe import rangetest_batched
 
-        if batched or rangetest_batched.batching_pays_for_seeds(cfg, data, seeds)[0]:
+        if batched or trains_batched(rangetest_batched.member_cfgs(cfg, data, seeds)):
             return rangetest_batched.range_test_batched(cfg, data, seeds, **opts)
     return seeds_frame(seeds, [range_test_config(cfg, data, seed=s, **opts) for s in seeds])
 

@@ -12,8 +12,8 @@ In float64 the table equals the sequential one to 1e-10 relative or better (digi
 six optimizers). In float32 the batched GEMMs sum in another order and the curves part where
 the rate gets large (FIELD_NOTES): measured on Fashion-MNIST, MLP, 100 steps, SGD within 5e-6
 throughout, Adam within 1e-3 up to lr 0.03 and then apart, its stop moving by up to 2 steps.
-Whether batching pays is measured, not guessed: ``batching_pays_for_seeds``
-(``lrpipe.many.group_pays``), which ``range_test_seeds(batched=None)`` follows.
+Whether the seeds batch is declared, not timed: ``range_test_seeds(batched=None)`` follows
+``lrpipe.many.trains_batched`` on ``member_cfgs`` (the config's ``batching`` field).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch
 from lrpipe.batched import _BatchedStep, _batches, _generators, unbatchable_reason
 from lrpipe.config import ScheduleConfig, TrainConfig
 from lrpipe.data import Dataset, Split
-from lrpipe.many import group_pays
 from lrpipe.models import layer_names
 from lrpipe.rangetest import RangeTestResult, _ema, check_sweep_opts, ramp, seeds_frame
 
@@ -47,26 +46,6 @@ def member_cfgs(cfg: TrainConfig, data: Dataset, seeds: Sequence[int]) -> list[T
     device = str(data.train.x.device)
     return [dataclasses.replace(cfg, seed=seed, schedule=ScheduleConfig(), device=device)
             for seed in seeds]
-
-
-def batching_pays_for_seeds(cfg: TrainConfig, data: Dataset,
-                            seeds: Sequence[int]) -> tuple[bool, dict]:
-    """Whether the seeds' range tests should run batched here, and why.
-
-    The measured rule of ``lrpipe.many.group_pays`` on the K seed configs (per-member batch
-    orders unless every seed is the same). One seed, or an optimizer the engine cannot batch
-    (rprop, gains), is sequential without measuring.
-    Returns:
-        (batched, info): info holds group_pays' timings, or {"reason": ...} if nothing was
-        measured.
-    """
-    cfgs = member_cfgs(cfg, data, seeds)
-    reason = unbatchable_reason(cfgs[0])
-    if reason:
-        return False, {"reason": reason}
-    if len(cfgs) < 2:
-        return False, {"reason": "seeds: one seed; batching needs two or more"}
-    return group_pays(cfgs, data)
 
 
 class _Curve:

@@ -3,7 +3,8 @@
 The halving search trains a short budget from the same initial weights at start_lr,
 start_lr x factor, ... until a rate is stable, then keeps halving while the loss keeps falling.
 The rungs share one seed, so several upcoming ones can train as one batched computation
-(``window``; ``halving_window`` measures whether that is faster) with the same ladder.
+(``window``; ``halving_window`` says whether, by the declared batching policy) with the same
+ladder.
 Its answer is cross-checked against the range-test suggestions (``cross_check``); the candidates
 and a coarse log grid around them are then trained in full by the caller, and ``regret_table`` /
 ``choose_rate`` pick the candidate with the lowest validation loss, saying how far each one is
@@ -20,10 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lrpipe.batched import unbatchable_reason
 from lrpipe.config import ConfigError, TrainConfig, check_number
 from lrpipe.data import Dataset, Split
-from lrpipe.many import PAYS_SPEEDUP, group_pays, train_many
+from lrpipe.many import train_many, trains_batched
 from lrpipe.train import TrainResult, train
 
 TrainFn = Callable[[TrainConfig, Dataset], TrainResult]
@@ -125,29 +125,26 @@ def _check_halving_args(start_lr, factor, min_lr, budget_epochs, max_steps, wind
     if window != "auto" and (isinstance(window, bool) or not isinstance(window, int)
                              or window < 1):
         raise ConfigError(f"window: got {window!r}; allowed: an integer >= 1 (rungs trained "
-                          "together) or 'auto' (halving_window measures)")
+                          "together) or 'auto' (halving_window decides)")
 
 
-def halving_window(cfg: TrainConfig, data: Dataset, max_window: int = 4) -> int:
-    """How many rungs of ``cfg``'s ladder to train together: ``max_window`` or 1, measured.
+def halving_window(cfg: TrainConfig, max_window: int = 4) -> int:
+    """How many rungs of ``cfg``'s ladder to train together: ``max_window`` or 1, declared.
 
-    ``lrpipe.many.group_pays`` times a few steps of ``max_window`` rungs batched against as many
-    train()-style steps on this machine, device and thread count (cached in-process), with one
-    shared batch order because every rung has ``cfg.seed``. A window wins only if batched is
-    ``max(PAYS_SPEEDUP, max_window / 2)`` x faster per step: it trains rungs the sequential
+    ``max_window`` rungs (one shared seed, so one batch order) when the declared batching policy
+    trains them batched (``lrpipe.many.trains_batched``: ``cfg.batching``; for auto, on for
+    CUDA and for softmax regression on the CPU), else 1. A window trains rungs the sequential
     search never pays for (those after the stop; diverging ones, which train() ends within a
-    few steps). Windows of 4 on the shared 2-core CPU: a 1.2-1.3x faster step made the search
-    0.84-1.02x as fast (digits MLP), 2.0x made it 1.1-1.2x faster (Fashion-MNIST softmax).
+    few steps), so it needs a clearly faster step, which is what the rule batches: windows of 4
+    on the shared 2-core CPU made the search 1.1-1.2x faster for Fashion-MNIST softmax (a 2.0x
+    faster step) and 0.84-1.02x as fast for the digits MLP (a 1.2-1.3x faster step).
     Returns:
-        ``max_window`` if batching pays that much, else 1; 1 without measuring for a config
-        that cannot be batched (rprop, gains, plateau).
+        ``max_window`` if the policy batches the rungs, else 1 (always 1 for a config that
+        cannot be batched: rprop, gains, plateau).
     """
     check_number("max_window", max_window, low=1, integer=True)
-    if max_window == 1 or unbatchable_reason(cfg):
-        return 1
     cfgs = [_rung_cfg(cfg, cfg.optim.lr * 0.5**k, cfg.epochs) for k in range(max_window)]
-    speedup = group_pays(cfgs, data)[1]["speedup"]
-    return max_window if speedup >= max(PAYS_SPEEDUP, max_window / 2) else 1
+    return max_window if trains_batched(cfgs) else 1
 
 
 def _rung_results(cfgs: list[TrainConfig], data: Dataset, window: int,
@@ -185,13 +182,13 @@ def halving_search(
     lower the loss (or diverges).
 
     With ``window`` W > 1 the next W rates are trained in one call of ``train_many_fn(cfgs,
-    data)`` (default ``lrpipe.many.train_many``: batched where measured faster), then judged
+    data)`` (default ``lrpipe.many.train_many``: batched where the policy says so), then judged
     one by one in order exactly as with W = 1; rungs after the stop are discarded. The ladder
     and choice are W = 1's, losses to ~1e-15 in float64. In float32 the rungs near the edge of
     stability are chaotic: a batched GEMM sums in another order and can flip a judgement there,
     as 2 torch threads instead of 1 do for the sequential search (both measured on a 5,000
-    example Fashion-MNIST softmax ladder). ``window="auto"`` is ``halving_window(cfg,
-    subset)``. ``train_fn`` (W = 1 only) replaces train() in tests.
+    example Fashion-MNIST softmax ladder). ``window="auto"`` is ``halving_window(cfg)``.
+    ``train_fn`` (W = 1 only) replaces train() in tests.
     Returns:
         HalvingResult; chosen_lr = the rate with the lowest loss among the stable rungs.
     Raises:
@@ -203,7 +200,7 @@ def halving_search(
         raise ValueError("train_fn: a custom train_fn trains window=1 only; allowed with "
                          "window != 1: train_many_fn(cfgs, data) as well")
     rung_data = budget_data(data, cfg.batch_size, budget_epochs, max_steps)
-    window = halving_window(cfg, rung_data) if window == "auto" else window
+    window = halving_window(cfg) if window == "auto" else window
     rates = halving_rates(start_lr, factor, min_lr)
     cfgs = [_rung_cfg(cfg, lr, budget_epochs) for lr in rates]
     results = _rung_results(cfgs, rung_data, window, train_fn, train_many_fn or train_many)

@@ -21,7 +21,7 @@ from lrpipe import batched, many
 from lrpipe.batched import check_batchable, member_losses, train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import Dataset, Split, load_data
-from lrpipe.many import batching_pays, group_batchable, group_pays, train_many
+from lrpipe.many import batching_rule, group_batchable, plan_many, train_many, trains_batched
 from lrpipe.member_update import direction
 from lrpipe.train import batch_loss, train
 
@@ -195,13 +195,6 @@ def test_unbatchable_configs_raise(change, field):
         check_batchable([])
 
 
-def test_batching_pays_rejects_bad_input(digits32):
-    with pytest.raises(ValueError, match="optim.name"):
-        batching_pays(ModelConfig(name="softmax"), digits32, 2, "cpu", "gains")
-    with pytest.raises(ValueError, match="k: got 0"):
-        batching_pays(ModelConfig(name="softmax"), digits32, 0, "cpu")
-
-
 def test_lr_and_seed_may_differ():
     check_batchable([base_cfg(), base_cfg(seed=3, **{"optim.lr": 0.7})])
 
@@ -249,30 +242,42 @@ def test_update_math_matches_torch_optim(f64, opt):
         torch.testing.assert_close(p[k], ref.detach(), rtol=1e-12, atol=1e-14)
 
 
-# The measured rule and the entry point.
+# The declared rule and the entry point.
 
-def test_batching_pays_measures_and_caches(digits32, monkeypatch):
-    many._PAYS_CACHE.clear()
-    model = ModelConfig(name="softmax")
-    pays, timings = batching_pays(model, digits32, 4, "cpu")
-    assert isinstance(pays, bool) and timings["cached"] is False
-    assert timings["sequential_s"] > 0 and timings["batched_s"] > 0
-    assert pays == (timings["speedup"] >= many.PAYS_SPEEDUP)
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("re-timed"))
-    assert batching_pays(model, digits32, 4, "cpu") == (pays, {**timings, "cached": True})
+@pytest.mark.parametrize("batching, model, device, want", [
+    ("auto", "softmax", "cpu", True),  # not compute-bound: 4.4-5x faster batched
+    ("auto", "mlp", "cpu", False),  # 0.7-1.3x on a 2-core CPU: no reliable gain
+    ("auto", "cnn", "cpu", False),
+    ("auto", "mlp", "cuda", True),  # every model on a GPU
+    ("auto", "cnn", "cuda:1", True),
+    ("on", "mlp", "cpu", True),
+    ("on", "cnn", "cpu", True),
+    ("off", "softmax", "cpu", False),
+    ("off", "mlp", "cuda", False),
+])
+def test_batching_rule_by_hand(batching, model, device, want):
+    assert batching_rule(base_cfg(model, batching=batching, device=device)) is want
+    assert batching_rule(base_cfg(model, batching=batching), device) is want  # device given
 
 
-@pytest.mark.parametrize("per_step, want_rounds", [(0.01, 5), (0.1, 2), (1e-6, 50)])
-def test_measurement_times_until_each_side_ran_long_enough(digits32, monkeypatch, per_step,
-                                                           want_rounds):
-    """At least ``steps`` rounds, more until each side has min_seconds, at most max_rounds."""
-    calls = []
-    monkeypatch.setattr(many, "_seconds", lambda fn, device: calls.append(1) or per_step)
-    cfgs = [base_cfg(**{"optim.lr": lr}) for lr in (0.1, 0.2)]
-    seq, bat = many.measure_step_times(cfgs, digits32, steps=2, warmup=1, min_seconds=0.05,
-                                       max_rounds=51)
-    assert (seq, bat) == (per_step, per_step)
-    assert len(calls) == 2 * (1 + want_rounds)  # both sides, warm-up round included
+def test_batching_rule_reads_the_configs_device():
+    assert batching_rule(base_cfg("softmax")) is True  # device="cpu" in base_cfg
+    assert batching_rule(base_cfg("mlp")) is False
+    auto = base_cfg("mlp", device="auto")
+    assert batching_rule(auto) is torch.cuda.is_available()
+
+
+def test_trains_batched_needs_two_batchable_members_and_the_rule():
+    two = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.1, 0.2)]
+    assert trains_batched(two)
+    assert not trains_batched(two[:1])  # one member: nothing to batch
+    assert not trains_batched([c.replace(batching="off") for c in two])
+    assert not trains_batched([c.replace(**{"model.name": "mlp"}) for c in two])  # auto, CPU
+    assert trains_batched([c.replace(batching="on", **{"model.name": "mlp"}) for c in two])
+    rprop = [c.replace(**{"optim.name": "rprop", "optim.weight_decay": 0.0}, batching="on")
+             for c in two]
+    assert not trains_batched(rprop)  # on does not make rprop batchable
+    assert not trains_batched([two[0], two[1].replace(batching="on")])  # they must share it
 
 
 def test_group_batchable_groups_only_compatible_configs():
@@ -280,18 +285,22 @@ def test_group_batchable_groups_only_compatible_configs():
             base_cfg(**{"optim.lr": 0.3}, seed=2), base_cfg(**{"optim.name": "gains"}),
             base_cfg(**{"optim.name": "gains"})]
     assert group_batchable(cfgs) == [[0, 2], [1], [3], [4]]
+    off = [base_cfg(**{"optim.lr": 0.1}), base_cfg(batching="off"), base_cfg(**{"optim.lr": 0.2})]
+    assert group_batchable(off) == [[0, 2], [1]]  # members of one group share batching
 
 
-@pytest.mark.parametrize("seq_s, bat_s, want_batched", [(1.0, 2.0, False), (2.0, 1.0, True)])
-def test_train_many_follows_the_measurement(digits32, monkeypatch, seq_s, bat_s, want_batched):
-    many._PAYS_CACHE.clear()
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (seq_s, bat_s))
+@pytest.mark.parametrize("model, batching, want_batched", [
+    ("softmax", "auto", True), ("mlp", "auto", False), ("mlp", "on", True),
+    ("softmax", "off", False)])
+def test_train_many_follows_the_declared_rule(digits32, monkeypatch, model, batching,
+                                              want_batched):
     calls = []
     real = many.train_batched
     monkeypatch.setattr(many, "train_batched",
                         lambda cfgs, data, **kw: calls.append(len(cfgs)) or real(cfgs, data, **kw))
-    cfgs = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.3, 0.1)]
-    cfgs.append(base_cfg("softmax", "rprop", **{"optim.lr": 0.01, "optim.weight_decay": 0.0}))
+    cfgs = [base_cfg(model, batching=batching, **{"optim.lr": lr}) for lr in (0.3, 0.1)]
+    cfgs.append(base_cfg(model, "rprop", batching=batching,
+                         **{"optim.lr": 0.01, "optim.weight_decay": 0.0}))
     rows = []
     results = train_many(cfgs, digits32, on_epoch=lambda i, row: rows.append(i))
     assert calls == ([2] if want_batched else [])
@@ -299,32 +308,12 @@ def test_train_many_follows_the_measurement(digits32, monkeypatch, seq_s, bat_s,
     for cfg, got in zip(cfgs, results, strict=True):
         want = train(cfg, digits32).history
         np.testing.assert_allclose(got.history["val_loss"], want["val_loss"], rtol=1e-4)
-    many._PAYS_CACHE.clear()
 
 
-def test_group_pays_probes_the_groups_own_arrangement(digits32, monkeypatch):
-    many._PAYS_CACHE.clear()
-    probed = []
-    monkeypatch.setattr(many, "measure_step_times",
-                        lambda cfgs, data: probed.append(cfgs) or (3.0, 1.0))
-    shared = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3)]
-    assert group_pays(shared, digits32) == (True, {"sequential_s": 3.0, "batched_s": 1.0,
-                                                   "speedup": 3.0, "cached": False})
-    distinct = [base_cfg("softmax", seed=s) for s in (0, 1, 2)]
-    assert group_pays(distinct, digits32)[1]["cached"] is False  # another arrangement
-    assert [len({c.seed for c in cfgs}) for cfgs in probed] == [1, 3]
-    assert all(len(cfgs) == 3 and cfgs[0].model.name == "softmax" for cfgs in probed)
-    with pytest.raises(ValueError, match="optim.name"):
-        group_pays([base_cfg(**{"optim.name": "gains"})] * 2, digits32)
-    many._PAYS_CACHE.clear()
-
-
-def test_plan_many_is_what_train_many_follows(digits32, monkeypatch):
-    many._PAYS_CACHE.clear()
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (2.0, 1.0))
+def test_plan_many_is_what_train_many_follows(digits32):
     cfgs = [base_cfg("softmax", **{"optim.lr": lr}) for lr in (0.3, 0.1)]
     cfgs.append(base_cfg("softmax", "rprop", **{"optim.lr": 0.01, "optim.weight_decay": 0.0}))
-    assert many.plan_many(cfgs, digits32) == [([0, 1], True), ([2], False)]
+    assert plan_many(cfgs) == [([0, 1], True), ([2], False)]
     # A given plan is followed as is: here nothing batched, so every run is train()'s.
     results = train_many(cfgs[:2], digits32, plan=[([1], False), ([0], False)])
     for cfg, got in zip(cfgs, results, strict=False):
@@ -332,7 +321,15 @@ def test_plan_many_is_what_train_many_follows(digits32, monkeypatch):
                                       train(cfg, digits32).history.drop(columns="time_s"))
     with pytest.raises(ValueError, match="plan: got"):
         train_many(cfgs[:2], digits32, plan=[([0, 0], False)])
-    many._PAYS_CACHE.clear()
+
+
+def test_the_plan_is_the_same_on_every_call():
+    """Declared, not raced: nothing timed, so the same configs plan the same work each time."""
+    cfgs = [base_cfg(m, **{"optim.lr": lr}) for m in ("softmax", "mlp") for lr in (0.1, 0.2)]
+    cfgs.append(base_cfg("mlp", batching="on", **{"optim.lr": 0.3}))
+    cfgs.append(base_cfg("mlp", batching="on", **{"optim.lr": 0.4}))
+    want = [([0, 1], True), ([2, 3], False), ([4, 5], True)]
+    assert all(plan_many(cfgs) == want for _ in range(5))
 
 
 def test_squared_error_divergence_is_judged_in_its_own_units(f64, digits64):

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import yaml
 
 from lrpipe.config import (
     ConfigError,
@@ -36,6 +37,8 @@ BAD = [
     (lambda: TrainConfig(batch_size=-1), "batch_size"),
     (lambda: TrainConfig(device="tpu"), "device"),
     (lambda: TrainConfig(loss="hinge"), "loss"),
+    (lambda: TrainConfig(batching="sometimes"), "batching"),
+    (lambda: TrainConfig(batching=None), "batching"),
     (lambda: TrainConfig(data=DataConfig(subset=100), batch_size=128), "batch_size"),
     (lambda: from_dict({"optim": {"learning_rate": 1}}), "optim.learning_rate"),
     (lambda: from_dict({"epoch": 3}), "config.epoch"),
@@ -54,6 +57,26 @@ def test_bad_values_name_the_field_and_the_allowed_values(make, field):
 def test_allowed_values_are_listed_for_choices():
     with pytest.raises(ConfigError, match="sgd, momentum, nesterov, adagrad, rmsprop, adam"):
         OptimConfig(name="adamw")
+
+
+def test_batching_is_declared_in_the_config_and_in_its_hash():
+    assert TrainConfig().batching == "auto"
+    with pytest.raises(ConfigError, match=r"^batching: got 'sometimes'; allowed: auto, on, off$"):
+        TrainConfig(batching="sometimes")
+    # --set batching=on and a YAML file's `batching: off` arrive as YAML 1.1 booleans.
+    for text, want in (("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")):
+        cfg = merge(TrainConfig(), {"batching": yaml.safe_load(text)})
+        assert cfg.batching == want and to_dict(cfg)["batching"] == want
+        assert flatten(cfg)["batching"] == want and from_dict(to_dict(cfg)) == cfg
+    from flows.cli import parse_set  # the command line's own parser
+
+    assert merge(TrainConfig(), dict([parse_set("batching=on")])).batching == "on"
+    assert merge(TrainConfig(), dict([parse_set("batching=off")])).batching == "off"
+    # How a run trained is part of what it is: float32 batched runs differ slightly, so a
+    # resumed sweep with another batching trains afresh instead of reusing.
+    auto = TrainConfig()
+    assert config_hash(auto.replace(batching="on")) != config_hash(auto)
+    assert config_hash(merge(auto, {"batching": True})) == config_hash(auto.replace(batching="on"))
 
 
 def test_round_trip_and_hash_are_stable():

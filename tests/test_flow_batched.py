@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from flows.batched import chunks, plan_groups, train_group_and_log
-from lrpipe import many, tracking
+from lrpipe import tracking
 from lrpipe.config import DataConfig, ModelConfig, TrainConfig, to_dict
-from lrpipe.data import load_data
 
 LRS = (0.05, 0.1, 0.2, 1e4)  # 1e4 diverges: masked in the batch, its run marked
 EXPERIMENT = "test-flow-batched"
@@ -16,32 +15,16 @@ METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
 
 
 def digits(**changes) -> TrainConfig:
+    """The digits MLP with batching declared on (auto would train an MLP alone on the CPU)."""
     cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                       model=ModelConfig(name="mlp", hidden=(32,)), epochs=2, batch_size=64,
-                      device="cpu")
+                      device="cpu", batching="on")
     return cfg.replace(**changes) if changes else cfg
-
-
-@pytest.fixture
-def timings(monkeypatch):
-    """Fix what batching_pays measures: set ``timings.value = (sequential_s, batched_s)``."""
-    class Timings:
-        value = (2.0, 1.0)
-        calls: list = []
-
-    def fake(cfgs, data):
-        Timings.calls.append(len(cfgs))
-        return Timings.value
-
-    many._PAYS_CACHE.clear()
-    monkeypatch.setattr(many, "measure_step_times", fake)
-    yield Timings
-    many._PAYS_CACHE.clear()
 
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_harness, _session_store):
-    """One flow: the 3 rates as one train_group_and_log task (batching forced to pay) and as 3
+    """One flow: the 4 rates as one train_group_and_log task (batching declared on) and as 4
     train_and_log tasks, side by side."""
     import os
 
@@ -62,19 +45,15 @@ def flow_run(prefect_harness, _session_store):
         return group.result(), [f.result() for f in singles]
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    many._PAYS_CACHE.clear()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(many, "measure_step_times", lambda cfgs, data: (2.0, 1.0))
-            parent = tracking.start_run(EXPERIMENT, "parent")
-            other = tracking.start_run(EXPERIMENT, "parent of single runs")
-            grouped, singles = both(parent, other)
-            tracking.end_run(parent)
-            tracking.end_run(other)
+        parent = tracking.start_run(EXPERIMENT, "parent")
+        other = tracking.start_run(EXPERIMENT, "parent of single runs")
+        grouped, singles = both(parent, other)
+        tracking.end_run(parent)
+        tracking.end_run(other)
         return parent, grouped, singles, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-        many._PAYS_CACHE.clear()
 
 
 def test_one_child_run_per_member_with_params_and_tags(flow_run):
@@ -141,7 +120,7 @@ def test_a_failing_group_leaves_every_child_failed(mlflow_store, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr("flows.batched.train_many", boom)
-    monkeypatch.setattr("flows.batched.plan_many", lambda cfgs, data: [([0, 1], True)])
+    monkeypatch.setattr("flows.batched.plan_many", lambda cfgs: [([0, 1], True)])
     cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (0.1, 0.2)]
     parent = tracking.start_run("test-flow-batched-fail", "parent")
     with pytest.raises(RuntimeError, match="boom"):
@@ -170,30 +149,33 @@ def test_chunks_by_hand():
         chunks([1], 0)
 
 
-@pytest.fixture(scope="module")
-def digits_data():
-    return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
-
-
-def test_plan_groups_batches_chunks_only_where_measured_faster(digits_data, timings):
+def test_plan_groups_batches_chunks_only_where_the_policy_says_so():
     cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3, 0.4, 0.5)]
     cfgs.append(digits(**{"optim.name": "gains"}))  # cannot be batched: a task of its own
-    assert plan_groups(cfgs, digits_data, workers=2) == [[0, 2, 4], [1, 3], [5]]
-    assert timings.calls == [3, 2]  # the chunks' own sizes were measured
-    many._PAYS_CACHE.clear()
-    timings.value = (1.0, 1.0)  # batched no faster: every rate its own parallel task
-    assert plan_groups(cfgs, digits_data, workers=2) == [[0], [1], [2], [3], [4], [5]]
-    assert plan_groups(cfgs[:3], digits_data, workers=3) == [[0], [1], [2]]  # chunks of 1
+    assert plan_groups(cfgs, workers=2) == [[0, 2, 4], [1, 3], [5]]
+    # batching off, or auto for an MLP on the CPU: every rate its own parallel task
+    for batching in ("off", "auto"):
+        alone = [c.replace(batching=batching) for c in cfgs]
+        assert plan_groups(alone, workers=2) == [[0], [1], [2], [3], [4], [5]]
+    assert plan_groups(cfgs[:3], workers=3) == [[0], [1], [2]]  # chunks of 1
+    softmax = [c.replace(batching="auto", **{"model.name": "softmax"}) for c in cfgs[:5]]
+    assert plan_groups(softmax, workers=2) == [[0, 2, 4], [1, 3]]  # auto batches it on the CPU
 
 
-def test_plan_groups_one_worker_keeps_one_group(digits_data, timings):
+def test_plan_groups_one_worker_keeps_one_group():
     cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3)]
-    assert plan_groups(cfgs, digits_data) == [[0, 1, 2]]
+    assert plan_groups(cfgs) == [[0, 1, 2]]
+
+
+def test_plan_groups_is_the_same_on_every_call():
+    """Declared, not raced: the same configs on the same device plan the same tasks."""
+    cfgs = [digits(batching=b, **{"optim.lr": lr}) for b in ("on", "auto") for lr in (0.1, 0.2)]
+    assert all(plan_groups(cfgs) == [[0, 1], [2], [3]] for _ in range(5))
 
 
 @pytest.fixture(scope="module")
 def planned_run(prefect_harness, _session_store):
-    """train_planned in a flow: 4 rates (batching forced to pay, 2 workers -> 2 groups of 2)
+    """train_planned in a flow: 4 rates (batching declared on, 2 workers -> 2 groups of 2)
     and one unbatchable config (rprop: a task of its own), per-config tags."""
     import os
 
@@ -212,17 +194,13 @@ def planned_run(prefect_harness, _session_store):
                              label="planned")
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    many._PAYS_CACHE.clear()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(many, "measure_step_times", lambda cfgs, data: (2.0, 1.0))
-            parent = tracking.start_run(EXPERIMENT, "planned parent")
-            out = planned(parent)
-            tracking.end_run(parent)
+        parent = tracking.start_run(EXPERIMENT, "planned parent")
+        out = planned(parent)
+        tracking.end_run(parent)
         return cfgs, out, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-        many._PAYS_CACHE.clear()
 
 
 def test_train_planned_returns_one_result_per_config_in_order(planned_run):

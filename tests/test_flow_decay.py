@@ -200,21 +200,15 @@ def test_schedule_preview_refuses_bad_names_before_writing(mlflow_store, tmp_pat
 
 @pytest.fixture(scope="module")
 def decay(prefect_harness, _session_store):
-    """The flow with batching measured to pay: the 6 schedule x seed runs train as 2 batched
+    """The flow with batching declared on: the 6 schedule x seed runs train as 2 batched
     groups of 3 (one per worker), so every check below also holds for batched members."""
-    from lrpipe import many
-
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    many._PAYS_CACHE.clear()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(many, "measure_step_times", lambda cfgs, data: (2.0, 1.0))
-            result = dc.run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
-                            overrides=OVERRIDES, workers=2)
+        result = dc.run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
+                        overrides={**OVERRIDES, "batching": "on"}, workers=2)
         return result, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-        many._PAYS_CACHE.clear()
 
 
 def test_parent_with_one_child_per_schedule_and_seed(decay):

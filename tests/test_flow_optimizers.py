@@ -173,21 +173,15 @@ def test_series_steps_and_run_configs():
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_harness, _session_store):
-    """The flow with batching measured to pay and one worker: each batchable optimizer's
-    seeds train as one batched group (see the tag test)."""
-    from lrpipe import many
-
+    """The flow with batching declared on and one worker: each batchable optimizer's seeds
+    train as one batched group (see the tag test)."""
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    many._PAYS_CACHE.clear()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(many, "measure_step_times", lambda *a, **k: (2.0, 1.0))
-            result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
-                            rprop_epochs=3, overrides=DIGITS, workers=1)
+        result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
+                        rprop_epochs=3, overrides={**DIGITS, "batching": "on"}, workers=1)
         return result, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-        many._PAYS_CACHE.clear()
 
 
 def children(result, uri):

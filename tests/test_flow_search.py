@@ -218,24 +218,18 @@ def test_a_missing_stage_module_is_skipped(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def piped(prefect_harness, _session_store):
-    """The pipeline with batching measured to pay (3x): the range tests run as one batched
-    task, the halving rungs in windows, the regret grid and sweep as batched groups; every
-    check below holds for them. The one-task-per-seed path is checked against it apart."""
+    """The pipeline with batching declared on: the range tests run as one batched task, the
+    halving rungs in windows, the regret grid and sweep as batched groups; every check below
+    holds for them. The one-task-per-seed path is checked against it apart."""
     import os
 
-    from lrpipe import many
-
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    many._PAYS_CACHE.clear()
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(many, "measure_step_times", lambda *a, **k: (3.0, 1.0))
-            result = pl.run(epochs=2, skip=["decay", "transfer"], overrides=OVERRIDES,
-                            search=SEARCH, workers=2)
+        result = pl.run(epochs=2, skip=["decay", "transfer"],
+                        overrides={**OVERRIDES, "batching": "on"}, search=SEARCH, workers=2)
         return result, tracking.client(_session_store)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-        many._PAYS_CACHE.clear()
 
 
 def _children(c, parent_id):

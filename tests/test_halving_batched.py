@@ -1,6 +1,6 @@
 """The halving ladder trained a window of rungs at a time: the same ladder and choice as the
 one-rung-at-a-time search, on real digits (batched against train(), float64 as in
-test_batched) and with stand-ins that count the calls; the measured window rule.
+test_batched) and with stand-ins that count the calls; the declared window rule.
 """
 
 from __future__ import annotations
@@ -21,13 +21,6 @@ torch.set_num_threads(1)
 
 
 
-@pytest.fixture(autouse=True)
-def fresh_pays_cache():
-    many._PAYS_CACHE.clear()  # a monkeypatched timing must not leak into other tests
-    yield
-    many._PAYS_CACHE.clear()
-
-
 def make_cfg(model: str = "mlp", opt: str = "sgd", **changes) -> TrainConfig:
     cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                       model=ModelConfig(name=model, hidden=(16,)), optim=OptimConfig(name=opt),
@@ -36,7 +29,7 @@ def make_cfg(model: str = "mlp", opt: str = "sgd", **changes) -> TrainConfig:
 
 
 def batched_counting(sizes: list[int]):
-    """train_many_fn forced to batch (whatever batching_pays says), recording window sizes."""
+    """train_many_fn forced to batch (whatever the policy says), recording window sizes."""
     def fn(cfgs, data):
         sizes.append(len(cfgs))
         assert len({c.seed for c in cfgs}) == 1  # rungs share a seed: one batch order
@@ -101,22 +94,25 @@ def test_window_larger_than_the_ladder_trains_it_in_one_call(f64, digits64):
     assert not got.ladder["diverged"].any()
 
 
-def test_auto_window_follows_the_measurement_and_keeps_the_ladder(f64, digits64, monkeypatch):
+def test_auto_window_follows_the_declared_rule_and_keeps_the_ladder(f64, digits64,
+                                                                     monkeypatch):
     cfg = make_cfg("mlp")
     want = halving_search(cfg, digits64, start_lr=10.0, max_steps=10)
     calls = []
     real = many.train_batched
     monkeypatch.setattr(many, "train_batched",
                         lambda cfgs, data, **kw: calls.append(len(cfgs)) or real(cfgs, data))
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (3.0, 1.0))
-    got = halving_search(cfg, digits64, start_lr=10.0, max_steps=10, window="auto")
+    got = halving_search(cfg.replace(batching="on"), digits64, start_lr=10.0, max_steps=10,
+                         window="auto")
     assert got.window == 4 and calls == [4, 4]  # the default train_many batched both windows
     assert_same_search(got, want)
-    many._PAYS_CACHE.clear()
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
+    # auto: an MLP on the CPU trains rung by rung (make_cfg's default); so does batching off.
     slow = halving_search(cfg, digits64, start_lr=10.0, max_steps=10, window="auto")
     assert slow.window == 1 and calls == [4, 4]  # no batched call: train() rung by rung
     assert_same_search(slow, want)
+    off = halving_search(cfg.replace(batching="off", **{"model.name": "softmax"}), digits64,
+                         start_lr=10.0, max_steps=10, window="auto")
+    assert off.window == 1 and calls == [4, 4]
 
 
 # Stand-ins: which rungs are trained, in which calls.
@@ -160,38 +156,29 @@ def test_train_many_fn_must_return_one_result_per_config():
                        train_many_fn=lambda cfgs, d: table_many({1.0: 0.5}, [])(cfgs[:1], d))
 
 
-# The measured window rule.
+# The declared window rule: max_window when the policy batches the rungs, else 1.
 
-def test_halving_window_is_1_for_an_unbatchable_optimizer(digits32, monkeypatch):
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("measured"))
-    rprop = make_cfg(opt="rprop", **{"optim.weight_decay": 0.0})
-    assert halving_window(rprop, digits32) == 1
-    assert halving_window(make_cfg(opt="gains"), digits32, max_window=8) == 1
-    assert halving_window(make_cfg(), digits32, max_window=1) == 1  # nothing to measure
-
-
-def test_halving_window_measures_here(digits32):
-    for model in ("softmax", "mlp"):
-        window = halving_window(make_cfg(model), digits32, max_window=4)
-        assert isinstance(window, int) and window in (1, 4)
+def test_halving_window_is_1_for_an_unbatchable_optimizer():
+    rprop = make_cfg(opt="rprop", batching="on", **{"optim.weight_decay": 0.0})
+    assert halving_window(rprop) == 1
+    assert halving_window(make_cfg(opt="gains", batching="on"), max_window=8) == 1
+    assert halving_window(make_cfg(batching="on"), max_window=1) == 1  # nothing to batch
 
 
-# A window of W must be max(PAYS_SPEEDUP = 1.25, W / 2) x faster per step: it may waste half
-# its rungs.
-@pytest.mark.parametrize(("seq_s", "bat_s", "max_window", "want"), [
-    (2.5, 1.0, 5, 5), (2.4, 1.0, 5, 1), (1.0, 1.0, 5, 1), (1.25, 1.0, 2, 2), (1.2, 1.0, 2, 1)])
-def test_halving_window_follows_the_timing(digits32, monkeypatch, seq_s, bat_s, max_window,
-                                           want):
-    probed = []
-    monkeypatch.setattr(many, "measure_step_times",
-                        lambda cfgs, data: probed.append(cfgs) or (seq_s, bat_s))
-    assert halving_window(make_cfg("mlp", "adam"), digits32, max_window=max_window) == want
-    # It probed max_window members of this model and optimizer with one shared batch order.
-    assert [len(c) for c in probed] == [max_window]
-    assert {c.optim.name for c in probed[0]} == {"adam"} and len({c.seed for c in probed[0]}) == 1
+@pytest.mark.parametrize(("model", "batching", "device", "max_window", "want"), [
+    ("softmax", "auto", "cpu", 4, 4),  # not compute-bound on the CPU: batched
+    ("mlp", "auto", "cpu", 4, 1),  # no reliable gain on a 2-core CPU: rung by rung
+    ("cnn", "auto", "cpu", 4, 1),
+    ("mlp", "auto", "cuda", 5, 5),  # every model on a GPU
+    ("mlp", "on", "cpu", 2, 2),
+    ("softmax", "off", "cpu", 4, 1),
+])
+def test_halving_window_follows_the_declared_rule(model, batching, device, max_window, want):
+    cfg = make_cfg(model, "adam", batching=batching, device=device)
+    assert all(halving_window(cfg, max_window=max_window) == want for _ in range(3))
 
 
 @pytest.mark.parametrize("max_window", [0, 2.0, "4"])
-def test_halving_window_bad_max_window(digits32, max_window):
+def test_halving_window_bad_max_window(max_window):
     with pytest.raises(ConfigError, match="max_window"):
-        halving_window(make_cfg(), digits32, max_window=max_window)
+        halving_window(make_cfg(), max_window=max_window)

@@ -1,5 +1,5 @@
 """Batched range test (lrpipe.rangetest_batched) against the sequential one, seed by seed, and
-the measured dispatch of range_test_seeds.
+the declared dispatch of range_test_seeds.
 
 Equality tests run in float64 (default dtype and data converted), where batched and lone runs
 agree to ~1e-12 even at the ramp's high rates over 60 steps (measured: 2e-15 .. 2e-10 relative
@@ -8,20 +8,18 @@ in loss); float32 is compared over few steps at small rates (FIELD_NOTES: it dri
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from lrpipe import many, rangetest_batched
+from lrpipe import rangetest_batched
 from lrpipe.batched import _BatchedStep
 from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import iterate_batches
 from lrpipe.models import make_model
 from lrpipe.rangetest import ramp, range_test_config, range_test_seeds
-from lrpipe.rangetest_batched import batching_pays_for_seeds, range_test_batched
+from lrpipe.rangetest_batched import range_test_batched
 from lrpipe.train import batch_loss
 
 torch.set_num_threads(1)
@@ -29,13 +27,6 @@ SEEDS = (0, 1, 2)
 COLUMNS = ["seed", "step", "lr", "loss", "smoothed", "stop_reason"]
 
 
-
-
-@pytest.fixture
-def no_cache():
-    many._PAYS_CACHE.clear()
-    yield
-    many._PAYS_CACHE.clear()
 
 
 def _cfg(optim: str = "sgd", loss: str = "cross_entropy", dropout: float = 0.0,
@@ -226,7 +217,7 @@ def test_batched_flag_must_be_bool_or_none(digits32, batched):
         range_test_seeds(_cfg(), digits32, batched=batched, num_steps=5)
 
 
-# The measured dispatch of range_test_seeds.
+# The declared dispatch of range_test_seeds.
 
 def _spy_batched(monkeypatch) -> list[tuple]:
     calls, real = [], rangetest_batched.range_test_batched
@@ -236,56 +227,36 @@ def _spy_batched(monkeypatch) -> list[tuple]:
     return calls
 
 
-@pytest.mark.parametrize("seq_s, bat_s, want_batched", [(1.0, 2.0, False), (2.0, 1.0, True)])
-def test_dispatch_follows_the_measurement(f64, digits64, monkeypatch, no_cache, seq_s, bat_s,
-                                          want_batched):
-    probed = []
-    monkeypatch.setattr(many, "measure_step_times",
-                        lambda cfgs, data: probed.append(cfgs) or (seq_s, bat_s))
+@pytest.mark.parametrize("model, batching, want_batched", [
+    ("mlp", "auto", False),  # an MLP on the CPU: no reliable gain, sequential
+    ("softmax", "auto", True),  # not compute-bound: batched on the CPU too
+    ("mlp", "on", True), ("softmax", "off", False)])
+def test_dispatch_follows_the_declared_rule(f64, digits64, monkeypatch, model, batching,
+                                            want_batched):
     calls = _spy_batched(monkeypatch)
-    cfg = _cfg("adam", lr=0.01, lr_mult={"head": 2.0})
+    cfg = _cfg("adam", lr=0.01, lr_mult={"head": 2.0}).replace(
+        batching=batching, **{"model.name": model})
     df = range_test_seeds(cfg, digits64, SEEDS, min_lr=1e-4, max_lr=0.3, num_steps=20)
     assert calls == ([SEEDS] if want_batched else [])
-    # The probe is the seeds' own arrangement: K members, distinct batch orders, same optimizer.
-    (probe,) = probed
-    assert len(probe) == 3 and len({c.seed for c in probe}) == 3
-    assert {c.optim.name for c in probe} == {"adam"} and probe[0].batch_size == 64
     assert_same_table(df, range_test_seeds(cfg, digits64, SEEDS, batched=False, min_lr=1e-4,
                                            max_lr=0.3, num_steps=20))
 
 
 @pytest.mark.parametrize("cfg, seeds, batched", [
-    (_cfg("gains"), SEEDS, None),  # the engine cannot batch it: sequential, nothing measured
-    (_cfg("rprop", weight_decay=0.0), SEEDS, None),
-    (_cfg(), (4,), None),  # one seed
-    (_cfg(), SEEDS, False),  # forced
+    (_cfg("gains").replace(batching="on"), SEEDS, None),  # the engine cannot batch it
+    (_cfg("rprop", weight_decay=0.0).replace(batching="on"), SEEDS, None),
+    (_cfg().replace(batching="on"), (4,), None),  # one seed
+    (_cfg().replace(batching="on"), SEEDS, False),  # forced
 ])
-def test_dispatch_runs_sequential_without_measuring(digits32, monkeypatch, no_cache, cfg,
-                                                    seeds, batched):
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("measured"))
+def test_dispatch_runs_sequential_where_it_cannot_or_must_not_batch(digits32, monkeypatch, cfg,
+                                                                    seeds, batched):
     calls = _spy_batched(monkeypatch)
     df = range_test_seeds(cfg, digits32, seeds, batched=batched, min_lr=1e-4, max_lr=0.1,
                           num_steps=8)
     assert calls == [] and sorted(df["seed"].unique()) == sorted(set(seeds))
 
 
-def test_forced_batched_does_not_measure(digits32, monkeypatch, no_cache):
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: pytest.fail("measured"))
+def test_forced_batched_overrides_the_policy(digits32, monkeypatch):
     calls = _spy_batched(monkeypatch)
-    range_test_seeds(_cfg(), digits32, SEEDS, batched=True, num_steps=8)
+    range_test_seeds(_cfg().replace(batching="off"), digits32, SEEDS, batched=True, num_steps=8)
     assert calls == [SEEDS]
-
-
-def test_real_measurement_decides_and_is_cached(f64, digits64, no_cache):
-    cfg = _cfg("sgd", lr=0.1)
-    pays, info = batching_pays_for_seeds(cfg, digits64, SEEDS)
-    assert isinstance(pays, bool) and info["cached"] is False
-    assert pays == (info["speedup"] >= many.PAYS_SPEEDUP) and info["batched_s"] > 0
-    assert batching_pays_for_seeds(cfg, digits64, SEEDS) == (pays, {**info, "cached": True})
-    assert batching_pays_for_seeds(_cfg("gains"), digits64, SEEDS)[1] == {
-        "reason": "optim.name: got 'gains'; allowed for batched training: sgd, momentum, "
-                  "nesterov, adagrad, rmsprop, adam"}
-    opts = dict(min_lr=1e-4, max_lr=3.0, num_steps=25)
-    assert_same_table(range_test_seeds(cfg, digits64, SEEDS, **opts),
-                      range_test_seeds(cfg, digits64, SEEDS, batched=False, **opts))
-    assert math.isfinite(info["speedup"])

@@ -21,6 +21,8 @@ from lrpipe.config import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64, "device": "cpu"}
+# Batching declared off: one task per rate, whatever the model and device (see the uses).
+NO_BATCHING = {**OVERRIDES, "batching": "off"}
 LRS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 EPOCHS = 15  # a few tenths of a second per rate: the kill lands with most rates to come
 EXPERIMENT = "resume-test"
@@ -171,11 +173,8 @@ def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harnes
         return real(cfg, *args, **kwargs)
 
     monkeypatch.setattr(flows.common, "train", flaky)
-    from lrpipe import many  # one train() per rate: batching measured not to pay
-
-    monkeypatch.setattr(many, "_PAYS_CACHE", {})
-    monkeypatch.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
-    settings = dict(lrs=[0.05, 0.2, 0.5], epochs=2, overrides=OVERRIDES, workers=2,
+    # one train() per rate: batching declared off
+    settings = dict(lrs=[0.05, 0.2, 0.5], epochs=2, overrides=NO_BATCHING, workers=2,
                     experiment="fault-test")
     with pytest.raises(RuntimeError, match="injected fault"):
         run(**settings)
@@ -204,12 +203,11 @@ def test_check_layer_names_builds_nothing_real():
 
 # --- a real sweep, killed and resumed ----------------------------------------------------
 
-# One task per rate (batching measured not to pay), so that rates finish one by one and the
-# kill lands between them; a batched group would finish its members all at once.
-NO_BATCHING = "from lrpipe import many; many.measure_step_times = lambda *a, **k: (1.0, 2.0); "
+# One task per rate (batching declared off), so that rates finish one by one and the kill
+# lands between them; a batched group would finish its members all at once.
 SCRIPT = (
-    "import flows; from flows.lr_sweep import run; " + NO_BATCHING +
-    f"run(lrs={LRS!r}, epochs={EPOCHS}, overrides={OVERRIDES!r}, workers=2, "
+    "import flows; from flows.lr_sweep import run; "
+    f"run(lrs={LRS!r}, epochs={EPOCHS}, overrides={NO_BATCHING!r}, workers=2, "
     f"experiment={EXPERIMENT!r})"
 )
 
@@ -251,20 +249,15 @@ def killed_and_resumed(prefect_harness, _session_store, tmp_path_factory):
     killed = {"parents": parents, "parent": parents[0], "finished": finished_children(uri),
               "pid": proc.pid, "all": runs_of(EXPERIMENT, uri)}
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    from lrpipe import many
-
-    try:
-        with pytest.MonkeyPatch.context() as mp:  # as in the killed process: one task per rate
-            mp.setattr(many, "_PAYS_CACHE", {})
-            mp.setattr(many, "measure_step_times", lambda *a, **k: (1.0, 2.0))
-            start = time.perf_counter()
-            resumed = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
-                          experiment=EXPERIMENT)
-            resume_s = time.perf_counter() - start
-            start = time.perf_counter()
-            full = run(lrs=LRS, epochs=EPOCHS, overrides=OVERRIDES, workers=2,
-                       experiment=EXPERIMENT)
-            full_s = time.perf_counter() - start
+    try:  # as in the killed process: one task per rate, the same configs (and hashes)
+        start = time.perf_counter()
+        resumed = run(lrs=LRS, epochs=EPOCHS, overrides=NO_BATCHING, workers=2,
+                      experiment=EXPERIMENT)
+        resume_s = time.perf_counter() - start
+        start = time.perf_counter()
+        full = run(lrs=LRS, epochs=EPOCHS, overrides=NO_BATCHING, workers=2,
+                   experiment=EXPERIMENT)
+        full_s = time.perf_counter() - start
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     print(f"\nresume: {resume_s:.1f} s training {len(LRS) - len(killed['finished'])} of "
