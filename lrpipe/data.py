@@ -200,6 +200,26 @@ def iterate_batches(split: Split, batch_size: int, generator: torch.Generator):
         yield split.x[idx], split.y[idx]
 
 
+def batch_generators(seeds: list[int]) -> list[torch.Generator]:
+    """Batch-order generators for K members: one if all share a seed, else one per member."""
+    return [torch.Generator().manual_seed(s) for s in (seeds if len(set(seeds)) > 1 else seeds[:1])]
+
+
+def member_batches(split: Split, batch_size: int, generators: list[torch.Generator]):
+    """Yield (x, y, shared) for one epoch of K members: one shared order if there is one
+    generator, else one order per member. Member k's order is ``iterate_batches``' for its
+    generator; distinct seeds cost a (K, B, ...) gather per step instead of one (B, ...)."""
+    if len(generators) == 1:
+        for x, y in iterate_batches(split, batch_size, generators[0]):
+            yield x, y, True
+        return
+    perms = torch.stack([torch.randperm(len(split), generator=g) for g in generators])
+    perms = perms.to(split.y.device)
+    for start in range(0, len(split), batch_size):
+        idx = perms[:, start:start + batch_size]
+        yield split.x[idx], split.y[idx], False
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lrpipe.data --root data``: prepare Fashion-MNIST from Debian's package."""
     import argparse

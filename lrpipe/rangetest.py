@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -26,11 +25,11 @@ from torch import nn
 
 from lrpipe.config import ConfigError, TrainConfig, check_choice, check_number
 from lrpipe.data import Dataset, iterate_batches
-from lrpipe.many import trains_batched
+from lrpipe.engine.loop import Curve, sweep
+from lrpipe.engine.members import OneModel, batch_loss
 from lrpipe.models import make_model
 from lrpipe.optim import make_optimizer
 from lrpipe.suggest import Suggestion, get_rule, log_median
-from lrpipe.train import batch_loss
 
 MODES = ("exp", "linear")
 STOP_REASONS = ("diverged", "nonfinite", "completed")
@@ -133,56 +132,17 @@ def preserved_state(model: nn.Module, optimizer: torch.optim.Optimizer):
         model.train(was_training)
 
 
-def group_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
-    """Each group's rate over the reference rate (group 0's lr / its lr_mult)."""
-    first = optimizer.param_groups[0]
-    reference = float(first["lr"]) / float(first.get("lr_mult", 1.0))
-    if not reference > 0:
-        raise ValueError(f"optimizer.param_groups[0]: got lr {first['lr']!r}; allowed: a rate "
-                         "> 0 (it is the reference the ramp scales)")
-    return [float(g["lr"]) / reference for g in optimizer.param_groups]
-
-
 def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
     return [str(g.get("name", i)) for i, g in enumerate(optimizer.param_groups)]
 
 
-def _ema(previous: float, value: float, beta: float, step: int) -> tuple[float, float]:
-    """(new running average, its bias-corrected value) after ``step + 1`` values."""
-    avg = beta * previous + (1.0 - beta) * value
-    return avg, avg / (1.0 - beta ** (step + 1))
-
-
-def _sweep(model, optimizer, stream, loss_fn, rates, ratios, beta, stop_factor) -> dict:
-    """The range test's loop, on state the caller has snapshotted."""
-    names = _group_names(optimizer)
-    out: dict[str, Any] = {"lrs": [], "losses": [], "smoothed": [], "stop_reason": "completed",
-                           "group_lrs": {n: [] for n in names}}
-    avg, best = 0.0, math.inf
-    model.train()
-    for step, rate in enumerate(rates):
-        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
-            group["lr"] = ratio * float(rate)
-        x, y = next(stream)
-        loss = loss_fn(model(x), y)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            out["stop_reason"] = "nonfinite"
-            break
-        avg, smooth = _ema(avg, value, beta, step)
-        out["lrs"].append(float(rate))
-        out["losses"].append(value)
-        out["smoothed"].append(smooth)
-        for name, group in zip(names, optimizer.param_groups, strict=True):
-            out["group_lrs"][name].append(float(group["lr"]))
-        if smooth > stop_factor * best:
-            out["stop_reason"] = "diverged"
-            break
-        best = min(best, smooth)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return out
+def curve_result(curve: Curve, ratios: dict[str, float]) -> RangeTestResult:
+    """A member's ``Curve`` as a RangeTestResult; ``ratios``: each group's rate over the
+    reference rate, by group name."""
+    return RangeTestResult(
+        lrs=tuple(curve.lrs), losses=tuple(curve.losses), smoothed=tuple(curve.smoothed),
+        stop_reason=curve.stop_reason, steps=len(curve.lrs),
+        group_lrs={n: tuple(r * lr for lr in curve.lrs) for n, r in ratios.items()})
 
 
 def check_sweep_opts(smoothing: float, stop_factor: float) -> None:
@@ -225,15 +185,13 @@ def range_test(
     """
     rates = ramp(min_lr, max_lr, num_steps, mode)
     check_sweep_opts(smoothing, stop_factor)
-    ratios = group_ratios(optimizer)
     with preserved_state(model, optimizer):
-        out = _sweep(model, optimizer, _cycle(batches), loss_fn, rates, ratios, smoothing,
-                     stop_factor)
-    return RangeTestResult(
-        lrs=tuple(out["lrs"]), losses=tuple(out["losses"]), smoothed=tuple(out["smoothed"]),
-        stop_reason=out["stop_reason"], steps=len(out["lrs"]),
-        group_lrs={k: tuple(v) for k, v in out["group_lrs"].items()},
-    )
+        members = OneModel(model, optimizer, loss_fn)
+        model.train()
+        stream = ((x, y, True) for x, y in _cycle(batches))
+        (curve,) = sweep(members, stream, rates, smoothing, stop_factor)
+    return curve_result(curve, dict(zip(_group_names(optimizer), members.ratio_to_reference,
+                                        strict=True)))
 
 
 def range_test_config(
@@ -264,34 +222,6 @@ def seeds_frame(seeds: Sequence[int], results: Sequence[RangeTestResult]) -> pd.
         frame.insert(0, "seed", seed)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
-
-
-def range_test_seeds(
-    cfg: TrainConfig, data: Dataset, seeds: Sequence[int] = (0, 1, 2), *,
-    batched: bool | None = None, **opts: Any
-) -> pd.DataFrame:
-    """One range test per seed, as one long table: seed, step, lr, loss, smoothed, stop_reason.
-
-    Args:
-        batched: True runs all seeds as one batched computation
-            (``lrpipe.rangetest_batched``), False one after another; None (default) follows
-            the declared policy for the seeds' members on the data's device
-            (``lrpipe.many.trains_batched``: ``cfg.batching``, and for auto the rule of
-            ``batching_rule``), sequential for one seed or an optimizer that cannot be batched.
-        opts: go to ``range_test`` (min_lr, max_lr, num_steps, mode, smoothing, stop_factor).
-    The table is the same either way, to tolerance (exactly so in float64).
-    """
-    if not seeds:
-        raise ValueError("seeds: got none; allowed: one or more seeds (3 for a band)")
-    if not (batched is None or isinstance(batched, bool)):
-        raise ValueError(f"batched: got {batched!r}; allowed: True, False, None (the policy)")
-    if batched is not False:
-        # Lazily: rangetest_batched imports this module (RangeTestResult, ramp, seeds_frame).
-        from lrpipe import rangetest_batched
-
-        if batched or trains_batched(rangetest_batched.member_cfgs(cfg, data, seeds)):
-            return rangetest_batched.range_test_batched(cfg, data, seeds, **opts)
-    return seeds_frame(seeds, [range_test_config(cfg, data, seed=s, **opts) for s in seeds])
 
 
 class Band(NamedTuple):

@@ -21,6 +21,7 @@ from lrpipe import batched, many
 from lrpipe.batched import check_batchable, member_losses, train_batched
 from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import Dataset, Split, load_data
+from lrpipe.engine.members import Stacked
 from lrpipe.many import batching_rule, group_batchable, plan_many, train_many, trains_batched
 from lrpipe.member_update import direction
 from lrpipe.train import batch_loss, train
@@ -95,7 +96,7 @@ def test_cnn_goes_through_vmap_and_matches(f64, digits64):
     small = load_data(cfgs[0].data, "cpu")
     small = Dataset(*(Split(s.x.double(), s.y) for s in (small.train, small.val, small.test)),
                     small.num_classes, small.input_shape, small.class_names)
-    assert not batched._Members(cfgs, small, torch.device("cpu")).linear_only
+    assert not batched.stacked_members(cfgs, small, torch.device("cpu")).linear_only
     for cfg, got in zip(cfgs, train_batched(cfgs, small), strict=True):
         assert_same_run(got, train(cfg, small))
 
@@ -349,9 +350,9 @@ def test_squared_error_divergence_is_judged_in_its_own_units(f64, digits64):
 
 def test_training_stops_at_once_when_every_member_diverged(f64, digits64, monkeypatch):
     calls = []
-    step_call = batched._BatchedStep.__call__
-    monkeypatch.setattr(batched._BatchedStep, "__call__",
-                        lambda self, *a, **k: calls.append(1) or step_call(self, *a, **k))
+    losses = Stacked.losses  # one call per step, the one where all diverged included
+    monkeypatch.setattr(Stacked, "losses",
+                        lambda self, *a, **k: calls.append(1) or losses(self, *a, **k))
     cfgs = [base_cfg(**{"optim.lr": lr}) for lr in (1e4, 1e5)]
     got = train_batched(cfgs, digits64)
     want = [train(c, digits64) for c in cfgs]

@@ -22,9 +22,9 @@ from lrpipe.rangetest import (
     ramp,
     range_test,
     range_test_config,
-    range_test_seeds,
     suggest_band,
 )
+from lrpipe.rangetest_batched import range_test_seeds
 
 torch.set_num_threads(1)
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from lrpipe import rangetest_batched
-from lrpipe.batched import _BatchedStep
 from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from lrpipe.data import iterate_batches
+from lrpipe.engine.members import Stacked
 from lrpipe.models import make_model
-from lrpipe.rangetest import ramp, range_test_config, range_test_seeds
-from lrpipe.rangetest_batched import range_test_batched
+from lrpipe.rangetest import ramp, range_test_config
+from lrpipe.rangetest_batched import range_test_batched, range_test_seeds
 from lrpipe.train import batch_loss
 
 torch.set_num_threads(1)
@@ -147,7 +147,8 @@ def test_first_losses_lrs_and_smoothing_by_hand(f64, digits64):
 def test_results_keep_each_groups_rates_as_the_sequential_test(f64, digits64, lr_mult):
     cfg = _cfg("momentum", lr=0.05, lr_mult=lr_mult)
     cfgs = rangetest_batched.member_cfgs(cfg, digits64, (0, 1))
-    results = rangetest_batched._sweep_batched(cfgs, digits64, ramp(1e-4, 1.0, 15), 0.98, 4.0)
+    results = rangetest_batched.range_test_stacked(cfgs, digits64, ramp(1e-4, 1.0, 15), 0.98,
+                                                   4.0)
     for seed, got in zip((0, 1), results, strict=True):
         want = range_test_config(cfg, digits64, seed=seed, min_lr=1e-4, max_lr=1.0,
                                  num_steps=15)
@@ -160,12 +161,9 @@ def test_results_keep_each_groups_rates_as_the_sequential_test(f64, digits64, lr
 def test_stops_stepping_once_every_seed_stopped(digits32, monkeypatch):
     calls = []
 
-    class Counting(_BatchedStep):
-        def __call__(self, *args, **kwargs):
-            calls.append(1)
-            return super().__call__(*args, **kwargs)
-
-    monkeypatch.setattr(rangetest_batched, "_BatchedStep", Counting)
+    losses = Stacked.losses
+    monkeypatch.setattr(Stacked, "losses",
+                        lambda self, *a, **k: calls.append(1) or losses(self, *a, **k))
     df = range_test_batched(_cfg("sgd", lr=0.1), digits32, min_lr=1e-2, max_lr=1e6,
                             num_steps=400)
     stops = _stops(df)
