@@ -62,7 +62,7 @@ $(DATA): | $(STAMP)
 		echo "installing Debian's dataset-fashion-mnist"; \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null || true; \
 	fi
-	$(PY) -m lrpipe.data --root data
+	$(PY) -m lrpipe.engine.data --root data
 
 $(PREFECT_DB): $(STAMP)
 	@mkdir -p .prefect

@@ -1,10 +1,10 @@
-"""Measure K learning rates trained batched (lrpipe.batched) vs K sequential train() runs.
+"""Measure K learning rates trained batched (lrpipe.engine.batched) vs K sequential train() runs.
 
 Usage (from the repo root): ``.venv/bin/python bench/batched_probe.py [--k 16] [--epochs 1]``.
 Full Fashion-MNIST (50k train, 10k validation), batch 128, one torch thread by default. Prints,
 per model: total wall seconds (training + per-epoch evaluation), training seconds (train()'s
 ``time_s``, summed over the sequential runs), their ratios, and what the declared rule chooses
-(``lrpipe.many.trains_batched`` with ``batching=auto`` on this device): the figures that rule
+(``lrpipe.engine.many.trains_batched`` with ``batching=auto`` on this device): the figures that rule
 cites come from this script and ``make bench`` case (c); re-run it on a new device or model
 before changing the rule.
 Note the machine's load (printed from /proc/loadavg): on a shared CPU the numbers move.
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lrpipe.batched import train_batched
-from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import load_data
-from lrpipe.many import trains_batched
-from lrpipe.train import resolve_device, train
+from lrpipe.engine.batched import train_batched
+from lrpipe.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import load_data
+from lrpipe.engine.many import trains_batched
+from lrpipe.engine.train import resolve_device, train
 
 MODELS = {"softmax": ModelConfig(name="softmax"), "mlp": ModelConfig(name="mlp", hidden=(256,))}
 

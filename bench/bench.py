@@ -3,7 +3,7 @@
   (a) one train() run vs a minimal hand-written loop (same model, data, batch order)
   (b) lrpipe's data path vs torchvision's DataLoader + ToTensor (MLP)
   (c) K=16 rates batched vs 16 sequential runs (softmax regression, MLP), with what the
-      declared rule (batching=auto, lrpipe.many.batching_rule) chooses next to the ratio
+      declared rule (batching=auto, lrpipe.engine.many.batching_rule) chooses next to the ratio
   (d) the default sweep with parallel thread tasks vs runner=serial; threads vs Dask processes
   (e) lrpipe's range test vs torch-lr-finder (DataLoader-fed and fed lrpipe's batches)
   (f) the share of the default sweep's wall time spent in Prefect and MLflow
@@ -96,8 +96,8 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     import speed_cases
     import sweep_cases
 
-    from lrpipe.config import DataConfig
-    from lrpipe.data import load_data
+    from lrpipe.engine.config import DataConfig
+    from lrpipe.engine.data import load_data
 
     torch.set_num_threads(1)
     rows: list[Row] = []

@@ -54,7 +54,7 @@ class FlowClock:
         if not self.calls:
             raise RuntimeError("flow clock: no train() call seen (the sweep trained batched); "
                                "it needs one train() per rate: the default MLP sweep on the "
-                               "CPU, or batching=off (lrpipe.many.batching_rule)")
+                               "CPU, or batching=off (lrpipe.engine.many.batching_rule)")
         first_wall, first_cpu = self.first
         last_wall, last_cpu = self.last
         training = self.train_cpu - self.hooks_cpu
@@ -74,7 +74,8 @@ class FlowClock:
     def _wrapped(self) -> Iterator[None]:
         import flows.common
         import flows.lr_sweep
-        from lrpipe import plots, tracking
+        from lrpipe import tracking
+        from lrpipe.plots import sweep as plots
 
         patched = [(flows.common, "train", self._train(flows.common.train)),
                    (plots, "sweep_figures", self._figures(plots.sweep_figures)),

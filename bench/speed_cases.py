@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from kit import Row, cpu_pair, interleaved, interleaved_samples, medians, say, speedup_row
 
-from lrpipe.batched import train_batched
-from lrpipe.config import ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import Dataset, Split, iterate_batches
-from lrpipe.many import trains_batched
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
-from lrpipe.rangetest import range_test_config
-from lrpipe.train import eval_train_split, train
+from lrpipe.engine.batched import train_batched
+from lrpipe.engine.config import ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import Dataset, Split, iterate_batches
+from lrpipe.engine.many import trains_batched
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.engine.train import eval_train_split, train
+from lrpipe.search.rangetest import range_test_config
 
 
 def subset(data: Dataset, n: int | None) -> Dataset:

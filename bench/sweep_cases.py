@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 from kit import Row, interleaved, interleaved_samples, quiet, say, speedup_row
 
-from lrpipe.config import TrainConfig, merge
-from lrpipe.train import train
+from lrpipe.engine.config import TrainConfig, merge
+from lrpipe.engine.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,8 +74,8 @@ def figures_seconds(history: pd.DataFrame) -> dict[str, float]:
     log_figure does before the upload): flow time that is neither Prefect nor MLflow."""
     import matplotlib.pyplot as plt
 
-    from lrpipe import plots
-    from lrpipe.ratio_plots import plot_update_ratio_by_lr
+    from lrpipe.plots import sweep as plots
+    from lrpipe.plots.ratios import plot_update_ratio_by_lr
 
     start, cpu = time.perf_counter(), time.process_time()
     figures = list(plots.sweep_figures(history.assign(status="ok", diverged_epoch=None))
@@ -92,7 +92,7 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
              cases: str = "df") -> list[Row]:
     """(d) the sweep per runner and (f) Prefect + MLflow's share of it, for the cases named in
     ``cases``. The sweep trains one task per rate: the default MLP with batching auto is not
-    batched on the CPU (``lrpipe.many.batching_rule``), which (f)'s clock needs."""
+    batched on the CPU (``lrpipe.engine.many.batching_rule``), which (f)'s clock needs."""
     from flows.lr_sweep import run
 
     def flow(runner: str):

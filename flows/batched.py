@@ -1,9 +1,9 @@
 """Wiring for many rates per pass: a group of configs trained in one task (batched where the
-declared policy says so, lrpipe.many), each member logged as its own MLflow child run.
+declared policy says so, lrpipe.engine.many), each member logged as its own MLflow child run.
 
 ``train_group_and_log`` returns what ``flows.common.train_and_log`` returns, one dict per
 member, so a flow can swap one for the other. ``plan_groups`` says which configs to put in one
-task, by the declared rule (``lrpipe.many.trains_batched``); ``train_planned`` is what flows
+task, by the declared rule (``lrpipe.engine.many.trains_batched``); ``train_planned`` is what flows
 call: plan, submit (one ``train_and_log`` per lone config, one ``train_group_and_log`` per
 group), wait with progress lines, and return one result per config in order.
 """
@@ -29,8 +29,8 @@ from flows.common import (
     train_and_log,
 )
 from lrpipe import procs, resume, tracking
-from lrpipe.config import TrainConfig, from_dict, to_dict
-from lrpipe.many import group_batchable, plan_many, train_many, trains_batched
+from lrpipe.engine.config import TrainConfig, from_dict, to_dict
+from lrpipe.engine.many import group_batchable, plan_many, train_many, trains_batched
 
 
 def chunks(idxs: list[int], parts: int) -> list[list[int]]:
@@ -47,10 +47,10 @@ def chunks(idxs: list[int], parts: int) -> list[list[int]]:
 def plan_groups(cfgs: list[TrainConfig], workers: int = 1) -> list[list[int]]:
     """Which configs to train together: lists of indices into ``cfgs``, one list per task.
 
-    Each batchable set (``lrpipe.many.group_batchable``) is dealt into ``workers`` chunks, one per
+    Each batchable set (``engine.many.group_batchable``) is dealt into ``workers`` chunks, one per
     parallel worker. A chunk becomes one ``train_group_and_log`` task if the declared policy
     batches it (``trains_batched``: the configs' ``batching`` field, and for auto the rule of
-    ``lrpipe.many.batching_rule`` for their model and device); otherwise each member is a task
+    ``engine.many.batching_rule`` for their model and device); otherwise each member is a task
     of its own (``train_and_log``), and the workers run them in parallel. Deterministic: the
     same configs on the same device always give the same tasks.
     Raises:
@@ -91,7 +91,7 @@ def train_group_and_log(
 ) -> list[dict]:
     """Train a group of configs in one task, each member its own MLflow child run.
 
-    ``lrpipe.many.train_many`` trains them batched where ``plan_many`` says so. Each child
+    ``lrpipe.engine.many.train_many`` trains them batched where ``plan_many`` says so. Each child
     gets params (the flattened config), per-epoch metrics (step=epoch, train()'s names) and
     tags status, config_hash, device, diverged_epoch and ``trained`` (batched k=N | alone), plus
     ``tags``: one dict for every member, or a list with one dict per member.

@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
-    from lrpipe.config import ConfigError
-    from lrpipe.data import DataUnavailable
+    from lrpipe.engine.config import ConfigError
+    from lrpipe.engine.data import DataUnavailable
     from lrpipe.tracking import TrackingError
 
     try:

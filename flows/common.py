@@ -22,11 +22,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lrpipe import procs, resume, tracking
-from lrpipe.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
-from lrpipe.data import Dataset, load_data
-from lrpipe.models import build_model
-from lrpipe.optim import make_optimizer
-from lrpipe.train import TrainResult, resolve_device, train
+from lrpipe.engine.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
+from lrpipe.engine.data import Dataset, load_data
+from lrpipe.engine.models import build_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.engine.train import TrainResult, resolve_device, train
 
 RUNNERS = ("threads", "dask", "serial")
 PROCESS_RUNNERS = ("dask",)  # and every tcp:// address

@@ -53,8 +53,8 @@ from flows.schedule_preview import (
     select_schedules,
     steps_per_epoch,
 )
-from lrpipe import decay, decay_plots, tracking
-from lrpipe.config import (
+from lrpipe import tracking
+from lrpipe.engine.config import (
     LOSSES,
     ConfigError,
     ScheduleConfig,
@@ -64,7 +64,9 @@ from lrpipe.config import (
     merge,
     to_dict,
 )
-from lrpipe.schedules import preview
+from lrpipe.engine.schedules import preview
+from lrpipe.experiments import decay
+from lrpipe.plots import decay as decay_plots
 
 HELP = "train every decay schedule at the chosen rate over 3 seeds and rank them"
 DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band

@@ -8,7 +8,9 @@ import math
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lrpipe import decay, decay_plots, tracking
+from lrpipe import tracking
+from lrpipe.experiments import decay
+from lrpipe.plots import decay as decay_plots
 
 
 def mean_curve(history: pd.DataFrame) -> pd.DataFrame:

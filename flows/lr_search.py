@@ -38,17 +38,17 @@ from flows.common import (
 from flows.report import publish_flow_report
 from flows.search_tasks import HALVING_OPTS, RANGE_OPTS, explore_subset
 from lrpipe import tracking
-from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
-from lrpipe.rangetest import suggest_band
-from lrpipe.search import (
+from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
+from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
+from lrpipe.search.choose import (
     RTOL,
     candidate_grid,
     choose_rate,
     cross_check,
     regret_table,
 )
-from lrpipe.search_plots import plot_halving, plot_range_test, plot_regret
-from lrpipe.suggest import RULES, log_median
+from lrpipe.search.rangetest import suggest_band
+from lrpipe.search.suggest import RULES, log_median
 
 HELP = "find a learning rate: range test + halving search on a subset, checked on full data"
 EXAMPLES = """examples:

@@ -2,7 +2,7 @@
 
 Each rate becomes an MLflow child run of one parent run (experiment ``lr-sweep``) that holds
 the overlaid figures. Rates share one task, trained as one batched computation, only where
-``lrpipe.many`` measures that to be faster on this machine (``flows.batched.train_planned``).
+``lrpipe.engine.many`` measures that to be faster on this machine (``flows.batched.train_planned``).
 Every config is built and validated before anything is recorded.
 """
 
@@ -26,9 +26,10 @@ from flows.common import (
     task_resources,
 )
 from flows.report import publish_report
-from lrpipe import plots, report, tracking
-from lrpipe.config import ConfigError, TrainConfig, check_number, merge, to_dict
-from lrpipe.ratio_plots import plot_update_ratio_by_lr
+from lrpipe import report, tracking
+from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
+from lrpipe.plots import sweep as plots
+from lrpipe.plots.ratios import plot_update_ratio_by_lr
 
 HELP = "train one model per learning rate and overlay their learning curves"
 EXAMPLES = """examples:

@@ -7,7 +7,7 @@ Two parts under one parent run (experiment ``optimizers``):
   final loss, distance to the minimum, the loss against step). The parent gets per surface the
   contour with every path, loss against step, an animated GIF and a summary table.
 * Real data (Fashion-MNIST subset): one search task per optimizer (the same 8 short trainings
-  for all, ``lrpipe.optimizers_real.search_rate``), then every optimizer at its own rate over
+  for all, ``lrpipe.experiments.optimizers.search_rate``), then every optimizer at its own rate over
   several seeds, each a training child run; curves with bands, a final-error table and the
   update/weight-ratio heatmap. Plus Rprop full-batch against mini-batch on the same subset.
 """
@@ -39,9 +39,8 @@ from flows.optimizer_surfaces import (
     surface_answer,
 )
 from flows.report import publish_flow_report
-from lrpipe import optimizers_real as real
 from lrpipe import tracking
-from lrpipe.config import (
+from lrpipe.engine.config import (
     OPTIMIZERS,
     ConfigError,
     DataConfig,
@@ -51,9 +50,10 @@ from lrpipe.config import (
     merge,
     to_dict,
 )
-from lrpipe.ratio_plots import plot_update_ratio
-from lrpipe.surface_plots import optimizer_palette
-from lrpipe.surfaces import LR_GRID, SURFACES
+from lrpipe.experiments import optimizers as real
+from lrpipe.experiments.surfaces import LR_GRID, SURFACES
+from lrpipe.plots.ratios import plot_update_ratio
+from lrpipe.plots.surfaces import optimizer_palette
 
 HELP = "compare optimizers on 2-D surfaces and on Fashion-MNIST, each at its own searched rate"
 EXAMPLES = """examples:

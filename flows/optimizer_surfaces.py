@@ -9,8 +9,8 @@ import torch
 from prefect import task
 
 from lrpipe import tracking
-from lrpipe.surface_plots import animate_paths, plot_contour_paths, plot_surface_losses
-from lrpipe.surfaces import LR_GRID, compare_on_surface, get_surface, summarize_paths
+from lrpipe.experiments.surfaces import LR_GRID, compare_on_surface, get_surface, summarize_paths
+from lrpipe.plots.surfaces import animate_paths, plot_contour_paths, plot_surface_losses
 
 SERIES_POINTS = 21  # points of a surface child's loss series (one sqlite transaction each)
 

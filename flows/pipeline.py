@@ -28,7 +28,7 @@ from flows.common import check_runner, check_workers, make_task_runner, prefligh
 from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
 from flows.report import publish_flow_report
 from lrpipe import tracking
-from lrpipe.config import ConfigError, TrainConfig, check_number, merge
+from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge
 
 HELP = "the whole pipeline: LR search, full training at the chosen rate, decay, transfer"
 EXAMPLES = """examples:

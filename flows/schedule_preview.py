@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from flows.common import dataset_for
-from lrpipe import decay, decay_plots, tracking
-from lrpipe.config import ConfigError, ScheduleConfig, TrainConfig, check_number, merge
-from lrpipe.schedules import decay_warning, plateau_max_decay, total_decay
+from lrpipe import tracking
+from lrpipe.engine.config import ConfigError, ScheduleConfig, TrainConfig, check_number, merge
+from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_decay
+from lrpipe.experiments import decay
+from lrpipe.plots import decay as decay_plots
 
 HELP = "preview every decay schedule's rate against epoch (no training) and its total decay"
 EXPERIMENT = "lr-decay"

@@ -2,7 +2,7 @@
 child run of the search's parent, and ``explore_subset``, which puts them all in flight.
 
 The range tests of all seeds run as one batched task when the declared batching policy says so
-(``lrpipe.many.trains_batched`` on the seeds' members: the config's ``batching`` field, and for
+(``engine.many.trains_batched`` on the seeds' members: the config's ``batching`` field, and for
 auto the rule of ``batching_rule``), else one task per seed; each halving search trains windows
 of rungs batched by the same policy (``halving_window``). Either way every seed is its own
 child run with the same metrics, tagged ``trained`` (batched | alone).
@@ -19,11 +19,11 @@ from prefect import task, unmapped
 
 from flows.common import collect, dataset_for, task_resources
 from lrpipe import procs, tracking
-from lrpipe.config import TrainConfig, from_dict, to_dict
-from lrpipe.many import trains_batched
-from lrpipe.rangetest import range_test_config
-from lrpipe.rangetest_batched import member_cfgs, range_test_batched
-from lrpipe.search import halving_search
+from lrpipe.engine.config import TrainConfig, from_dict, to_dict
+from lrpipe.engine.many import trains_batched
+from lrpipe.search.choose import halving_search
+from lrpipe.search.rangetest import range_test_config
+from lrpipe.search.seeds import member_cfgs, range_test_batched
 
 RANGE_OPTS = {"min_lr": 1e-5, "max_lr": 10.0}  # reference rates at the ramp's ends
 HALVING_OPTS = {"start_lr": 10.0, "factor": 0.5, "min_lr": 1e-5, "budget_epochs": 1}

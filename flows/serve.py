@@ -18,7 +18,7 @@ from typing import Any
 from flows import server
 from flows.common import check_runner, check_workers, make_task_runner
 from lrpipe import tracking
-from lrpipe.config import ConfigError, check_number
+from lrpipe.engine.config import ConfigError, check_number
 
 HELP = "serve the pipeline as a Prefect deployment re-run on a cron or interval schedule"
 EXAMPLES = """examples:

@@ -79,7 +79,7 @@ def stop_group(pgid: int, timeout: float = STOP_TIMEOUT_S) -> None:
 
 
 def check_port(port) -> int:
-    from lrpipe.config import check_number
+    from lrpipe.engine.config import check_number
 
     check_number("port", port, low=1, high=65535, integer=True)
     return port

@@ -34,12 +34,13 @@ from flows.common import (
 )
 from flows.report import publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
-from lrpipe import checkpoint, tracking
-from lrpipe.config import ConfigError, ModelConfig, TrainConfig, check_number
-from lrpipe.models import HEAD, build_model
-from lrpipe.optim import param_groups
-from lrpipe.train import resolve_device, train
-from lrpipe.transfer import (
+from lrpipe import tracking
+from lrpipe.engine import checkpoint
+from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_number
+from lrpipe.engine.models import HEAD, build_model
+from lrpipe.engine.optim import param_groups
+from lrpipe.engine.train import resolve_device, train
+from lrpipe.experiments.transfer import (
     STRATEGIES,
     TransferConfig,
     check_layer_mult,

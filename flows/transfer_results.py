@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lrpipe import tracking, transfer_plots
-from lrpipe.transfer import TransferConfig, grid_table
+from lrpipe import tracking
+from lrpipe.experiments.transfer import TransferConfig, grid_table
+from lrpipe.plots import transfer as transfer_plots
 
 
 def result_frames(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(strategy histories, grid histories): long-form, labelled as lrpipe.transfer's are."""
+    """(strategy histories, grid histories): long-form, labelled as experiments.transfer's are."""
     strategy, grid = [], []
     for r in results:
         rows = pd.DataFrame(r["history"]).assign(

@@ -1,0 +1,7 @@
+"""lrpipe: a learning-rate laboratory for PyTorch.
+
+Subpackages by concept: ``engine`` (config, data, models, optimizers, schedules, the one
+training loop), ``search`` (range test, suggestion rules, halving, regret), ``experiments``
+(decay, transfer, optimizers, surfaces), ``plots`` (pure figures); and the tracking edge:
+``tracking`` (the only module that imports mlflow), ``resume``, ``report``, ``procs``.
+"""

@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from lrpipe import checkpoint
-from lrpipe.config import TrainConfig, flatten
+from lrpipe.engine import checkpoint
+from lrpipe.engine.config import TrainConfig, flatten
 
 T = TypeVar("T")
 DEFAULT_STORE = Path("mlruns")
@@ -287,7 +287,7 @@ _WAITING: dict[str, tuple[str | None, list[Metric]]] = {}
 
 def epoch_logger(run_id: str, uri: str | None = None,
                  every: float = EPOCH_LOG_EVERY_S) -> Callable[[dict], None]:
-    """An ``on_epoch`` hook for lrpipe.train.train that logs a History row with step=epoch.
+    """An ``on_epoch`` hook for lrpipe.engine.train.train that logs a History row with step=epoch.
 
     Live, at most one write every ``every`` seconds: rows wait in memory until ``every``
     seconds have passed since the last write (or since the hook was made), then go out in one
@@ -333,7 +333,7 @@ def to_json(value: Any) -> str:
 
 
 # --- model registry ---
-# A registered version is lrpipe.checkpoint's folder (state_dict.pt + model.json) stored as its
+# A registered version is engine.checkpoint's folder (state_dict.pt + model.json) stored as its
 # run's ``model/`` artifacts.
 # Why not mlflow.pytorch (3.17): its default "pt2" format (torch.export) needs an input example
 # and loads back as an exported GraphModule without our named layers; its "pickle" format

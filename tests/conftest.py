@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flows  # noqa: F401  (sets Prefect/MLflow environment defaults before they are imported)
-from lrpipe.config import DataConfig, ModelConfig, TrainConfig
+from lrpipe.engine.config import DataConfig, ModelConfig, TrainConfig
 
 torch.set_num_threads(1)
 
@@ -36,7 +36,7 @@ def f64():
 @pytest.fixture(scope="session")
 def digits32():
     """The digits Dataset (float32, 300 validation examples) on the CPU."""
-    from lrpipe.data import load_data
+    from lrpipe.engine.data import load_data
 
     return load_data(DataConfig(dataset="digits", val_size=300), "cpu")
 
@@ -44,7 +44,7 @@ def digits32():
 @pytest.fixture(scope="session")
 def digits64(digits32):
     """The same examples in float64."""
-    from lrpipe.data import Dataset, Split
+    from lrpipe.engine.data import Dataset, Split
 
     d = digits32
     return Dataset(*(Split(s.x.double(), s.y) for s in (d.train, d.val, d.test)),

@@ -1,8 +1,11 @@
 """The house rules a parser can check: lrpipe/ knows nothing of Prefect; only tracking.py
-imports mlflow."""
+imports mlflow; no import cycles and no private name imported from another module; lrpipe's
+modules live in their concept's subpackage."""
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,16 +22,15 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_lrpipe_never_imports_prefect_or_flows():
-    offenders = [p.name for p in (ROOT / "lrpipe").glob("*.py")
+    offenders = [p.name for p in (ROOT / "lrpipe").rglob("*.py")
                  if imported_modules(p) & {"prefect", "prefect_dask", "flows"}]
     assert offenders == []
 
 
 def test_only_tracking_imports_mlflow():
-    offenders = [str(p.relative_to(ROOT)) for p in ROOT.glob("*/*.py")
-                 if p.parts[-2] in ("lrpipe", "flows", "tests")
-                 and "mlflow" in imported_modules(p)
-                 and p != ROOT / "lrpipe" / "tracking.py" and p.parts[-2] != "tests"]
+    offenders = [str(p.relative_to(ROOT)) for top in ("lrpipe", "flows")
+                 for p in (ROOT / top).rglob("*.py")
+                 if "mlflow" in imported_modules(p) and p != ROOT / "lrpipe" / "tracking.py"]
     assert offenders == []
 
 
@@ -36,3 +38,73 @@ def test_the_checker_sees_a_lazy_import(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    import prefect.flows\n    from mlflow import x\n")
     assert imported_modules(sample) == {"prefect", "mlflow"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path, known: set[str]) -> list[tuple[str, str]]:
+    """(module, name) for every ``from project.module import name`` and ``import
+    project.module`` in ``path`` (name "" for the latter), also inside functions."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.append((sub, "") if sub in known else (node.module, alias.name))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names]
+    return [(m, n) for m, n in found if m in known]
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for top in ("lrpipe", "flows") for p in (ROOT / top).rglob("*.py")}
+
+
+def test_no_private_name_is_imported_from_another_module():
+    modules = project_modules()
+    offenders = [f"{name} imports {mod}.{what}" for name, path in modules.items()
+                 for mod, what in project_imports(path, set(modules))
+                 if what.startswith("_") and mod != name]
+    assert offenders == []
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {name: {m for m, _ in project_imports(path, set(modules))
+                    if m != name and not name.startswith(m + ".")}
+             for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(node):] + [node]))
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, stack + [node])
+        done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_lrpipe_is_laid_out_by_concept():
+    top = sorted(p.name for p in (ROOT / "lrpipe").iterdir() if p.name != "__pycache__")
+    assert top == ["__init__.py", "engine", "experiments", "plots", "procs.py", "report.py",
+                   "resume.py", "search", "tracking.py"]
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
+    pkg = tmp_path / "lrpipe"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from lrpipe.b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from lrpipe.a import _y\n")
+    (tmp_path / "flows").mkdir()
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="import cycle"):
+        test_no_import_cycles()
+    with pytest.raises(AssertionError, match="lrpipe.a._y"):
+        test_no_private_name_is_imported_from_another_module()

@@ -11,8 +11,8 @@ import pytest
 
 from flows import cli
 from lrpipe import tracking
-from lrpipe.config import ConfigError
-from lrpipe.data import DataUnavailable
+from lrpipe.engine.config import ConfigError
+from lrpipe.engine.data import DataUnavailable
 
 DIGITS = {"data.dataset": "digits", "data.val_size": 300, "model.hidden": [32],
           "batch_size": 64, "device": "cpu"}
@@ -115,13 +115,13 @@ def test_sweep_refuses_bad_settings(guarded, changes, error, pattern):
 def test_missing_data_folder_without_debian_files_or_download(guarded, tmp_path, monkeypatch):
     import torchvision
 
-    import lrpipe.data
+    import lrpipe.engine.data
     from flows.lr_sweep import run
 
     def offline(self):
         raise RuntimeError("no network")
 
-    monkeypatch.setattr(lrpipe.data, "prepare_fashion_mnist", lambda root: None)
+    monkeypatch.setattr(lrpipe.engine.data, "prepare_fashion_mnist", lambda root: None)
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
     overrides = {**DIGITS, "data.dataset": "fashion_mnist", "data.root": str(tmp_path / "none")}
     with pytest.raises(DataUnavailable, match=r"data\.dataset='fashion_mnist': not found under"):
@@ -181,7 +181,7 @@ def test_min_rate_above_max_rate():
         with pytest.raises(ConfigError, match=r"max_lr: got 0\.001; allowed"):
             lr_search.run(min_lr=1.0, max_lr=1e-3, overrides=DIGITS)
         return
-    from lrpipe.rangetest import ramp
+    from lrpipe.search.rangetest import ramp
 
     with pytest.raises(ConfigError, match=r"max_lr: got 0\.001; allowed: a finite number > 1"):
         ramp(1.0, 1e-3, 10)

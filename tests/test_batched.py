@@ -1,4 +1,4 @@
-"""Batched training (lrpipe.batched) against K separate train() runs, torch.optim and by hand.
+"""Batched training (engine.batched) against K separate train() runs, torch.optim and by hand.
 
 Equality tests run in float64 (default dtype and data converted), where batched and separate
 runs agree to ~1e-15: GEMMs of other shapes only reorder the sums. In float32 they drift
@@ -17,14 +17,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lrpipe import batched, many
-from lrpipe.batched import check_batchable, member_losses, train_batched
-from lrpipe.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import Dataset, Split, load_data
+from lrpipe.engine import batched, many
+from lrpipe.engine.batched import check_batchable, member_losses, train_batched
+from lrpipe.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import Dataset, Split, load_data
+from lrpipe.engine.many import batching_rule, group_batchable, plan_many, train_many, trains_batched
+from lrpipe.engine.member_update import direction
 from lrpipe.engine.members import Stacked
-from lrpipe.many import batching_rule, group_batchable, plan_many, train_many, trains_batched
-from lrpipe.member_update import direction
-from lrpipe.train import batch_loss, train
+from lrpipe.engine.train import batch_loss, train
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
 STABLE_LRS = {"sgd": (0.05, 0.2, 0.5), "momentum": (0.01, 0.05, 0.1),
@@ -121,14 +121,14 @@ def test_diverging_member_is_masked_and_others_unchanged(f64, digits64):
     {"schedule.name": "step", "schedule.step_size": 1, "schedule.per_batch": False},
 ])
 def test_schedule_via_lr_lambda_matches_train(f64, digits64, schedule):
-    from lrpipe import schedules
+    from lrpipe.engine import schedules
 
     cfgs = [base_cfg("softmax", "momentum", epochs=3, **{"optim.lr": lr, **schedule})
             for lr in (0.05, 0.1)]
     if not hasattr(schedules, "lr_lambda"):
         with pytest.raises(ValueError, match="schedule"):
             train_batched(cfgs, digits64)
-        pytest.skip("lrpipe.schedules.lr_lambda not there yet: only constant is batchable")
+        pytest.skip("lrpipe.engine.schedules.lr_lambda not there yet: only constant is batchable")
     results = train_batched(cfgs, digits64)
     for cfg, got in zip(cfgs, results, strict=True):
         assert_same_run(got, train(cfg, digits64))
@@ -136,10 +136,10 @@ def test_schedule_via_lr_lambda_matches_train(f64, digits64, schedule):
 
 
 def test_members_may_differ_in_schedule(f64, digits64):
-    from lrpipe import schedules
+    from lrpipe.engine import schedules
 
     if not hasattr(schedules, "lr_lambda"):
-        pytest.skip("lrpipe.schedules.lr_lambda not there yet")
+        pytest.skip("lrpipe.engine.schedules.lr_lambda not there yet")
     cfgs = [base_cfg("mlp", "adam", **{"optim.lr": 0.01, "schedule.name": name})
             for name in ("constant", "cosine", "exponential")]
     for cfg, got in zip(cfgs, train_batched(cfgs, digits64), strict=True):

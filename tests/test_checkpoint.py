@@ -1,4 +1,4 @@
-"""lrpipe.checkpoint without MLflow: a model saved to a folder comes back equal, with its layer
+"""engine.checkpoint without MLflow: a model saved to a folder comes back equal, with its layer
 names; files of another format are refused before any tensor is read."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from lrpipe import checkpoint
-from lrpipe.config import ModelConfig
-from lrpipe.models import layer_names, make_model
+from lrpipe.engine import checkpoint
+from lrpipe.engine.config import ModelConfig
+from lrpipe.engine.models import layer_names, make_model
 
 
 def test_saved_model_loads_back_equal_with_its_layer_names(tmp_path):

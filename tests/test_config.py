@@ -3,7 +3,7 @@ import math
 import pytest
 import yaml
 
-from lrpipe.config import (
+from lrpipe.engine.config import (
     ConfigError,
     DataConfig,
     ModelConfig,

@@ -10,7 +10,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lrpipe.decay import (
+from lrpipe.engine.schedules import check_budget, total_decay
+from lrpipe.engine.train import train
+from lrpipe.experiments.decay import (
     default_schedules,
     final_rows,
     gap_growth_epoch,
@@ -18,9 +20,7 @@ from lrpipe.decay import (
     schedule_previews,
     summarize_runs,
 )
-from lrpipe.decay_plots import plot_final_errors, plot_gap, plot_metric_band, plot_schedules
-from lrpipe.schedules import check_budget, total_decay
-from lrpipe.train import train
+from lrpipe.plots.decay import plot_final_errors, plot_gap, plot_metric_band, plot_schedules
 
 matplotlib.use("Agg")
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import pytest
 
 from flows.batched import chunks, plan_groups, train_group_and_log
 from lrpipe import tracking
-from lrpipe.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from lrpipe.engine.config import DataConfig, ModelConfig, TrainConfig, to_dict
 
 LRS = (0.05, 0.1, 0.2, 1e4)  # 1e4 diverges: masked in the batch, its run marked
 EXPERIMENT = "test-flow-batched"

@@ -15,7 +15,7 @@ from flows import decay_compare as dc
 from flows import decay_results as dr
 from flows import schedule_preview as sp
 from lrpipe import tracking
-from lrpipe.config import ConfigError, TrainConfig
+from lrpipe.engine.config import ConfigError, TrainConfig
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64, "device": "cpu"}

@@ -14,10 +14,10 @@ import torch
 
 from flows import optimizer_compare as oc
 from flows.optimizer_surfaces import series_steps
-from lrpipe import optimizers_real as real
 from lrpipe import tracking
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from lrpipe.train import TrainResult
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from lrpipe.engine.train import TrainResult
+from lrpipe.experiments import optimizers as real
 
 torch.set_num_threads(1)
 DIGITS = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
@@ -72,7 +72,7 @@ def test_search_rate_says_when_the_answer_is_at_the_edge_or_missing(digits_cfg):
 
 
 def test_search_rate_on_real_digits_finds_a_stable_rate(digits_cfg):
-    from lrpipe.data import load_data
+    from lrpipe.engine.data import load_data
 
     found = real.search_rate(digits_cfg, load_data(digits_cfg.data))
     assert found.lr is not None and 1e-4 <= found.lr <= 1.0

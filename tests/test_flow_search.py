@@ -12,10 +12,10 @@ from flows import lr_search as ls
 from flows import pipeline as pl
 from flows import search_tasks as st
 from lrpipe import tracking
-from lrpipe.config import ConfigError
-from lrpipe.rangetest import suggest_band
-from lrpipe.search import regret_table
-from lrpipe.suggest import log_median
+from lrpipe.engine.config import ConfigError
+from lrpipe.search.choose import regret_table
+from lrpipe.search.rangetest import suggest_band
+from lrpipe.search.suggest import log_median
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64}
@@ -333,7 +333,7 @@ def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
 
 def test_range_tests_together_equal_one_task_per_seed(mlflow_store):
     """The batched task and the per-seed task log the same curves (float32: to tolerance)."""
-    from lrpipe.config import TrainConfig, merge, to_dict
+    from lrpipe.engine.config import TrainConfig, merge, to_dict
 
     cfg = to_dict(merge(TrainConfig(), {**OVERRIDES, "data": {**OVERRIDES["data"],
                                                               "subset": 600}}))

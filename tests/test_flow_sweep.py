@@ -4,7 +4,7 @@ temporary MLflow store."""
 import pytest
 
 from lrpipe import tracking
-from lrpipe.config import ConfigError
+from lrpipe.engine.config import ConfigError
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64}

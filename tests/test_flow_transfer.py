@@ -27,10 +27,11 @@ from flows.transfer import (
     transfer_config,
 )
 from flows.transfer_results import compare, print_summary, verdict_line
-from lrpipe import checkpoint, tracking
-from lrpipe.config import ConfigError, ModelConfig
-from lrpipe.models import layer_names, make_model
-from lrpipe.transfer import finetune, target_config
+from lrpipe import tracking
+from lrpipe.engine import checkpoint
+from lrpipe.engine.config import ConfigError, ModelConfig
+from lrpipe.engine.models import layer_names, make_model
+from lrpipe.experiments.transfer import finetune, target_config
 
 torch.set_num_threads(1)
 

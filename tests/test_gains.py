@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.gains import AdaptiveGains
-from lrpipe.optim import OPTIMIZER_FACTORIES
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.gains import AdaptiveGains
+from lrpipe.engine.optim import OPTIMIZER_FACTORIES
 
 torch.set_num_threads(1)
 
@@ -136,7 +136,7 @@ def test_factory_builds_gains_with_the_configs_momentum():
 
 
 def test_trains_softmax_regression_on_digits():
-    from lrpipe.train import train
+    from lrpipe.engine.train import train
 
     cfg = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                       model=ModelConfig(name="softmax"),

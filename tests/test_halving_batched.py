@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lrpipe import many
-from lrpipe.batched import train_batched
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.search import halving_search, halving_window
-from lrpipe.train import TrainResult
+from lrpipe.engine import many
+from lrpipe.engine.batched import train_batched
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.train import TrainResult
+from lrpipe.search.choose import halving_search, halving_window
 
 torch.set_num_threads(1)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lrpipe.config import DataConfig, ModelConfig
-from lrpipe.data import DataUnavailable, iterate_batches, load_data
-from lrpipe.models import backbone_names, layer_names, make_model
+from lrpipe.engine.config import DataConfig, ModelConfig
+from lrpipe.engine.data import DataUnavailable, iterate_batches, load_data
+from lrpipe.engine.models import backbone_names, layer_names, make_model
 
 
 @pytest.mark.parametrize("name, layers", [
@@ -74,7 +74,7 @@ def test_fashion_mnist_from_the_prepared_folder():
 def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
     import torchvision
 
-    import lrpipe.data as data_mod
+    import lrpipe.engine.data as data_mod
 
     monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST", tmp_path / "absent")
     monkeypatch.setattr(data_mod, "prepare_fashion_mnist",

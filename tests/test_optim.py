@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from lrpipe.config import ConfigError, ModelConfig, OptimConfig
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
+from lrpipe.engine.config import ConfigError, ModelConfig, OptimConfig
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
 
 REFERENCE = {
     "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr),

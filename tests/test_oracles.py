@@ -21,16 +21,16 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, StepLR
 from torch.utils.data import DataLoader, TensorDataset
 from torch_lr_finder import LRFinder
 
-from lrpipe.batched import BATCHED_OPTIMIZERS, train_batched
-from lrpipe.config import ModelConfig
-from lrpipe.data import Dataset, Split, iterate_batches
-from lrpipe.models import make_model
-from lrpipe.rangetest import range_test
-from lrpipe.train import eval_train_split, train
+from lrpipe.engine.batched import BATCHED_OPTIMIZERS, train_batched
+from lrpipe.engine.config import ModelConfig
+from lrpipe.engine.data import Dataset, Split, iterate_batches
+from lrpipe.engine.models import make_model
+from lrpipe.engine.train import eval_train_split, train
+from lrpipe.search.rangetest import range_test
 
 torch.set_num_threads(1)
 
-# lrpipe.optim.make_optimizer's mapping, written against torch.optim directly (one param group
+# engine.optim.make_optimizer's mapping, written against torch.optim directly (one param group
 # over all parameters where lrpipe makes one per layer: grouping must not change the update).
 TORCH_OPTIMIZERS = {
     "sgd": lambda ps, c: torch.optim.SGD(ps, lr=c.lr, weight_decay=c.weight_decay),

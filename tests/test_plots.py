@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from lrpipe import plots
+from lrpipe.plots import sweep as plots
 
 
 def _history():

@@ -13,18 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import iterate_batches, load_data
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
-from lrpipe.rangetest import (
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import iterate_batches, load_data
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.search.rangetest import (
     STOP_REASONS,
     ramp,
     range_test,
     range_test_config,
     suggest_band,
 )
-from lrpipe.rangetest_batched import range_test_seeds
+from lrpipe.search.seeds import range_test_seeds
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Batched range test (lrpipe.rangetest_batched) against the sequential one, seed by seed, and
+"""Batched range test (lrpipe.search.seeds) against the sequential one, seed by seed, and
 the declared dispatch of range_test_seeds.
 
 Equality tests run in float64 (default dtype and data converted), where batched and lone runs
@@ -13,14 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from lrpipe import rangetest_batched
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import iterate_batches
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import iterate_batches
 from lrpipe.engine.members import Stacked
-from lrpipe.models import make_model
-from lrpipe.rangetest import ramp, range_test_config
-from lrpipe.rangetest_batched import range_test_batched, range_test_seeds
-from lrpipe.train import batch_loss
+from lrpipe.engine.models import make_model
+from lrpipe.engine.train import batch_loss
+from lrpipe.search import seeds as rangetest_batched
+from lrpipe.search.rangetest import ramp, range_test_config
+from lrpipe.search.seeds import range_test_batched, range_test_seeds
 
 torch.set_num_threads(1)
 SEEDS = (0, 1, 2)

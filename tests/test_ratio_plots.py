@@ -13,14 +13,14 @@ from matplotlib.collections import QuadMesh
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from lrpipe.ratio_plots import (
+from lrpipe.engine.train import train
+from lrpipe.plots.ratios import (
     RULE_OF_THUMB,
     plot_update_ratio,
     plot_update_ratio_by_lr,
     ratio_layers,
     ratio_matrix,
 )
-from lrpipe.train import train
 
 torch.set_num_threads(1)
 

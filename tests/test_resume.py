@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from lrpipe import procs, resume, tracking
-from lrpipe.config import ConfigError
+from lrpipe.engine.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
@@ -96,7 +96,7 @@ def test_open_sweep_resumes_only_a_crashed_parent(mlflow_store):
 
 def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, digits_cfg):
     from flows.common import train_and_log
-    from lrpipe.config import to_dict
+    from lrpipe.engine.config import to_dict
 
     parent = tracking.start_run("reuse", "parent")
     args = (to_dict(digits_cfg), parent, "reuse", "lr=0.1")
@@ -114,7 +114,7 @@ def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, 
 def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
         mlflow_store, digits_cfg, monkeypatch):
     from flows.common import train_and_log
-    from lrpipe.config import to_dict
+    from lrpipe.engine.config import to_dict
 
     searches = []
     search = resume._search_all
@@ -191,8 +191,8 @@ def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harnes
 
 
 def test_check_layer_names_builds_nothing_real():
-    from lrpipe.config import ModelConfig
-    from lrpipe.optim import check_layer_names
+    from lrpipe.engine.config import ModelConfig
+    from lrpipe.engine.optim import check_layer_names
 
     check_layer_names(ModelConfig(name="cnn"), (1, 28, 28), ["conv1", "conv2", "fc1", "head"])
     check_layer_names(ModelConfig(name="softmax"), (1, 8, 8), ["head"])

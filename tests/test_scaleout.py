@@ -17,7 +17,7 @@ import pytest
 
 from flows import common, server
 from lrpipe import procs, resume, tracking
-from lrpipe.config import ConfigError
+from lrpipe.engine.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = [0.05, 0.1, 0.2, 0.5]

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch.optim import lr_scheduler as ls
 
-from lrpipe.config import SCHEDULES, ConfigError, ScheduleConfig
-from lrpipe.data import load_data
-from lrpipe.decay import default_schedules
-from lrpipe.schedules import (
+from lrpipe.engine.config import SCHEDULES, ConfigError, ScheduleConfig
+from lrpipe.engine.data import load_data
+from lrpipe.engine.schedules import (
     check_budget,
     decay_horizon,
     decay_warning,
@@ -25,7 +24,8 @@ from lrpipe.schedules import (
     preview,
     total_decay,
 )
-from lrpipe.train import evaluate, train
+from lrpipe.engine.train import evaluate, train
+from lrpipe.experiments.decay import default_schedules
 
 torch.set_num_threads(1)
 LR = 0.1

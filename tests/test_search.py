@@ -11,9 +11,11 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lrpipe.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from lrpipe.data import load_data
-from lrpipe.search import (
+from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from lrpipe.engine.data import load_data
+from lrpipe.engine.train import TrainResult
+from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
+from lrpipe.search.choose import (
     budget_data,
     candidate_grid,
     choose_rate,
@@ -23,8 +25,6 @@ from lrpipe.search import (
     judge_rung,
     regret_table,
 )
-from lrpipe.search_plots import plot_halving, plot_range_test, plot_regret
-from lrpipe.train import TrainResult
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lrpipe.config import ConfigError
-from lrpipe.suggest import (
+from lrpipe.engine.config import ConfigError
+from lrpipe.search.suggest import (
     RULES,
     Suggestion,
     get_rule,

@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lrpipe.config import OptimConfig
-from lrpipe.optim import OPTIMIZER_FACTORIES
-from lrpipe.surface_plots import animate_paths, plot_contour_paths, plot_surface_losses
-from lrpipe.surfaces import (
+from lrpipe.engine.config import OptimConfig
+from lrpipe.engine.optim import OPTIMIZER_FACTORIES
+from lrpipe.experiments.surfaces import (
     SURFACES,
     compare_on_surface,
     get_surface,
@@ -24,6 +23,7 @@ from lrpipe.surfaces import (
     summarize_paths,
     tune_lr,
 )
+from lrpipe.plots.surfaces import animate_paths, plot_contour_paths, plot_surface_losses
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -3,7 +3,7 @@ import threading
 import pytest
 
 from lrpipe import tracking
-from lrpipe.train import train
+from lrpipe.engine.train import train
 
 
 def test_training_run_logs_params_metrics_per_epoch_and_ends(mlflow_store, digits_cfg):

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from lrpipe.train import METRICS, train
+from lrpipe.engine.train import METRICS, train
 
 
 def test_history_has_epoch_zero_and_every_metric(digits_cfg):

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lrpipe.config import ConfigError, ModelConfig, OptimConfig
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
-from lrpipe.train import METRICS, train
-from lrpipe.transfer import (
+from lrpipe.engine.config import ConfigError, ModelConfig, OptimConfig
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.engine.train import METRICS, train
+from lrpipe.experiments.transfer import (
     STRATEGIES,
     TransferConfig,
     check_layer_mult,
@@ -37,7 +37,7 @@ from lrpipe.transfer import (
     transplant,
     unfreeze_plan,
 )
-from lrpipe.transfer_plots import plot_grid_heatmap, plot_head_mult, plot_strategy_curves
+from lrpipe.plots.transfer import plot_grid_heatmap, plot_head_mult, plot_strategy_curves
 
 torch.set_num_threads(1)
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lrpipe.data import Split
+from lrpipe.engine.data import Split
 
 METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
 Batch3 = tuple[torch.Tensor, torch.Tensor, bool]  # x, y, shared by every member

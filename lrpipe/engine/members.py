@@ -5,9 +5,9 @@ member on a batch (before the update), an update of the members still alive at g
 each member's evaluation on a split, its current base rate and its update/weight ratios.
 
 ``OneModel`` is one ``nn.Module`` with its own ``torch.optim`` optimizer (and, in training, its
-``lrpipe.schedules.Schedule``), stepped unchanged: K = 1. ``Stacked`` is K copies of one
+``lrpipe.engine.schedules.Schedule``), stepped unchanged: K = 1. ``Stacked`` is K copies of one
 architecture whose weights carry a leading member axis; its update applies torch.optim's
-formulas per member (``lrpipe.member_update.direction``) at each member's own rate, and is
+formulas per member (``lrpipe.engine.member_update.direction``) at each member's own rate, and is
 checked against torch.optim in float64 (tests/test_batched.py).
 """
 
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lrpipe.config import OptimConfig, TrainConfig
-from lrpipe.data import Split
-from lrpipe.member_update import UpdateRatios, direction
-from lrpipe.models import SeededDropout, layer_names
-from lrpipe.optim import param_groups
+from lrpipe.engine.config import OptimConfig, TrainConfig
+from lrpipe.engine.data import Split
+from lrpipe.engine.member_update import UpdateRatios, direction
+from lrpipe.engine.models import SeededDropout, layer_names
+from lrpipe.engine.optim import param_groups
 
 EVAL_BATCH = 4096
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -111,7 +111,7 @@ class UpdateRatio:
 class OneModel:
     """One model and its own torch.optim optimizer: K = 1, stepped as torch.optim says.
 
-    ``schedule`` (an ``lrpipe.schedules.Schedule``) advances after every update and hears the
+    ``schedule`` (an ``lrpipe.engine.schedules.Schedule``) advances after every update and hears the
     validation loss after every epoch; without one, ``update`` takes the rate from the loop
     (the range test's ramp), keeping every param group's ratio to the reference rate.
     """

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from lrpipe.config import ScheduleConfig
-from lrpipe.schedules import preview, total_decay
+from lrpipe.engine.config import ScheduleConfig
+from lrpipe.engine.schedules import preview, total_decay
 
 RUN_COLUMNS = ("schedule", "seed", "epoch", "train_loss", "val_loss", "train_error",
                "val_error", "lr")

@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lrpipe.config import TrainConfig
-from lrpipe.data import Dataset, Split, iterate_batches, load_data
+from lrpipe.engine.config import TrainConfig
+from lrpipe.engine.data import Dataset, Split, iterate_batches, load_data
 from lrpipe.engine.loop import METRICS, TrainResult, fit
 from lrpipe.engine.members import EVAL_BATCH, OneModel, batch_loss, evaluate
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
-from lrpipe.schedules import make_schedule
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.engine.schedules import make_schedule
 
 __all__ = ["METRICS", "EVAL_BATCH", "TrainResult", "batch_loss", "evaluate", "train",
            "resolve_device", "eval_train_split", "check_batch_size"]

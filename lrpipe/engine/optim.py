@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from lrpipe.config import ConfigError, OptimConfig
-from lrpipe.models import layer_names
+from lrpipe.engine.config import ConfigError, OptimConfig
+from lrpipe.engine.models import layer_names
 
 
 def _sgd(params, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -51,7 +51,7 @@ def _rprop(params, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 def _gains(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    from lrpipe.gains import AdaptiveGains
+    from lrpipe.engine.gains import AdaptiveGains
 
     return AdaptiveGains(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -113,7 +113,7 @@ def check_layer_names(model_cfg, input_shape: tuple[int, int, int], names,
     """Raise ConfigError naming ``optim.lr_mult`` if a name in ``names`` is no layer of the
     model ``model_cfg`` builds for ``input_shape`` (C, H, W). The model is built on the meta
     device (no memory, no weights drawn), so a sweep can check this before any run starts."""
-    from lrpipe.models import build_model
+    from lrpipe.engine.models import build_model
 
     with torch.device("meta"):
         model = build_model(model_cfg, tuple(input_shape), num_classes)

@@ -240,7 +240,7 @@ class TrainConfig:
         or a non-finite one, counts as divergence and stops the run (x initial loss).
     batching: auto | on | off: whether configs that differ only in rate, seed or schedule
         train as one batched computation (K members stacked on a leading axis) or one after
-        another. auto follows the rule written down in ``lrpipe.many.batching_rule`` (on for
+        another. auto follows the rule written down in ``lrpipe.engine.many.batching_rule`` (on for
         CUDA; on the CPU, on for softmax regression and off for the MLP and CNN, from the
         measured figures there); on batches whatever the engine can batch (not rprop, gains or
         plateau: those still train alone); off never batches. Members of one batched group

@@ -4,14 +4,14 @@ Each weight tensor of a batched run has a leading member axis (K, ...). ``direct
 the step torch.optim would take for one parameter of one model (SGD, classical momentum,
 Nesterov, AdaGrad, RMSProp, Adam, with weight decay), computed for all members in one go; the
 caller multiplies by each member's own rate. ``UpdateRatios`` keeps train()'s
-||update|| / ||weight|| per layer for every member. ``lrpipe.engine.members.Stacked`` uses both in its update.
+||update|| / ||weight|| per layer for every member. ``members.Stacked`` uses both in its update.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lrpipe.config import OptimConfig
+from lrpipe.engine.config import OptimConfig
 
 # torch.optim's defaults, which the per-member math below reproduces.
 ADAGRAD_EPS = 1e-10
@@ -58,7 +58,7 @@ def direction(cfg: OptimConfig, p: torch.Tensor, g: torch.Tensor, state: dict,
 
 
 class UpdateRatios:
-    """``engine.members.UpdateRatio`` per member: ||update|| / ||weight|| per layer, averaged over every
+    """``members.UpdateRatio`` per member: ||update|| / ||weight|| per layer, averaged over every
     ``every``-th step of an epoch (the cs231n rule of thumb: about 1e-3 is healthy).
 
     ||update|| comes from rate x direction, not from a copy of the weights: copying K models

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lrpipe.config import OPTIMIZERS  # noqa: E402
-from lrpipe.surfaces import DTYPE, Surface  # noqa: E402
+from lrpipe.engine.config import OPTIMIZERS  # noqa: E402
+from lrpipe.experiments.surfaces import DTYPE, Surface  # noqa: E402
 
 GRID_POINTS = 200  # contour resolution per axis
 LEVELS = 24  # log-spaced contour levels

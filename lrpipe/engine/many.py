@@ -1,6 +1,6 @@
 """Whether to batch, and the entry point that follows it: many configs trained the declared way.
 
-Whether K compatible configs train as one batched computation (``lrpipe.batched``) or one
+Whether K compatible configs train as one batched computation (``lrpipe.engine.batched``) or one
 after another is declared, never timed at run time: the config's ``batching`` field (auto | on
 | off) and, for auto, ``batching_rule``, which writes down what ``make bench`` measured. So the
 same command on the same device always plans the same work. ``train_many`` groups compatible
@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import torch
 
-from lrpipe.batched import check_batchable, train_batched
-from lrpipe.config import TrainConfig
-from lrpipe.data import Dataset
-from lrpipe.train import TrainResult, resolve_device, train
+from lrpipe.engine.batched import check_batchable, train_batched
+from lrpipe.engine.config import TrainConfig
+from lrpipe.engine.data import Dataset
+from lrpipe.engine.train import TrainResult, resolve_device, train
 
 # Models that auto batches on the CPU: those whose step is not compute-bound, so that K of them
 # cost little more than one (one wide GEMM instead of K thin ones, and one step's overhead

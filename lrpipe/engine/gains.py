@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lrpipe.config import check_number
+from lrpipe.engine.config import check_number
 
 
 def _check_args(lr, increase, decrease, min_gain, max_gain, momentum, weight_decay) -> None:

@@ -5,12 +5,12 @@ schedule as one computation through the engine's one loop (``lrpipe.engine.loop.
 ``lrpipe.engine.members.Stacked`` members: every weight tensor gets a leading member axis
 (K, ...). Member k starts from the weights ``make_model(..., seed=cfg_k.seed)`` gives, sees the
 batches ``train()`` would draw for its seed, is updated with torch.optim's formulas at its own
-rate from a table of every step's rate (``lrpipe.schedules.lr_lambda``), and yields its own
+rate from a table of every step's rate (``lrpipe.engine.schedules.lr_lambda``), and yields its own
 TrainResult with ``train()``'s history columns. A diverging member is frozen and dropped; the
 others go on.
 
 Batching pays for small models and on GPUs; on a busy 2-core CPU a K-batched MLP is about as
-fast as K sequential runs (FIELD_NOTES). ``lrpipe.many`` writes that down as the declared
+fast as K sequential runs (FIELD_NOTES). ``lrpipe.engine.many`` writes that down as the declared
 policy (the config's ``batching`` field, ``batching_rule``) and holds the entry point for flows
 (``train_many``), which batches only where the policy says so.
 """
@@ -21,13 +21,13 @@ from collections.abc import Callable
 
 import torch
 
-from lrpipe.config import TrainConfig
-from lrpipe.data import Dataset, batch_generators, member_batches
+from lrpipe.engine.config import TrainConfig
+from lrpipe.engine.data import Dataset, batch_generators, member_batches
 from lrpipe.engine.loop import TrainResult, fit
 from lrpipe.engine.members import Stacked, member_losses
-from lrpipe.models import make_model
-from lrpipe.schedules import lr_lambda
-from lrpipe.train import check_batch_size, eval_train_split, resolve_device
+from lrpipe.engine.models import make_model
+from lrpipe.engine.schedules import lr_lambda
+from lrpipe.engine.train import check_batch_size, eval_train_split, resolve_device
 
 __all__ = ["BATCHED_OPTIMIZERS", "check_batchable", "member_losses", "train_batched",
            "unbatchable_reason", "varies", "stacked_members"]

@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lrpipe.config import OPTIMIZERS, OptimConfig, check_choice, check_number
-from lrpipe.optim import OPTIMIZER_FACTORIES
+from lrpipe.engine.config import OPTIMIZERS, OptimConfig, check_choice, check_number
+from lrpipe.engine.optim import OPTIMIZER_FACTORIES
 
 Point = tuple[float, float]
 # Three rates per decade from 1e-5 to 10: every optimizer gets the same 19 tries.

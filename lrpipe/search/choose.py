@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lrpipe.config import ConfigError, TrainConfig, check_number
-from lrpipe.data import Dataset, Split
-from lrpipe.many import train_many, trains_batched
-from lrpipe.train import TrainResult, train
+from lrpipe.engine.config import ConfigError, TrainConfig, check_number
+from lrpipe.engine.data import Dataset, Split
+from lrpipe.engine.many import train_many, trains_batched
+from lrpipe.engine.train import TrainResult, train
 
 TrainFn = Callable[[TrainConfig, Dataset], TrainResult]
 TrainManyFn = Callable[[list[TrainConfig], Dataset], list[TrainResult]]
@@ -132,7 +132,7 @@ def halving_window(cfg: TrainConfig, max_window: int = 4) -> int:
     """How many rungs of ``cfg``'s ladder to train together: ``max_window`` or 1, declared.
 
     ``max_window`` rungs (one shared seed, so one batch order) when the declared batching policy
-    trains them batched (``lrpipe.many.trains_batched``: ``cfg.batching``; for auto, on for
+    trains them batched (``lrpipe.engine.many.trains_batched``: ``cfg.batching``; for auto, on for
     CUDA and for softmax regression on the CPU), else 1. A window trains rungs the sequential
     search never pays for (those after the stop; diverging ones, which train() ends within a
     few steps), so it needs a clearly faster step, which is what the rule batches: windows of 4
@@ -182,7 +182,7 @@ def halving_search(
     lower the loss (or diverges).
 
     With ``window`` W > 1 the next W rates are trained in one call of ``train_many_fn(cfgs,
-    data)`` (default ``lrpipe.many.train_many``: batched where the policy says so), then judged
+    data)`` (default ``engine.many.train_many``: batched where the policy says so), then judged
     one by one in order exactly as with W = 1; rungs after the stop are discarded. The ladder
     and choice are W = 1's, losses to ~1e-15 in float64. In float32 the rungs near the edge of
     stability are chaotic: a batched GEMM sums in another order and can flip a judgement there,

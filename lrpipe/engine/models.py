@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lrpipe.config import ModelConfig
+from lrpipe.engine.config import ModelConfig
 
 HEAD = "head"
 

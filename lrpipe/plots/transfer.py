@@ -1,9 +1,9 @@
 """Transfer-learning figures: pure functions of long-form fine-tuning histories.
 
-Input: one row per (run, epoch) as ``lrpipe.transfer.run_strategies`` / ``run_grid`` build it:
+Input: one row per (run, epoch) as ``experiments.transfer.run_strategies`` / ``run_grid`` build it:
 columns ``strategy, seed, base_lr, head_mult, epoch, val_error`` (and train()'s others). Every
 function returns a matplotlib Figure; none saves, shows or logs it. Means and bands are over
-seeds; the numbers come from lrpipe.transfer's pure summaries, never from the plot.
+seeds; the numbers come from lrpipe.experiments.transfer's pure summaries, never from the plot.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from lrpipe.transfer import STRATEGIES, final_rows, grid_table  # noqa: E402
+from lrpipe.experiments.transfer import STRATEGIES, final_rows, grid_table  # noqa: E402
 
 
 def _axes(ax, size=(7, 4.5)):

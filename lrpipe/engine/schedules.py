@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
-from lrpipe.config import SCHEDULES, ConfigError, ScheduleConfig
+from lrpipe.engine.config import SCHEDULES, ConfigError, ScheduleConfig
 
 DECAYING = ("step", "multistep", "exponential", "cosine", "inverse_time")
 ONECYCLE_DEFAULT_PCT = 0.3  # torch's default share of the budget spent rising, without warmup

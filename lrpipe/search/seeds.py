@@ -14,7 +14,7 @@ six optimizers). In float32 the batched GEMMs sum in another order and the curve
 the rate gets large (FIELD_NOTES): measured on Fashion-MNIST, MLP, 100 steps, SGD within 5e-6
 throughout, Adam within 1e-3 up to lr 0.03 and then apart, its stop moving by up to 2 steps.
 Whether the seeds batch is declared, not timed: ``range_test_seeds(batched=None)`` follows
-``lrpipe.many.trains_batched`` on ``member_cfgs`` (the config's ``batching`` field).
+``lrpipe.engine.many.trains_batched`` on ``member_cfgs`` (the config's ``batching`` field).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 
 import pandas as pd
 
-from lrpipe.batched import stacked_members, unbatchable_reason
-from lrpipe.config import ScheduleConfig, TrainConfig
-from lrpipe.data import Dataset, batch_generators, member_batches
+from lrpipe.engine.batched import stacked_members, unbatchable_reason
+from lrpipe.engine.config import ScheduleConfig, TrainConfig
+from lrpipe.engine.data import Dataset, batch_generators, member_batches
 from lrpipe.engine.loop import sweep
-from lrpipe.many import trains_batched
-from lrpipe.rangetest import (
+from lrpipe.engine.many import trains_batched
+from lrpipe.search.rangetest import (
     RangeTestResult,
     check_sweep_opts,
     curve_result,
@@ -113,7 +113,7 @@ def range_test_seeds(
         batched: True runs all seeds as one batched computation (``range_test_batched``),
             False one after another (``range_test_config``); None (default) follows the
             declared policy for the seeds' members on the data's device
-            (``lrpipe.many.trains_batched``: ``cfg.batching``, and for auto the rule of
+            (``lrpipe.engine.many.trains_batched``: ``cfg.batching``, and for auto the rule of
             ``batching_rule``), sequential for one seed or an optimizer that cannot be batched.
         opts: go to ``range_test`` (min_lr, max_lr, num_steps, mode, smoothing, stop_factor).
     The table is the same either way, to tolerance (exactly so in float64).

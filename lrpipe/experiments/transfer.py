@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lrpipe.config import (
+from lrpipe.engine.config import (
     DATASETS,
     MODELS,
     OPTIMIZERS,
@@ -35,10 +35,17 @@ from lrpipe.config import (
     check_device,
     check_number,
 )
-from lrpipe.data import Dataset, load_data
-from lrpipe.models import HEAD, backbone_names, build_model, init_weights, layer_names, seed_dropout
-from lrpipe.optim import check_lr_mult
-from lrpipe.train import TrainResult, resolve_device, train
+from lrpipe.engine.data import Dataset, load_data
+from lrpipe.engine.models import (
+    HEAD,
+    backbone_names,
+    build_model,
+    init_weights,
+    layer_names,
+    seed_dropout,
+)
+from lrpipe.engine.optim import check_lr_mult
+from lrpipe.engine.train import TrainResult, resolve_device, train
 
 STRATEGIES = ("uniform", "head_mult", "frozen_backbone", "discriminative", "gradual_unfreeze",
               "scratch")

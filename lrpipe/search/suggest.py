@@ -4,7 +4,7 @@ Every rule has the signature ``(lrs, losses, *, min_points=5) -> Suggestion``. I
 points where the rate or the loss is not finite (or the rate is not positive) before it looks
 at the curve, and when it cannot suggest a rate it returns ``lr=None`` with the reason, never a
 silent guess. The rules read whatever curve they are given; callers pass the smoothed curve of
-``lrpipe.rangetest`` (raw range-test losses are too noisy for a gradient).
+``lrpipe.search.rangetest`` (raw range-test losses are too noisy for a gradient).
 
 Rules (``RULES`` maps their names to them):
     steepest     the rate where the loss falls fastest per decade of rate (the LR range test
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lrpipe.config import check_number
+from lrpipe.engine.config import check_number
 
 DEFAULT_MIN_POINTS = 5
 VALLEY_FRACTION = 2.0 / 3.0  # how far down the descending stretch the valley rule picks

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrpipe.config import ConfigError, ModelConfig
-from lrpipe.models import build_model, seed_dropout
+from lrpipe.engine.config import ConfigError, ModelConfig
+from lrpipe.engine.models import build_model, seed_dropout
 
 MODEL_FORMAT = "lrpipe-state-dict/1"
 STATE_FILE, SPEC_FILE = "state_dict.pt", "model.json"

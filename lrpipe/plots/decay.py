@@ -2,7 +2,7 @@
 
 Each ``plot_x(df, ax=None)`` draws on ``ax`` (or a new Figure) and returns the Figure; no
 savefig, show or logging inside: the caller persists. Numbers shown come from the named pure
-functions of ``lrpipe.decay`` (bands, gap-growth epoch), never from ad hoc math here.
+functions of ``lrpipe.experiments.decay`` (bands, gap-growth epoch), never from ad hoc math here.
 Figures are built without pyplot, so they are safe to make on worker threads.
 """
 
@@ -15,7 +15,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lrpipe.decay import gap_growth_epoch, metric_bands, require_columns
+from lrpipe.experiments.decay import gap_growth_epoch, metric_bands, require_columns
 
 BANDS = ("range", "std")
 

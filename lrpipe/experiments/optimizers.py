@@ -26,9 +26,9 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lrpipe.config import TrainConfig, check_number, merge
-from lrpipe.data import Dataset
-from lrpipe.train import TrainResult, train
+from lrpipe.engine.config import TrainConfig, check_number, merge
+from lrpipe.engine.data import Dataset
+from lrpipe.engine.train import TrainResult, train
 
 SEARCH_DECADES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFINE = 10**0.5  # the refinement steps half a decade either side of the best decade
@@ -72,7 +72,7 @@ def search_rate(cfg: TrainConfig, data: Dataset, *, decades: Sequence[float] = S
     Every rung keeps ``cfg``'s seed (same initial weights, same batch order) and evaluates a
     fixed 1,000-example training subset (only the validation loss decides). A rung that
     diverged, or ended with a non-finite validation loss, cannot be chosen. ``train_fn``
-    replaces ``lrpipe.train.train`` in tests.
+    replaces ``lrpipe.engine.train.train`` in tests.
     """
     check_number("epochs", epochs, low=1, integer=True)
     if len(decades) == 0 or len(set(decades)) != len(decades):

@@ -23,13 +23,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lrpipe.config import ConfigError, TrainConfig, check_choice, check_number
-from lrpipe.data import Dataset, iterate_batches
+from lrpipe.engine.config import ConfigError, TrainConfig, check_choice, check_number
+from lrpipe.engine.data import Dataset, iterate_batches
 from lrpipe.engine.loop import Curve, sweep
 from lrpipe.engine.members import OneModel, batch_loss
-from lrpipe.models import make_model
-from lrpipe.optim import make_optimizer
-from lrpipe.suggest import Suggestion, get_rule, log_median
+from lrpipe.engine.models import make_model
+from lrpipe.engine.optim import make_optimizer
+from lrpipe.search.suggest import Suggestion, get_rule, log_median
 
 MODES = ("exp", "linear")
 STOP_REASONS = ("diverged", "nonfinite", "completed")
@@ -236,7 +236,7 @@ class Band(NamedTuple):
 def suggest_band(
     df: pd.DataFrame, rule: str, *, column: str = "smoothed", **rule_opts: Any
 ) -> Band:
-    """Apply ``rule`` (a name in ``lrpipe.suggest.RULES``) to each seed's curve.
+    """Apply ``rule`` (a name in ``lrpipe.search.suggest.RULES``) to each seed's curve.
 
     Args:
         df: ``range_test_seeds`` output (columns seed, step, lr and ``column``).

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lrpipe.config import DataConfig
+from lrpipe.engine.config import DataConfig
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -221,7 +221,7 @@ def member_batches(split: Split, batch_size: int, generators: list[torch.Generat
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lrpipe.data --root data``: prepare Fashion-MNIST from Debian's package."""
+    """``python -m lrpipe.engine.data --root data``: prepare Fashion-MNIST from Debian's package."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
