@@ -302,7 +302,7 @@ def epoch_logger(run_id: str, uri: str | None = None,
 
     def log(row: dict) -> None:
         metrics = {k: row[k] for k in keys if k in row}
-        metrics.update({k: v for k, v in row.items() if k.startswith("ratio/")})
+        metrics.update({k: v for k, v in row.items() if k.startswith(("ratio/", "lr/"))})
         now, step = int(time.time() * 1000), int(row["epoch"])
         _WAITING.setdefault(run_id, (uri, []))[1].extend(
             Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None)

@@ -257,6 +257,9 @@ def test_rate_curve_artifact_matches_the_schedule(decay):
     # train()'s per-epoch lr is the rate at the first update of each epoch
     logged = [m.value for m in c.get_metric_history(kid.info.run_id, "lr")]
     assert logged[1:] == pytest.approx(list(curve["lr"].iloc[[0, 19]]))
+    for group in ("fc1", "head"):  # no multipliers here: every group applies the base rate
+        by_group = [m.value for m in c.get_metric_history(kid.info.run_id, f"lr/{group}")]
+        assert by_group == pytest.approx(logged)
 
 
 def test_figures_and_ranking_on_the_parent(decay):

@@ -231,6 +231,8 @@ def test_training_children_log_epochs_and_update_ratios(flow_run):
             assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [0, 1, 2]
         for key in ("ratio/fc1", "ratio/head"):
             assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [1, 2]
+        for key in ("lr/fc1", "lr/head"):
+            assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [0, 1, 2]
 
 
 def test_parent_holds_figures_gif_and_tables(flow_run):

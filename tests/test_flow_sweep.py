@@ -48,6 +48,11 @@ def test_children_have_per_epoch_metrics(sweep):
             else:  # losses also get a NaN point where the run blew up
                 blew_up = [row["diverged_epoch"]] if key.endswith("_loss") else []
                 assert steps == [0, *blew_up]
+        if row["status"] == "ok":  # the rate each param group applied, every epoch
+            for group in ("fc1", "head"):
+                history = c.get_metric_history(row["run_id"], f"lr/{group}")
+                assert [m.step for m in history] == [0, 1, 2, 3]
+                assert [m.value for m in history] == pytest.approx([row["lr"]] * 4)
         if row["status"] == "diverged":
             marks = c.get_metric_history(row["run_id"], "diverged")
             assert [(m.step, m.value) for m in marks] == [(row["diverged_epoch"], 1.0)]

@@ -280,6 +280,10 @@ def test_children_per_strategy_seed_and_grid(flows_run):
         for key in METRICS:
             assert [m.step for m in c.get_metric_history(r.info.run_id, key)] == [0, 1, 2]
     tags = {r.info.run_name: r.data.tags for r in runs}
+    x10 = next(r for r in runs if r.info.run_name == "head_mult x10 lr=0.01 momentum mlp seed=0")
+    head = [m.value for m in c.get_metric_history(x10.info.run_id, "lr/head")]
+    body = [m.value for m in c.get_metric_history(x10.info.run_id, "lr/fc1")]
+    assert head == pytest.approx([0.1] * 3) and body == pytest.approx([0.01] * 3)
     assert tags["head_mult x10 lr=0.01 momentum mlp seed=0"]["head_mult"] == "10.0"
     assert tags["head_mult x1 lr=0.003 momentum mlp seed=0"]["base_lr"] == "0.003"
     summary = pd.DataFrame(first["summary"]).set_index("strategy")

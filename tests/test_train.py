@@ -50,3 +50,28 @@ def test_on_epoch_sees_every_row(digits_cfg):
 def test_batch_larger_than_data_is_refused(digits_cfg):
     with pytest.raises(ValueError, match="batch_size"):
         train(digits_cfg.replace(batch_size=5000))
+
+
+def test_each_param_group_rate_is_a_history_column(digits_cfg):
+    # lr 0.1, head x10, halved every epoch: the rate each group applied during each epoch.
+    cfg = digits_cfg.replace(**{"optim.lr": 0.1, "optim.lr_mult": {"head": 10.0},
+                                "schedule.name": "step", "schedule.gamma": 0.5,
+                                "schedule.step_size": 1})
+    h = train(cfg).history
+    assert h["lr/fc1"].tolist() == pytest.approx([0.1, 0.1, 0.05])
+    assert h["lr/head"].tolist() == pytest.approx([1.0, 1.0, 0.5])
+    assert h["lr"].tolist() == pytest.approx(h["lr/fc1"].tolist())
+
+
+def test_batched_members_log_the_same_group_rates(digits_cfg):
+    from lrpipe.engine.batched import train_batched
+    from lrpipe.engine.data import load_data
+
+    cfgs = [digits_cfg.replace(**{"optim.lr": lr, "optim.lr_mult": {"fc1": 0.0, "head": 3.0}})
+            for lr in (0.05, 0.2)]
+    data = load_data(cfgs[0].data)
+    for cfg, got in zip(cfgs, train_batched(cfgs, data), strict=True):
+        want = train(cfg, data).history
+        assert "lr/fc1" not in got.history  # frozen: no group, as make_optimizer makes none
+        assert got.history["lr/head"].tolist() == pytest.approx(want["lr/head"].tolist())
+        assert got.history["lr/head"].tolist() == pytest.approx([3 * cfg.optim.lr] * 3)

@@ -66,7 +66,8 @@ class _Run:
 
 def _rows(members, train_eval: Split, val: Split, epoch: int, lrs: list[float],
           seconds: float, extra: dict[str, list[float]]) -> list[dict]:
-    """One History row per member (``extra``: per-member columns such as ratio/<layer>)."""
+    """One History row per member (``extra``: per-member columns, lr/<group> and
+    ratio/<layer>)."""
     train_loss, train_error = members.evaluate(train_eval)
     val_loss, val_error = members.evaluate(val)
     return [dict(epoch=epoch, train_loss=train_loss[m], val_loss=val_loss[m],
@@ -118,7 +119,7 @@ def fit(
     table = None if rates is None else rates.to(device)
     trace: list[float] = []  # base rates of a member that schedules itself
     lrs = members.base_rates() if rates is None else rates[:, 0].tolist()
-    first = _rows(members, train_eval, val, 0, lrs, 0.0, {})
+    first = _rows(members, train_eval, val, 0, lrs, 0.0, members.group_lrs(lrs))
     runs = [_Run([]) for _ in range(k)]
     _emit(on_epoch, runs, first, [True] * k)
     initial = [r["train_loss"] for r in first] if loss == "cross_entropy" else \
@@ -132,6 +133,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         lrs = members.base_rates() if rates is None else rates[:, t].tolist()
+        group_lrs = members.group_lrs(lrs)  # what each param group applies at the epoch's start
         for i, (x, y, shared) in enumerate(batches()):
             if rates is None:
                 trace.append(members.base_rates()[0])
@@ -151,7 +153,8 @@ def fit(
                 run.status, run.diverged_epoch, run.steps = "diverged", epoch, int(died_at[m]) + 1
         if not any(still):
             break
-        rows = _rows(members, train_eval, val, epoch, lrs, elapsed, members.ratio_means())
+        rows = _rows(members, train_eval, val, epoch, lrs, elapsed,
+                     {**group_lrs, **members.ratio_means()})
         for m, row in enumerate(rows):
             if still[m] and not (row["train_loss"] <= eval_threshold[m]
                                  and math.isfinite(row["val_loss"])):

@@ -132,6 +132,12 @@ class OneModel:
         group = self.optimizer.param_groups[0]
         return [float(group["lr"]) / float(group.get("lr_mult", 1.0))]
 
+    def group_lrs(self, base_rates: list[float]) -> dict[str, list[float]]:
+        """``{"lr/<group>": [rate]}``: the rate each param group applies now (its optimizer's
+        own value, multiplier and schedule included; ``base_rates`` is not needed)."""
+        return {f"lr/{g.get('name', i)}": [float(g["lr"])]
+                for i, g in enumerate(self.optimizer.param_groups)}
+
     def group_rates(self, rate: float) -> list[float]:
         """Each param group's rate when the reference rate is ``rate``."""
         return [ratio * float(rate) for ratio in self.ratio_to_reference]
@@ -325,6 +331,13 @@ class Stacked:
 
     def ratio_means(self) -> dict[str, list[float]]:
         return self.ratios.epoch_means() if self.ratios else {}
+
+    def group_lrs(self, base_rates: list[float]) -> dict[str, list[float]]:
+        """``{"lr/<layer>": [member 0, ...]}``: each trainable layer's rate, the member's base
+        rate times the layer's ``lr_mult`` (frozen layers have no group, as in make_optimizer)."""
+        mults = dict(self.optim.lr_mult)
+        return {f"lr/{n}": [rate * float(mults.get(n, 1.0)) for rate in base_rates]
+                for n in layer_names(self.template) if float(mults.get(n, 1.0)) > 0}
 
     def group_ratios(self) -> dict[str, float]:
         """Each trainable layer's rate over the reference rate (the first trainable layer's
