@@ -63,11 +63,14 @@ def test_log_median_by_hand():
 
 def _curves_suggesting(rates: list[float]) -> pd.DataFrame:
     """Range-test curves whose min_over_10 suggestion is exactly each of ``rates``."""
+    # Seven points, not five: the rules skip at least one point at each end and read at least
+    # min_points = 5, so the minimum (rate * 10, point 3) must sit in the middle of 7 points.
     frames = []
     for seed, rate in enumerate(rates):
-        lrs = np.array([rate * 10 / 4, rate * 10 / 2, rate * 10, rate * 10 * 2, rate * 10 * 4])
-        frames.append(pd.DataFrame({"seed": seed, "step": range(5), "lr": lrs,
-                                    "smoothed": [2.0, 1.5, 1.0, 1.5, 2.0]}))
+        lrs = np.array([rate * 10 / 8, rate * 10 / 4, rate * 10 / 2, rate * 10, rate * 10 * 2,
+                        rate * 10 * 4, rate * 10 * 8])
+        frames.append(pd.DataFrame({"seed": seed, "step": range(7), "lr": lrs,
+                                    "smoothed": [2.5, 2.0, 1.5, 1.0, 1.5, 2.0, 2.5]}))
     return pd.concat(frames, ignore_index=True)
 
 
