@@ -8,6 +8,7 @@
   (e) lrpipe's range test vs torch-lr-finder (DataLoader-fed and fed lrpipe's batches)
   (f) the share of the default sweep's wall time spent in Prefect and MLflow
   (g) with --pipeline: the whole `make sweep` (lrpipe pipeline), setup excluded
+  (h) lrpipe.find_lr on a user's model vs torch-lr-finder (same DataLoader; given tensors)
 
 Every timing is the median of several rounds, the two sides alternating within a round; each
 row notes the 1-minute load average when it was measured (2.0 fills this 2-core machine).
@@ -36,7 +37,7 @@ from kit import MATMUL_SEEN, Row, load_average, matmul_ms, say
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
-CASES = "abcdefg"
+CASES = "abcdefgh"
 PIPELINE_MARK = "<!-- pipeline -->"
 
 
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--only", default="abcdef",
-                        help="cases to run, e.g. a,c,e (default: a to f; g needs --pipeline)")
+    parser.add_argument("--only", default="abcdefh",
+                        help="cases to run, e.g. a,c,e (default: all but g; g needs --pipeline)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also (g): time `lrpipe pipeline` (takes minutes)")
     parser.add_argument("--repeats", type=int, help="rounds per timing (default 3; 2 quick)")
@@ -93,6 +94,7 @@ def machine() -> dict[str, str]:
 
 
 def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
+    import api_cases
     import speed_cases
     import sweep_cases
 
@@ -102,7 +104,7 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     torch.set_num_threads(1)
     rows: list[Row] = []
     quick = args.quick
-    if args.only & set("abce"):
+    if args.only & set("abceh"):
         data = load_data(DataConfig(root="data"), "cpu")
         small = speed_cases.subset(data, 10_000 if quick else None)
     if "a" in args.only:
@@ -121,6 +123,9 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
         say("(e) range test vs torch-lr-finder ...")
         rows += speed_cases.case_e(data, "data", 30 if quick else 100, max(3, args.repeats),
                                    max(5 * args.repeats, 6 if quick else 15))
+    if "h" in args.only:
+        say("(h) find_lr vs torch-lr-finder ...")
+        rows += api_cases.case_h(data, 30 if quick else 100, max(3, args.repeats))
     if args.only & set("dfg"):
         sweep_cases.warm_up(log)
     if args.only & set("df"):
@@ -161,7 +166,7 @@ def previous_rows(path: Path, cases_run: set[str]) -> list[str]:
     if not path.exists():
         return []
     return [line for line in path.read_text().splitlines()
-            if re.match(r"\| [a-f] \|", line) and line[2] not in cases_run]
+            if re.match(r"\| [a-fh] \|", line) and line[2] not in cases_run]
 
 
 def previous_pipeline(path: Path) -> str | None:
@@ -204,7 +209,9 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "hand loop plus the same evaluation. (b) one MLP epoch and data alone. (c) whole runs "
         "(training + per-epoch evaluation), sequential = train() one after another. (d) wall "
         "time of `flows.lr_sweep.run` per runner. (e) LRFinder construction + range_test + "
-        "reset vs range_test_config (snapshot and restore included on both sides). (f) "
+        "reset vs range_test_config (snapshot and restore included on both sides). (h) "
+        "the same, with lrpipe.find_lr on a plain nn.Sequential (seeds=1) fed the user's "
+        "DataLoader or its tensors; target <= 1.1x LRFinder's time on the loader. (f) "
         "attributed inside each flow run (bench/flow_clock.py): (start + end without the "
         "figures + non-training CPU seconds while training / tasks) / flow wall time; "
         "lrpipe s = the flow, baseline s = the flow less that overhead. The cross-check in "

@@ -5,3 +5,8 @@ training loop), ``search`` (range test, suggestion rules, halving, regret), ``ex
 (decay, transfer, optimizers, surfaces), ``plots`` (pure figures); and the tracking edge:
 ``tracking`` (the only module that imports mlflow), ``resume``, ``report``, ``procs``.
 """
+
+from lrpipe.api.choose import ChooseLRResult, choose_lr
+from lrpipe.api.find import FindLRResult, find_lr
+
+__all__ = ["find_lr", "FindLRResult", "choose_lr", "ChooseLRResult"]
