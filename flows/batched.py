@@ -30,6 +30,7 @@ from flows.common import (
 )
 from lrpipe import procs, resume, tracking
 from lrpipe.engine.config import TrainConfig, from_dict, to_dict
+from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.many import group_batchable, plan_many, train_many, trains_batched
 
 
@@ -103,6 +104,8 @@ def train_group_and_log(
         ValueError: names do not match the configs, or members differ in data or device.
     """
     torch.set_num_threads(threads)  # per OS thread under OpenMP: set it in the task's thread
+    if stop_requested():  # a task that starts after Ctrl-C records nothing
+        raise Stopped(f"{names[0]} ..: not started")
     cfgs = [from_dict(d) for d in cfg_dicts]
     _check_group(cfgs, names)
     member_tags = _member_tags(tags, len(cfgs))

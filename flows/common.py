@@ -18,12 +18,13 @@ import torch
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
-from prefect.futures import as_completed
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lrpipe import procs, resume, tracking
 from lrpipe.engine.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
 from lrpipe.engine.data import Dataset, load_data
+from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.models import build_model
 from lrpipe.engine.optim import make_optimizer
 from lrpipe.engine.train import TrainResult, resolve_device, train
@@ -247,6 +248,9 @@ def both(*hooks):
 PROGRESS_EVERY_S = 5.0
 
 
+STOP_GRACE_S = 5.0  # after a stop, how long the tasks already training get to end
+
+
 def collect(futures, label: str, describe=None) -> list:
     """Wait for mapped tasks as they finish, printing ``[k/N]`` lines and updating a Prefect
     progress artifact (at most every ``PROGRESS_EVERY_S`` seconds, and at the end: each update
@@ -255,6 +259,9 @@ def collect(futures, label: str, describe=None) -> list:
 
     A failed task does not stop the others: every task is waited for (its run is recorded),
     then the first failure is raised; a re-run resumes, training only what did not finish.
+    After a stop (Ctrl-C, SIGTERM: ``lrpipe.engine.loop.stop_requested``) the tasks that were
+    training end within a step; those not started are not waited for, and ``Stopped`` is
+    raised once the others ended or ``STOP_GRACE_S`` passed.
     """
     futures = list(futures)
     total = len(futures)
@@ -264,36 +271,35 @@ def collect(futures, label: str, describe=None) -> list:
     results: list = [None] * total
     failures: list[BaseException] = []
     updated = time.monotonic()
-    for done, future in enumerate(as_completed(futures), start=1):
-        try:
-            result = future.result()
-        except Exception as exc:  # noqa: BLE001 - reported, then re-raised after the rest
-            failures.append(exc)
-            note = f"FAILED: {type(exc).__name__}: {exc}"
-        else:
-            results[index[future.task_run_id]] = result
-            note = describe(result) if describe else ""
-        if done == total or time.monotonic() - updated >= PROGRESS_EVERY_S:
-            update_progress_artifact(artifact, 100.0 * done / total)
-            updated = time.monotonic()
-        print(f"[{done}/{total}] {label}: {note}", flush=True)
+    remaining, finished, stop_deadline = set(futures), 0, None
+    while remaining:
+        done, remaining = wait(list(remaining), timeout=0.5)
+        for future in done:
+            finished += 1
+            note = _record(future, index, results, failures, describe)
+            if finished == total or time.monotonic() - updated >= PROGRESS_EVERY_S:
+                update_progress_artifact(artifact, 100.0 * finished / total)
+                updated = time.monotonic()
+            print(f"[{finished}/{total}] {label}: {note}", flush=True)
+        if stop_requested():
+            stop_deadline = stop_deadline or time.monotonic() + STOP_GRACE_S
+            if time.monotonic() > stop_deadline or not done:
+                raise Stopped(f"{label}: stopped with {len(remaining)} of {total} tasks left")
     if failures:
         print(f"{label}: {len(failures)} of {total} tasks failed; re-run to resume", flush=True)
         raise failures[0]
     return results
 
 
-def open_parent(experiment: str, flow_name: str, cfgs: list[TrainConfig], name: str,
-                params: dict | None = None) -> tuple[str, bool]:
-    """The flow's parent run, resumable: ``(run_id, resumed)``. The sweep's identity is its
-    flow name and sorted config hashes; a crashed (FAILED/KILLED) sweep of the same identity
-    is resumed, so its FINISHED children are reused; otherwise a new sweep starts."""
-    sweep_id = resume.sweep_identity(flow_name, [c.hash() for c in cfgs])
-    parent, resumed = resume.open_sweep(experiment, name, sweep_id, params=params)
-    if resumed:
-        print(f"{flow_name}: resuming sweep {sweep_id} into parent run {parent}; finished runs "
-              "are reused, failed, killed and missing ones run again", flush=True)
-    return parent, resumed
+def _record(future, index: dict, results: list, failures: list, describe) -> str:
+    """Store a finished task's result (or its failure); the note for its progress line."""
+    try:
+        result = future.result()
+    except Exception as exc:  # noqa: BLE001 - reported, then re-raised after the rest
+        failures.append(exc)
+        return f"FAILED: {type(exc).__name__}: {exc}"
+    results[index[future.task_run_id]] = result
+    return describe(result) if describe else ""
 
 
 @dataclass
@@ -345,6 +351,8 @@ def train_and_log(
     # torch's intra-op thread count is per OS thread under OpenMP: set it in the task's thread.
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
+    if stop_requested():  # a task that starts after Ctrl-C records nothing
+        raise Stopped(f"{name}: not started")
     if parent_run_id and (done := resume.finished_child(parent_run_id, cfg.hash(), uri)):
         return result_from_run(done, cfg, name, uri)
     data = dataset_for(cfg)

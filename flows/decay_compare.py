@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -21,10 +23,8 @@ from flows.batched import gather, group_run_name, plan_tasks, train_group_and_lo
 from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
-    make_task_runner,
     parallel_tasks,
     set_torch_threads,
-    shared_api,
     train_and_log,
 )
 from flows.decay_results import (
@@ -35,6 +35,7 @@ from flows.decay_results import (
     rank_schedules,
     versus_constant,
 )
+from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.schedule_preview import (
     DEFAULT_EPOCHS,
@@ -226,24 +227,27 @@ def parent_figures(plan: DecayPlan, history: pd.DataFrame,
             "gap_best": gap}
 
 
-def start_parent(plan: DecayPlan, experiment: str, runner: str) -> str:
+@contextmanager
+def decay_parent(plan: DecayPlan, experiment: str, runner: str) -> Iterator[str]:
+    """The comparison's parent run (``flow_parent``: resumed after a crash), with the planned
+    total decay of every schedule logged before any training."""
     base = plan.base
-    parent = tracking.start_run(
-        experiment, f"decay {len(plan.schedules)} schedules lr={base.optim.lr:g} "
-        f"{base.optim.name} {base.model.name} {len(plan.seeds)} seeds",
-        params={"lr": base.optim.lr, "lr_source": plan.lr_source, "epochs": base.epochs,
-                "seeds": list(plan.seeds), "schedules": list(plan.schedules),
-                "final_decay": plan.final_decay,
-                "losses": list(plan.losses), "steps_per_epoch": plan.steps_per_epoch,
-                "runner": runner, "base_config": tracking.to_json(to_dict(base))})
-    tracking.log_metrics(parent, {f"total_decay/{r.schedule}": r.total_decay
-                                  for r in plan.decays.itertuples()
-                                  if not math.isnan(r.total_decay)}, step=0)
-    tracking.log_table(parent, plan.decays, "total_decay.csv")
-    warnings = [w for w in plan.decays["warning"] if w]
-    if warnings:
-        tracking.log_text(parent, "\n".join(warnings) + "\n", "decay_warnings.txt")
-    return parent
+    with flow_parent(
+            "lr-decay", experiment, f"decay {len(plan.schedules)} schedules "
+            f"lr={base.optim.lr:g} {base.optim.name} {base.model.name} {len(plan.seeds)} seeds",
+            params={"lr": base.optim.lr, "lr_source": plan.lr_source, "epochs": base.epochs,
+                    "seeds": list(plan.seeds), "schedules": list(plan.schedules),
+                    "final_decay": plan.final_decay,
+                    "losses": list(plan.losses), "steps_per_epoch": plan.steps_per_epoch,
+                    "runner": runner, "base_config": tracking.to_json(to_dict(base))}) as parent:
+        tracking.log_metrics(parent, {f"total_decay/{r.schedule}": r.total_decay
+                                      for r in plan.decays.itertuples()
+                                      if not math.isnan(r.total_decay)}, step=0)
+        tracking.log_table(parent, plan.decays, "total_decay.csv")
+        warnings = [w for w in plan.decays["warning"] if w]
+        if warnings:
+            tracking.log_text(parent, "\n".join(warnings) + "\n", "decay_warnings.txt")
+        yield parent
 
 
 def print_plan(plan: DecayPlan) -> None:
@@ -296,8 +300,7 @@ def decay_compare(
     start = time.perf_counter()
     threads, tasks = set_torch_threads(runner, workers), parallel_tasks(runner, workers)
     print_plan(plan)
-    parent = start_parent(plan, experiment, runner)
-    try:
+    with decay_parent(plan, experiment, runner) as parent:
         history = train_stage(plan, run_specs(plan, plan.schedules, plan.base.loss), parent,
                               experiment, threads, tasks, "lr-decay")
         ranking = rank_schedules(history, plan.decays)
@@ -321,10 +324,6 @@ def decay_compare(
             evidence=[f"rate from: {plan.lr_source}"] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
             notes=[w for w in plan.decays["warning"] if w])
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)
     return {"parent_run_id": parent, "lr": plan.base.optim.lr, "lr_source": plan.lr_source,
             "best_schedule": best["schedule"], "ranking": ranking.to_dict("records"),
@@ -350,11 +349,10 @@ def run(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
     check_runner(runner)
     tracking.check_tracking_uri(tracking.tracking_uri())
     make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
-    compare = decay_compare.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return compare(lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules,
-                       final_decay=final_decay, losses=tuple(losses), overrides=overrides,
-                       runner=runner, workers=workers, experiment=experiment)
+    return call_flow(decay_compare,
+                     lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules,
+                     final_decay=final_decay, losses=tuple(losses), overrides=overrides,
+                     runner=runner, workers=workers, experiment=experiment)
 
 
 if __name__ == "__main__":

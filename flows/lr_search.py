@@ -28,13 +28,12 @@ from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     check_workers,
-    make_task_runner,
     parallel_tasks,
     preflight,
     set_torch_threads,
-    shared_api,
     task_resources,
 )
+from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.search_tasks import HALVING_OPTS, RANGE_OPTS, explore_subset
 from lrpipe import tracking
@@ -281,14 +280,13 @@ def lr_search(
     seeds = check_search(seeds, range_steps, grid_span)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
-    parent = tracking.start_run(experiment, f"search {base.optim.name} {base.model.name} "
+    with flow_parent("lr-search", experiment, f"search {base.optim.name} {base.model.name} "
                                 f"{base.data.dataset} subset={subset}", params={
                                     "subset": subset, "seeds": seeds, "range_steps": range_steps,
                                     "regret_epochs": regret_epochs, "grid_span": grid_span,
                                     "points_per_decade": POINTS_PER_DECADE, "runner": runner,
                                     "range_opts": RANGE_OPTS, "halving_opts": HALVING_OPTS,
-                                    "base_config": tracking.to_json(to_dict(base))})
-    try:
+                                    "base_config": tracking.to_json(to_dict(base))}) as parent:
         curves, halvings = explore_subset(sub, seeds, parent, experiment, range_steps, runner,
                                           threads)
         evidence = summarize_evidence(curves, halvings)
@@ -308,10 +306,6 @@ def lr_search(
             f"{choice['chosen_by']})", regret,
             evidence=[choice["reason"], *[line.strip() for line in report.splitlines()
                                           if line.strip()][2:]])
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     print(f"\nlr_search: {base.data.dataset} subset of {subset}, seeds "
           f"{','.join(map(str, seeds))}, {len(grid)} full-data runs, "
           f"in {time.perf_counter() - start:.0f} s\n{report}")
@@ -358,11 +352,10 @@ def run(subset=DEFAULT_SUBSET, seeds=DEFAULT_SEEDS, range_steps=DEFAULT_RANGE_ST
     """Validate every input, then run the flow with the chosen task runner (process runners
     share one Prefect API, started here if none is configured)."""
     validate(subset, seeds, range_steps, regret_epochs, grid_span, overrides, runner, workers)
-    search = lr_search.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return search(subset=subset, seeds=list(seeds), range_steps=range_steps,
-                      regret_epochs=regret_epochs, grid_span=grid_span, overrides=overrides,
-                      runner=runner, workers=workers)
+    return call_flow(lr_search,
+                     subset=subset, seeds=list(seeds), range_steps=range_steps,
+                     regret_epochs=regret_epochs, grid_span=grid_span, overrides=overrides,
+                     runner=runner, workers=workers)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each rate becomes an MLflow child run of one parent run (experiment ``lr-sweep``) that holds
 the overlaid figures. Rates share one task, trained as one batched computation, only where
-``lrpipe.engine.many`` measures that to be faster on this machine (``flows.batched.train_planned``).
+the declared batching policy says so (``lrpipe.engine.many``, ``flows.batched.train_planned``).
 Every config is built and validated before anything is recorded.
 """
 
@@ -17,14 +17,12 @@ from flows.batched import train_planned
 from flows.common import (
     check_runner,
     check_workers,
-    make_task_runner,
-    open_parent,
     parallel_tasks,
     preflight,
     set_torch_threads,
-    shared_api,
     task_resources,
 )
+from flows.harness import call_flow, parent_run
 from flows.report import publish_report
 from lrpipe import report, tracking
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
@@ -104,13 +102,11 @@ def lr_sweep(
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
     uri = tracking.tracking_uri()
-    parent, _ = open_parent(
-        experiment, "lr-sweep", cfgs,
-        f"sweep {base.optim.name} {base.model.name} {len(cfgs)} rates",
-        params={"lrs": list(lrs), "epochs": epochs, "runner": runner,
-                "base_config": tracking.to_json(to_dict(base))})
-    try:
-        with task_resources(runner):  # rates batched into one task where measured faster
+    with parent_run(experiment, "lr-sweep", [c.hash() for c in cfgs],
+                    f"sweep {base.optim.name} {base.model.name} {len(cfgs)} rates",
+                    params={"lrs": list(lrs), "epochs": epochs, "runner": runner,
+                            "base_config": tracking.to_json(to_dict(base))}) as parent:
+        with task_resources(runner):  # rates batched into one task where the policy says so
             results = train_planned(cfgs, parent, experiment,
                                     [tracking.training_run_name(c) for c in cfgs],
                                     threads=threads, workers=parallel_tasks(runner, workers),
@@ -132,10 +128,6 @@ def lr_sweep(
             summary, tracking.run_url(parent, experiment),
             lambda r: tracking.run_url(r, experiment),
             [f"figures/{n}.png" for n in figures]), key="lr-sweep")
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     print_summary(summary, parent, time.perf_counter() - start, experiment)
     return {"parent_run_id": parent, "summary": summary.to_dict("records"),
             "best_lr": None if best is None else float(best["lr"])}
@@ -167,10 +159,8 @@ def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads"
     """Validate every input, then run the flow with the chosen task runner (process runners
     share one Prefect API, started here if none is configured)."""
     validate(lrs, epochs, overrides, runner, workers)
-    sweep = lr_sweep.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return sweep(lrs=list(lrs), epochs=epochs, overrides=overrides, runner=runner,
-                     workers=workers, experiment=experiment)
+    return call_flow(lr_sweep, lrs=list(lrs), epochs=epochs,
+                     overrides=overrides, runner=runner, workers=workers, experiment=experiment)
 
 
 if __name__ == "__main__":

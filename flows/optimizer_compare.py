@@ -26,12 +26,11 @@ from flows.common import (
     collect,
     dataset_for,
     describe_result,
-    make_task_runner,
     parallel_tasks,
     set_torch_threads,
-    shared_api,
     train_and_log,
 )
+from flows.harness import call_flow, flow_parent
 from flows.optimizer_surfaces import (
     compare_on_surface_task,
     describe_surface,
@@ -123,17 +122,13 @@ def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experim
         params={"optimizer": optimizer, "decades": list(real.SEARCH_DECADES),
                 "search_epochs": 1, "seed": cfg.seed, "config_hash": cfg.hash()},
         tags={"optimizer": optimizer, "part": "search"})
-    try:
+    with tracking.ending(run_id):
         found = real.search_rate(cfg, dataset_for(cfg))
         table = found.table.assign(optimizer=optimizer, chosen=found.table["lr"] == found.lr)
         tracking.log_table(run_id, table, "search.csv")
         tracking.set_tags(run_id, {"reason": found.reason})
         if found.lr is not None:
             tracking.log_metrics(run_id, {"searched_lr": found.lr}, step=0)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id)
     return {"optimizer": optimizer, "lr": found.lr, "reason": found.reason, "table": table}
 
 
@@ -305,10 +300,9 @@ def optimizer_compare(
                      skip_real, overrides)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
-    parent = tracking.start_run(experiment, f"optimizers {len(plan['optimizers'])} x "
+    with flow_parent("optimizer-compare", experiment, f"optimizers {len(plan['optimizers'])} x "
                                 f"{plan['base'].model.name}", params=_params(plan),
-                                tags={"mlflow.note.content": SEARCH_NOTE})
-    try:
+                                tags={"mlflow.note.content": SEARCH_NOTE}) as parent:
         pending = submit_all(plan, parent, experiment, threads)
         out = {"surfaces": log_surfaces(parent, collect(
             pending["surfaces"], "optimizers-surfaces", describe_surface))
@@ -317,10 +311,6 @@ def optimizer_compare(
             out.update(compare_real(plan, parent, experiment, threads, pending,
                                     parallel_tasks(runner, workers)))
         report_optimizers(out, parent, experiment)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     print_summary(out, parent, experiment, time.perf_counter() - start)
     return {"parent_run_id": parent, "surfaces": out["surfaces"].to_dict("records"),
             "searches": [{k: s[k] for k in ("optimizer", "lr", "reason")}
@@ -357,12 +347,11 @@ def run(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOC
     make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
               overrides)
     tracking.check_tracking_uri(tracking.tracking_uri())
-    compare = optimizer_compare.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return compare(optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
-                       rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces,
-                       skip_real=skip_real, overrides=overrides, runner=runner,
-                       workers=workers)
+    return call_flow(optimizer_compare,
+                     optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
+                     rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces,
+                     skip_real=skip_real, overrides=overrides, runner=runner,
+                     workers=workers)
 
 
 if __name__ == "__main__":

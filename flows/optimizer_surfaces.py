@@ -52,12 +52,8 @@ def compare_on_surface_task(surface_name: str, optimizer: str, parent_run_id: st
                 "steps": surface.steps, "start": list(surface.start),
                 "lr_grid": f"{len(LR_GRID)} rates {LR_GRID[0]:g}..{LR_GRID[-1]:g}"},
         tags={"optimizer": optimizer, "surface": surface_name, "part": "surface"})
-    try:
+    with tracking.ending(run_id):
         _log_surface_run(run_id, paths, summary)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id)
     return {"surface": surface_name, "optimizer": optimizer, "lr": lr, "run_id": run_id,
             "summary": summary, "paths": paths}
 

@@ -3,28 +3,31 @@
 1. search    ``flows.lr_search``: range test + halving on a subset, regret check on full data.
 2. sweep     ``flows.lr_sweep``: full training (default 5 epochs) at the chosen rate and at the
              rates around it that the regret step ran (or at ``lrs`` when given).
-3. decay     ``flows.decay_compare.decay_compare(lr=<chosen>, runner=, workers=)``.
-4. transfer  ``flows.transfer.transfer(runner=, workers=)``, at its own fine-tuning rates.
-Both get ``overrides=`` too when they take it. Stages 3 and 4 are imported lazily: a module
-that is not in this checkout is skipped with a note; one that is has its ``validate`` called
-before the search starts. Each stage keeps its own parent run in its own experiment; a small
-run in the ``pipeline`` experiment links them (tags ``stage.<name>``) and holds the summary.
+3. decay     ``flows.decay_compare.decay_compare(lr=<chosen>, overrides=, runner=, workers=)``.
+4. transfer  ``flows.transfer.transfer(overrides=, runner=, workers=)``, at its own
+             fine-tuning rates; its settings are validated before the search starts.
+Each stage keeps its own parent run in its own experiment; a small run in the ``pipeline``
+experiment links them (tags ``stage.<name>``) and holds the summary. The pipeline's parent is
+resumable like every flow's (``flows.harness``): each finished stage records its result under
+it (``stages/<stage>.json``), so re-running a killed ``make sweep`` skips the stages that
+finished and resumes the one that was cut short, reusing its finished runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import inspect
+import json
 import time
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 from prefect import flow
 
+from flows import decay_compare as decay_flow
 from flows import lr_search as search_flow
-from flows.common import check_runner, check_workers, make_task_runner, preflight, shared_api
+from flows import transfer as transfer_flow
+from flows.common import check_runner, check_workers, make_task_runner, preflight
+from flows.harness import call_flow, flow_parent
 from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
 from flows.report import publish_flow_report
 from lrpipe import tracking
@@ -39,11 +42,6 @@ EXAMPLES = """examples:
 """
 EXPERIMENT = "pipeline"
 STAGES = ("search", "sweep", "decay", "transfer")
-# stage -> (module, flow function, whether it gets the chosen rate as lr=). Transfer does not:
-# its lr is the fine-tuning base rate of a momentum optimizer on another network and task (a
-# 10x head on top), a different quantity from the rate the search chose for SGD.
-OPTIONAL = {"decay": ("flows.decay_compare", "decay_compare", True),
-            "transfer": ("flows.transfer", "transfer", False)}
 SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
 
 
@@ -86,27 +84,6 @@ def full_training_rates(lrs: Sequence[float] | None, search: dict | None) -> lis
     return list(DEFAULT_LRS)
 
 
-def stage_kwargs(fn, lr: float | None, runner: str, workers: int | None,
-                 overrides: Mapping | None) -> dict:
-    """The keywords a later stage gets: lr=, runner=, workers= (the contract), and overrides=
-    when its signature has that parameter. Raises TypeError naming the stage when the flow
-    does not accept the contract's keywords."""
-    fn = getattr(fn, "fn", fn)  # a Prefect Flow wraps the function as .fn
-    kwargs = {"runner": runner, "workers": workers}
-    if lr is not None:
-        kwargs["lr"] = lr
-    signature = inspect.signature(fn)
-    if "overrides" in signature.parameters:
-        kwargs["overrides"] = dict(overrides or {})
-    try:
-        signature.bind(**kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{fn.__module__}.{fn.__name__} does not accept {sorted(kwargs)} "
-                        f"({exc}); the pipeline calls later stages with lr=, runner=, "
-                        "workers=") from None
-    return kwargs
-
-
 def sweep_regret(summary: list[dict], lr: float | None) -> dict | None:
     """The chosen rate's full-training val loss against the best of the rates trained:
     {lr, val_loss, best_lr, best_val_loss, regret}; None when ``lr`` was not trained."""
@@ -133,48 +110,6 @@ def stage_url(run_id: str | None) -> str:
     c = tracking.client()
     name = c.get_experiment(c.get_run(run_id).info.experiment_id).name
     return tracking.run_url(run_id, name)
-
-
-def stage_module(stage: str):
-    """The later stage's module, or None when it is not in this checkout."""
-    module_name = OPTIONAL[stage][0]
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return importlib.import_module(module_name)
-
-
-def precheck_stage(stage: str, overrides: Mapping | None, runner: str,
-                   workers: int | None) -> None:
-    """Call the later stage module's ``validate`` (if it has one) with the keywords it takes
-    of overrides=, runner=, workers=, so a bad --set fails before the search runs."""
-    module = stage_module(stage)
-    check = getattr(module, "validate", None)
-    if check is None:
-        return
-    offered = {"overrides": dict(overrides or {}), "runner": runner, "workers": workers}
-    params = inspect.signature(check).parameters
-    check(**{k: v for k, v in offered.items() if k in params})
-
-
-def optional_stage(stage: str, lr: float | None, runner: str, workers: int | None,
-                   overrides: Mapping | None) -> dict:
-    """Run a later stage's flow as a subflow if its module exists; a record either way."""
-    module_name, fn_name, gets_lr = OPTIONAL[stage]
-    lr = lr if gets_lr else None
-    if stage_module(stage) is None:
-        print(f"\npipeline: {stage} skipped: {module_name} is not in this checkout yet",
-              flush=True)
-        return {"stage": stage, "status": "missing", "answer": f"{module_name} not found"}
-    fn = getattr(importlib.import_module(module_name), fn_name, None)
-    if fn is None:
-        raise TypeError(f"{module_name} has no flow {fn_name}(); the pipeline calls "
-                        f"{module_name}.{fn_name}(lr=, runner=, workers=)")
-    kwargs = stage_kwargs(fn, lr, runner, workers, overrides)
-    call = _with_runner(fn, runner, workers) if hasattr(fn, "with_options") else fn
-    result = call(**kwargs)
-    run_id = result.get("parent_run_id") if isinstance(result, dict) else None
-    return {"stage": stage, "status": "done", "run_id": run_id,
-            "answer": _answer(result), "result": result}
 
 
 def _answer(result) -> str:
@@ -222,12 +157,12 @@ def pipeline(
     """
     skip = check_skip(skip)
     start = time.perf_counter()
-    parent = tracking.start_run(EXPERIMENT, "pipeline " + ",".join(
+    with flow_parent("pipeline", EXPERIMENT, "pipeline " + ",".join(
         s for s in STAGES if s not in skip), params={
             "lrs": lrs, "epochs": epochs, "skip": skip, "search": search, "runner": runner,
-            "overrides": tracking.to_json(overrides or {})})
-    try:
-        records, chosen = _run_stages(lrs, epochs, skip, overrides, search, runner, workers)
+            "overrides": tracking.to_json(overrides or {})}) as parent:
+        records, chosen = _run_stages(lrs, epochs, skip, overrides, search, runner, workers,
+                                      parent)
         for r in records:
             r["url"] = stage_url(r.get("run_id"))
         tracking.set_tags(parent, {f"stage.{r['stage']}": r.get("run_id") or r["status"]
@@ -242,21 +177,30 @@ def pipeline(
                             "no rate chosen" if chosen is None else f"chosen rate {chosen:.3g}",
                             table, evidence=[f"{r['stage']}: {r.get('answer', '')}"
                                              for r in records])
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     return {"parent_run_id": parent, "chosen_lr": chosen, "stages": records}
 
 
-def _run_stages(lrs, epochs, skip, overrides, search, runner, workers):
+def staged(parent: str, stage: str, run) -> dict:
+    """A stage's result: the one an earlier run of this pipeline recorded under ``parent``
+    before it was cut short (a resume), else ``run()``'s, recorded now."""
+    saved = tracking.read_text(parent, f"stages/{stage}.json")
+    if saved is not None:
+        print(f"pipeline: {stage} finished before this run was cut short; reused", flush=True)
+        return json.loads(saved)
+    result = run()
+    tracking.log_text(parent, tracking.to_json(result), f"stages/{stage}.json")
+    return result
+
+
+def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent):
     """(stage records, chosen rate): each stage feeds the rate to the next."""
     records, found, chosen = [], None, None
     if "search" in skip:
         records.append({"stage": "search", "status": "skipped", "answer": "--skip"})
     else:
-        found = _with_runner(search_flow.lr_search, runner, workers)(
-            **(search or {}), overrides=overrides, runner=runner, workers=workers)
+        found = staged(parent, "search", lambda: _with_runner(
+            search_flow.lr_search, runner, workers)(
+                **(search or {}), overrides=overrides, runner=runner, workers=workers))
         chosen = found["chosen_lr"]
         lo, hi = found["band"]
         records.append({"stage": "search", "status": "done", "run_id": found["parent_run_id"],
@@ -265,18 +209,26 @@ def _run_stages(lrs, epochs, skip, overrides, search, runner, workers):
     if "sweep" in skip:
         records.append({"stage": "sweep", "status": "skipped", "answer": "--skip"})
     else:
-        swept = _with_runner(lr_sweep, runner, workers)(
+        swept = staged(parent, "sweep", lambda: _with_runner(lr_sweep, runner, workers)(
             lrs=full_training_rates(lrs, found), epochs=epochs, overrides=overrides,
-            runner=runner, workers=workers)
+            runner=runner, workers=workers))
         chosen = chosen if chosen is not None else swept["best_lr"]
         records.append({"stage": "sweep", "status": "done", "run_id": swept["parent_run_id"],
                         "answer": _sweep_answer(swept, chosen, epochs), "result": swept,
                         "check": sweep_regret(swept["summary"], chosen)})
-    for stage in ("decay", "transfer"):
+    # Transfer does not get the chosen rate: its lr is the fine-tuning base rate of a momentum
+    # optimizer on another network and task (a 10x head on top), another quantity.
+    later = {"decay": lambda: _with_runner(decay_flow.decay_compare, runner, workers)(
+                 lr=chosen, overrides=dict(overrides or {}), runner=runner, workers=workers),
+             "transfer": lambda: _with_runner(transfer_flow.transfer, runner, workers)(
+                 overrides=dict(overrides or {}), runner=runner, workers=workers)}
+    for stage, run in later.items():
         if stage in skip:
             records.append({"stage": stage, "status": "skipped", "answer": "--skip"})
-        else:
-            records.append(optional_stage(stage, chosen, runner, workers, overrides))
+            continue
+        result = staged(parent, stage, run)
+        records.append({"stage": stage, "status": "done", "run_id": result["parent_run_id"],
+                        "answer": _answer(result), "result": result})
     return records, chosen
 
 
@@ -321,9 +273,8 @@ def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=No
         search = check_search_settings(search, overrides)
         cfgs.append(base.replace(**{"data.subset": search.get("subset",
                                                               search_flow.DEFAULT_SUBSET)}))
-    for stage in OPTIONAL:
-        if stage not in skip:
-            precheck_stage(stage, overrides, runner, workers)
+    if "transfer" not in skip:  # its own settings, before the search spends minutes
+        transfer_flow.validate(overrides=dict(overrides or {}))
     tracking.check_tracking_uri(tracking.tracking_uri())
     preflight(cfgs)
     return skip, dict(search or {})
@@ -334,9 +285,8 @@ def run(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=None,
     """Validate every input, then run the pipeline (process runners share one Prefect API,
     started here if none is configured)."""
     skip, search = validate(lrs, epochs, skip, overrides, search, runner, workers)
-    piped = pipeline.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return piped(lrs=None if lrs is None else list(lrs), epochs=epochs, skip=skip,
+    return call_flow(pipeline,
+                     lrs=None if lrs is None else list(lrs), epochs=epochs, skip=skip,
                      overrides=overrides, search=search, runner=runner, workers=workers)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from flows.common import dataset_for
+from flows.harness import flow_parent
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError, ScheduleConfig, TrainConfig, check_number, merge
 from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_decay
@@ -159,19 +160,14 @@ def preview_schedules(epochs: int = DEFAULT_EPOCHS, schedules=None,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = decay_plots.plot_schedules(decay.schedule_previews(selected, base.epochs, spe, rate))
     fig.savefig(path, dpi=100)
-    run_id = tracking.start_run(experiment, "schedule preview", params={
+    with flow_parent("schedule-preview", experiment, "schedule preview", params={
         "lr": rate, "lr_source": source, "epochs": base.epochs, "final_decay": final_decay,
-        "steps_per_epoch": spe, "schedules": list(selected), "out": str(path.resolve())})
-    try:
+        "steps_per_epoch": spe, "schedules": list(selected), "out": str(path.resolve())}) as run_id:
         tracking.log_metrics(run_id, {f"total_decay/{r.schedule}": r.total_decay
                                       for r in table.itertuples()
                                       if not math.isnan(r.total_decay)}, step=0)
         tracking.log_table(run_id, table, "total_decay.csv")
         tracking.log_figure(run_id, fig, "schedules")
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id)
     return {"path": str(path), "run_id": run_id, "lr": rate, "lr_source": source,
             "epochs": base.epochs, "steps_per_epoch": spe, "decays": table.to_dict("records")}
 

@@ -28,10 +28,9 @@ from flows.common import (
     dataset_for,
     describe_result,
     epoch_printer,
-    make_task_runner,
     set_torch_threads,
-    shared_api,
 )
+from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
 from lrpipe import tracking
@@ -313,12 +312,11 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
     plan = plan_runs(tc, names, grid_seeds, mult)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
-    parent = tracking.start_run(
-        experiment, f"transfer {tc.optimizer} {tc.model} {len(names)} strategies x "
-        f"{len(tc.seeds)} seeds", params={**dataclasses.asdict(tc),
-                                          "strategies": list(names), "grid_seeds": grid_seeds,
-                                          "lr_mult": mult, "runner": runner})
-    try:
+    with flow_parent("transfer", experiment,
+                     f"transfer {tc.optimizer} {tc.model} {len(names)} strategies x "
+                     f"{len(tc.seeds)} seeds", params={
+                         **dataclasses.asdict(tc), "strategies": list(names),
+                         "grid_seeds": grid_seeds, "lr_mult": mult, "runner": runner}) as parent:
         pre = obtain_pretrained(tc, model_name, retrain, parent, experiment, threads)
         tracking.set_tags(parent, {"pretrained_model": pre["model_uri"],
                                    "pretrained_reused": pre["reused"]})
@@ -339,10 +337,6 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
             + [f"{v['strategy']} {'beat' if v['beat'] else 'lost to'} {v['rival']} by "
                f"{abs(v['gap']):.4f} ({'clear' if v['clear'] else 'within the seed spread'})"
                for v in verdicts])
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent)
     print_summary(tc, summary, grid_df, pre, verdicts, parent, experiment,
                   time.perf_counter() - start, grid_seeds)
     return {"parent_run_id": parent, "model_uri": pre["model_uri"], "reused": pre["reused"],
@@ -380,9 +374,8 @@ def run(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GR
     check_runner(runner)
     validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
     tracking.check_tracking_uri(tracking.tracking_uri())
-    adapt = transfer.with_options(task_runner=make_task_runner(runner, workers))
-    with shared_api(runner):
-        return adapt(lr=lr, epochs=epochs, seeds=seeds, overrides=overrides,
+    return call_flow(transfer,
+                     lr=lr, epochs=epochs, seeds=seeds, overrides=overrides,
                      strategies=strategies, grid_seeds=grid_seeds, lr_mult=lr_mult,
                      model_name=model_name, retrain=bool(retrain), runner=runner,
                      workers=workers)

@@ -34,17 +34,23 @@ def _search_all(experiment_ids: list[str], filter_string: str, uri: str | None =
             return runs[:limit] if limit else runs
 
 
-def mark_stale_runs(experiment: str, uri: str | None = None) -> list[str]:
-    """Mark KILLED every RUNNING run of ``experiment`` whose writer died on this host.
+def mark_stale_runs(experiment: str | None = None, uri: str | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run of ``experiment`` (None: of every experiment) whose
+    writer died on this host.
 
     Runs without process tags, from other hosts, or from live processes are left alone.
     Returns the ids marked.
     """
-    exp = tracking.retry_locked(tracking.client(uri).get_experiment_by_name, experiment)
-    if exp is None:
+    c = tracking.client(uri)
+    if experiment is None:
+        ids = [e.experiment_id for e in tracking.retry_locked(c.search_experiments)]
+    else:
+        exp = tracking.retry_locked(c.get_experiment_by_name, experiment)
+        ids = [] if exp is None else [exp.experiment_id]
+    if not ids:
         return []
     stale = []
-    for run in _search_all([exp.experiment_id], "attributes.status = 'RUNNING'", uri):
+    for run in _search_all(ids, "attributes.status = 'RUNNING'", uri):
         if procs.writer_is_dead(run.data.tags):
             tracking.end_run(run.info.run_id, "KILLED", uri=uri)
             stale.append(run.info.run_id)
@@ -80,12 +86,13 @@ def open_sweep(
 ) -> tuple[str, bool]:
     """The parent run of sweep ``sweep_id``: ``(run_id, resumed)``.
 
-    First marks stale runs of the experiment KILLED. If the latest parent of this sweep is
+    First marks stale runs of every experiment KILLED (a killed pipeline leaves runs RUNNING
+    in several). If the latest parent of this sweep is
     FAILED or KILLED it is set RUNNING again and reused (``resumed`` True, params untouched:
     MLflow refuses to change them); otherwise (none, FINISHED, or RUNNING in a live process) a
     new parent starts, so a scheduled re-run of a finished sweep is a new sweep.
     """
-    mark_stale_runs(experiment, uri)
+    mark_stale_runs(None, uri)
     latest = latest_sweep(experiment, sweep_id, uri)
     if latest is not None and latest.info.status in RESUMABLE:
         run_id = latest.info.run_id

@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 
 from lrpipe.engine import checkpoint
 from lrpipe.engine.config import TrainConfig, flatten
+from lrpipe.engine.loop import Stopped, stop_requested
 
 T = TypeVar("T")
 DEFAULT_STORE = Path("mlruns")
@@ -188,6 +189,42 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
     retry_locked(client(uri).set_terminated, run_id, status)
 
 
+@contextmanager
+def ending(run_id: str, uri: str | None = None) -> Iterator[str]:
+    """End ``run_id`` as the block ends: FINISHED; KILLED when it was stopped (the engine's
+    ``Stopped``, KeyboardInterrupt, or any error after a stop was requested: a stopping
+    command's services may go first); FAILED on any other exception, which is re-raised. No
+    run is left RUNNING by the body."""
+    _OPEN[run_id] = uri
+    try:
+        yield run_id
+    except (Stopped, KeyboardInterrupt):
+        _end_open(run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_open(run_id, "KILLED" if stop_requested() else "FAILED")
+        raise
+    _end_open(run_id, "FINISHED")
+
+
+# Runs this process has open through ``ending``: run id -> store. A command that gives up
+# waiting for its flow after Ctrl-C ends what is still open (``end_open_runs``).
+_OPEN: dict[str, str | None] = {}
+
+
+def _end_open(run_id: str, status: str) -> None:
+    if run_id in _OPEN:
+        end_run(run_id, status, uri=_OPEN.pop(run_id))
+
+
+def end_open_runs(status: str = "KILLED") -> list[str]:
+    """End every run still open in this process's ``ending`` blocks with ``status``."""
+    ended = list(_OPEN)
+    for run_id in ended:
+        _end_open(run_id, status)
+    return ended
+
+
 def log_figure(run_id: str, figure: Any, name: str, uri: str | None = None) -> None:
     """Save a matplotlib Figure as a PNG artifact ``figures/<name>.png``, then close it."""
     import matplotlib.pyplot as plt
@@ -218,6 +255,18 @@ def log_text(run_id: str, text: str, path: str, uri: str | None = None) -> None:
     retry_locked(client(uri).log_text, run_id, text, path)
 
 
+def read_text(run_id: str, path: str, uri: str | None = None) -> str | None:
+    """The text artifact ``path`` of ``run_id``, or None when the run has no such file."""
+    import tempfile
+
+    folder, _, name = path.rpartition("/")
+    listed = retry_locked(client(uri).list_artifacts, run_id, folder or None)
+    if not any(f.path == path for f in listed):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(retry_locked(client(uri).download_artifacts, run_id, path, tmp)).read_text()
+
+
 def run_url(run_id: str, experiment: str, uri: str | None = None,
             ui: str = "http://127.0.0.1:5000") -> str:
     """Where the run opens in the MLflow UI (runs view, not the GenAI one)."""
@@ -242,19 +291,16 @@ def training_run(
 ) -> Iterator[str]:
     """A child run for one training: params = flattened config, tag ``config_hash``.
 
-    Yields the run id. Ends FINISHED on success and FAILED on any exception (re-raised), so no
-    run is left RUNNING by an error in the body.
+    Yields the run id. Ends FINISHED on success, KILLED when the training was stopped
+    (``Stopped``, KeyboardInterrupt) and FAILED on any other exception (re-raised), so no run is
+    left RUNNING by an error in the body.
     """
     run_id = start_run(
         experiment, name or training_run_name(cfg), params=flatten(cfg),
         tags={"config_hash": cfg.hash(), **(tags or {})}, parent_run_id=parent_run_id, uri=uri,
     )
-    try:
+    with ending(run_id, uri):
         yield run_id
-    except BaseException:
-        end_run(run_id, "FAILED", uri=uri)
-        raise
-    end_run(run_id, "FINISHED", uri=uri)
     if (here := children_finished_here(parent_run_id)) is not None:
         here[cfg.hash()] = run_id
 

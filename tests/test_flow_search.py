@@ -155,66 +155,22 @@ def test_pipeline_helpers():
     assert pl.sweep_regret(summary, 0.3) is None
 
 
-def test_stage_kwargs_check_the_contract():
-    def good(lr=0.1, runner="threads", workers=None, overrides=None):
-        return lr
-
-    def no_overrides(lr, runner, workers, epochs=3):
-        return lr
-
-    def wrong(rate, runner, workers):
-        return rate
-
-    assert pl.stage_kwargs(good, 0.2, "serial", 1, {"epochs": 1}) == {
-        "lr": 0.2, "runner": "serial", "workers": 1, "overrides": {"epochs": 1}}
-    assert pl.stage_kwargs(no_overrides, 0.2, "threads", None, {}) == {
-        "lr": 0.2, "runner": "threads", "workers": None}
-    with pytest.raises(TypeError, match="wrong does not accept.*lr=, runner=, workers="):
-        pl.stage_kwargs(wrong, 0.2, "threads", None, None)
-
-
-@pytest.mark.parametrize("stage", sorted(pl.OPTIONAL))
-def test_the_later_stages_accept_the_contract(stage):
-    import importlib
-    import importlib.util
-
-    module_name, fn_name, gets_lr = pl.OPTIONAL[stage]
-    if importlib.util.find_spec(module_name) is None:
-        pytest.skip(f"{module_name} is not in this checkout yet")
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    kwargs = pl.stage_kwargs(fn, 0.1 if gets_lr else None, "threads", 2, {})
-    assert {"runner", "workers"} <= set(kwargs) and ("lr" in kwargs) == gets_lr
-    pl.precheck_stage(stage, {}, "threads", 2)  # default settings pass its own checks
+def test_transfer_settings_pass_their_own_checks_by_default():
+    pl.transfer_flow.validate(overrides={})  # what the pipeline calls before the search
 
 
 def test_a_later_stage_is_checked_before_the_search(monkeypatch):
-    import importlib.machinery
-    import sys
-    import types
-
     seen = {}
 
-    def validate(overrides=None, epochs=None):  # takes overrides, not runner/workers
+    def validate(overrides=None, epochs=None):
         seen.update(overrides=overrides, epochs=epochs)
         if "seed" in overrides:
             raise ConfigError("overrides: the fake stage refuses 'seed'")
 
-    fake = types.ModuleType("fake_stage")
-    fake.__spec__ = importlib.machinery.ModuleSpec("fake_stage", None)
-    fake.validate = validate
-    monkeypatch.setitem(sys.modules, "fake_stage", fake)
-    monkeypatch.setitem(pl.OPTIONAL, "transfer", ("fake_stage", "transfer", False))
-    pl.precheck_stage("transfer", {"epochs": 1}, "threads", 2)
-    assert seen == {"overrides": {"epochs": 1}, "epochs": None}
+    monkeypatch.setattr(pl.transfer_flow, "validate", validate)
     with pytest.raises(ConfigError, match="fake stage refuses"):
         pl.validate(skip=["search", "sweep", "decay"], overrides={"seed": 7})
-
-
-def test_a_missing_stage_module_is_skipped(monkeypatch, capsys):
-    monkeypatch.setitem(pl.OPTIONAL, "decay", ("flows.no_such_module", "decay_compare", True))
-    record = pl.optional_stage("decay", 0.1, "threads", None, None)
-    assert record["status"] == "missing"
-    assert "flows.no_such_module is not in this checkout" in capsys.readouterr().out
+    assert seen == {"overrides": {"seed": 7}, "epochs": None}
 
 
 # --- one real run -------------------------------------------------------------------------

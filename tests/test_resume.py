@@ -121,6 +121,7 @@ def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
     monkeypatch.setattr(resume, "_search_all",
                         lambda *a, **k: searches.append(a) or search(*a, **k))
     parent, _ = resume.open_sweep("reuse-here", "parent", "id-here")
+    searches.clear()  # open_sweep looked for stale runs in every experiment; reuse must not
     args = (to_dict(digits_cfg), parent, "reuse-here", "lr=0.1")
     fresh = train_and_log.fn(*args)
     again = train_and_log.fn(*args)  # found in this process's memory of the sweep

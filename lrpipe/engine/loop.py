@@ -18,6 +18,7 @@ and the range tests (one model, or K seeds stacked) all run through these two fu
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,32 @@ from torch import nn
 from lrpipe.engine.data import Split
 
 METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
+
+
+class Stopped(Exception):
+    """Training was asked to stop (``should_stop`` returned True): Ctrl-C or SIGTERM, say.
+    Raised between two updates; nothing of the interrupted step is applied."""
+
+
+# One process-wide request to stop, like a KeyboardInterrupt that reaches every training
+# thread: the command line sets it on SIGINT/SIGTERM, and every fit and sweep in the process
+# (on Prefect's worker threads too) stops before its next update.
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every training loop of this process to stop before its next update."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    """Withdraw the request (a new command in the same process, or a test)."""
+    _STOP.clear()
+
+
+def stop_requested() -> bool:
+    """Whether ``request_stop`` was called (and not cleared): the loops' default check."""
+    return _STOP.is_set()
 Batch3 = tuple[torch.Tensor, torch.Tensor, bool]  # x, y, shared by every member
 
 
@@ -101,6 +128,7 @@ def fit(
     diverge_factor: float,
     rates: torch.Tensor | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    should_stop: Callable[[], bool] = stop_requested,
 ) -> list[TrainResult]:
     """Train ``members`` for ``epochs`` epochs; one TrainResult per member.
 
@@ -111,9 +139,13 @@ def fit(
         rates: (K, total steps + 1) float64 base rate of member k at global step t, or None
             when the members set their own (one model with its torch.optim scheduler).
         on_epoch: called as ``on_epoch(k, row)`` with member k's History row when it exists.
+        should_stop: asked before every update (default: ``stop_requested``, an Event's
+            is_set); True stops.
     Returns:
         TrainResults in member order; ``time_s`` is the training wall time so far (evaluation
         excluded); ``lr_trace`` the base rate at every update the member saw.
+    Raises:
+        Stopped: ``should_stop`` said so; the rows emitted so far are all there is.
     """
     k, device = members.k, members.device
     table = None if rates is None else rates.to(device)
@@ -135,6 +167,8 @@ def fit(
         lrs = members.base_rates() if rates is None else rates[:, t].tolist()
         group_lrs = members.group_lrs(lrs)  # what each param group applies at the epoch's start
         for i, (x, y, shared) in enumerate(batches()):
+            if should_stop():
+                raise Stopped(f"stopped in epoch {epoch}, before update {t + 1}")
             if rates is None:
                 trace.append(members.base_rates()[0])
             losses = members.losses(x, y, shared)
@@ -206,13 +240,16 @@ class Curve:
 
 
 def sweep(members, stream: Iterator[Batch3], ramp: Iterable[float], beta: float,
-          stop_factor: float) -> list[Curve]:
+          stop_factor: float, should_stop: Callable[[], bool] = stop_requested) -> list[Curve]:
     """The range test: one update per rate of ``ramp`` (the reference rate of every member),
-    recording each member's batch loss before its update, until every member stopped."""
+    recording each member's batch loss before its update, until every member stopped.
+    Raises Stopped when ``should_stop`` says so."""
     curves = [Curve(beta, stop_factor) for _ in range(members.k)]
     alive = torch.ones(members.k, dtype=torch.bool, device=members.device)
     live = list(range(members.k))
     for i, rate in enumerate(ramp):
+        if should_stop():
+            raise Stopped(f"range test stopped at step {i}")
         x, y, shared = next(stream)
         values = members.losses(x, y, shared).tolist()
         stopped = [m for m in live if curves[m].add(i, float(rate), values[m])]

@@ -1,0 +1,130 @@
+"""The one harness every flow runs in: its parent run, its Prefect flow run, and how it stops.
+
+``parent_run`` opens the flow's MLflow parent run, or resumes the one a crashed or killed run
+of the same work left behind (``lrpipe.resume.open_sweep``: the identity is the flow's name
+and a hash of what it will do), tags it with the writer (host, pid), and ends it FINISHED,
+KILLED (Ctrl-C, SIGTERM: ``KeyboardInterrupt`` or the engine's ``Stopped``) or FAILED as the
+block ends. Runs left RUNNING by dead writers, in every experiment, are marked KILLED first.
+
+``call_flow`` runs a Prefect flow with the chosen task runner, its flow runs tagged with the
+same writer tags, after marking CRASHED the flow runs whose process died (a SIGKILL leaves
+them RUNNING in Prefect's UI otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from flows.common import make_task_runner, shared_api
+from lrpipe import procs, resume, tracking
+
+# Prefect tags carry key:value strings; these name the process running a flow run.
+PREFECT_TAG_KEYS = (procs.HOST_TAG, procs.PID_TAG, procs.PID_STARTED_TAG)
+
+
+def identity(flow_name: str, work: Mapping[str, Any] | Sequence[str]) -> str:
+    """The sweep id of a flow's work: its config hashes (a sequence), or its settings (a
+    mapping, serialized with sorted keys), hashed with the flow's name."""
+    if isinstance(work, Mapping):
+        parts = [json.dumps(work, sort_keys=True, default=str, separators=(",", ":"))]
+    else:
+        parts = list(work)
+    return resume.sweep_identity(flow_name, parts)
+
+
+@contextmanager
+def parent_run(
+    experiment: str,
+    flow_name: str,
+    work: Mapping[str, Any] | Sequence[str],
+    name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    uri: str | None = None,
+) -> Iterator[str]:
+    """The flow's parent run id, new or resumed; it ends as the block ends.
+
+    Args:
+        work: what identifies the work (``identity``): the same work after a crash resumes
+            into the same parent, and its FINISHED children are reused.
+    Yields:
+        The parent run id.
+    """
+    sweep_id = identity(flow_name, work)
+    parent, resumed = resume.open_sweep(experiment, name, sweep_id, params=params, tags=tags,
+                                        uri=uri)
+    if resumed:
+        print(f"{flow_name}: resuming {sweep_id} into parent run {parent}; finished runs are "
+              "reused, failed, killed and missing ones run again", flush=True)
+    with tracking.ending(parent, uri):
+        yield parent
+
+
+def writer_tags() -> list[str]:
+    """This process as Prefect tags: ``host:...``, ``pid:...``, ``pid_started:...``."""
+    return [f"{key}:{value}" for key, value in procs.process_tags().items()]
+
+
+def _tag_values(tags: list[str]) -> dict[str, str]:
+    found = {}
+    for tag in tags:
+        key, sep, value = tag.partition(":")
+        if sep and key in PREFECT_TAG_KEYS:
+            found[key] = value
+    return found
+
+
+def mark_dead_flow_runs() -> list[str]:
+    """Set CRASHED every RUNNING Prefect flow run of this host whose process died.
+
+    Flow runs carry ``writer_tags``; runs without them, from other hosts or from live
+    processes are left alone. Returns the ids marked."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host = f"{procs.HOST_TAG}:{socket.gethostname()}"
+    marked = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            tags=FlowRunFilterTags(all_=[host])))
+        for run in runs:
+            if procs.writer_is_dead(_tag_values(list(run.tags))):
+                client.set_flow_run_state(run.id, Crashed(
+                    message="its process died (marked by the next lrpipe command)"), force=True)
+                marked.append(str(run.id))
+    return marked
+
+
+def call_flow(flow_fn, **kwargs: Any) -> Any:
+    """Run ``flow_fn(**kwargs)`` on the task runner its ``runner`` and ``workers`` arguments
+    name, under one Prefect API for the flow and its workers (``shared_api``), its flow runs
+    tagged with this process, after marking the flow runs of dead processes CRASHED."""
+    from prefect import tags
+
+    runner = kwargs.get("runner", "threads")
+    with shared_api(runner), tags(*writer_tags()):
+        mark_dead_flow_runs()
+        task_runner = make_task_runner(runner, kwargs.get("workers"))
+        return flow_fn.with_options(task_runner=task_runner)(**kwargs)
+
+
+def flow_parent(flow_name: str, experiment: str, name: str, *,
+                params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None,
+                uri: str | None = None):
+    """``parent_run`` for a flow whose work is described by its parameters (the runner, which
+    changes no number, left out): the same settings after a crash resume the same parent."""
+    work = {k: v for k, v in (params or {}).items() if k != "runner"}
+    return parent_run(experiment, flow_name, work, name, params=params, tags=tags, uri=uri)
