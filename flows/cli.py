@@ -63,6 +63,11 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of settings (command-line flags win)")
     p.add_argument("--set", dest="sets", action="append", type=parse_set, default=[],
                    metavar="FIELD=VALUE", help="override a config field, e.g. optim.name=adam")
+    p.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                   help="your model: a factory(seed) -> nn.Module (sets model.name)")
+    p.add_argument("--data", metavar="PACKAGE.MODULE:LOADER",
+                   help="your data: a loader() -> (train, held_out) of DataLoaders or (x, y) "
+                        "tensors, integer labels (sets data.dataset)")
     p.add_argument("--runner", help="threads (default) | dask | serial | tcp://scheduler:8786")
     p.add_argument("--workers", type=int, help="parallel tasks (default: one per core)")
 
@@ -93,12 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(
-        prog="lrpipe", description="A learning-rate laboratory for PyTorch.",
+        prog="lrpipe", allow_abbrev=False, description="A learning-rate laboratory for PyTorch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in available_commands().items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False,
                            epilog=getattr(module, "EXAMPLES", ""),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
@@ -111,7 +116,10 @@ def settings_from(args: argparse.Namespace) -> dict:
     settings = load_settings(args.config)
     overrides = dict(settings.pop("overrides", {}) or {})
     overrides.update(dict(args.sets))
-    skip = {"command", "config", "sets"}
+    for flag, field in (("model", "model.name"), ("data", "data.dataset")):
+        if getattr(args, flag, None) is not None:
+            overrides[field] = getattr(args, flag)
+    skip = {"command", "config", "sets", "model", "data"}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             settings[key] = value

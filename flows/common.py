@@ -22,7 +22,14 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lrpipe import procs, resume, tracking
-from lrpipe.engine.config import ConfigError, DataConfig, TrainConfig, check_number, from_dict
+from lrpipe.engine.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    check_number,
+    from_dict,
+    is_plugin,
+)
 from lrpipe.engine.data import Dataset, load_data
 from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.models import build_model
@@ -211,6 +218,25 @@ def preflight(cfgs: list[TrainConfig]) -> None:
         with torch.device("meta"):
             model = build_model(cfg.model, data.input_shape, data.num_classes)
         make_optimizer(model, cfg.optim)
+        if is_plugin(cfg.model.name):
+            check_plugin_output(cfg, data)
+
+
+def check_plugin_output(cfg: TrainConfig, data: Dataset) -> None:
+    """A user's model must map a batch of the run's inputs to one score per class: checked
+    on two real examples before anything is recorded, with the flag's name in the error."""
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(data.train.x.device)
+    x = data.train.x[:2]
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is the message
+        raise ConfigError(f"model.name: {cfg.model.name} fails on data.dataset's inputs of "
+                          f"shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
+    if tuple(out.shape) != (len(x), data.num_classes):
+        raise ConfigError(f"model.name: {cfg.model.name} maps inputs {tuple(x.shape)} to "
+                          f"{tuple(out.shape)}; allowed: ({len(x)}, {data.num_classes}), one "
+                          f"score per class of {cfg.data.dataset}")
 
 
 def describe_result(result: dict) -> str:

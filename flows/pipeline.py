@@ -26,12 +26,12 @@ from prefect import flow
 from flows import decay_compare as decay_flow
 from flows import lr_search as search_flow
 from flows import transfer as transfer_flow
-from flows.common import check_runner, check_workers, make_task_runner, preflight
+from flows.common import check_runner, check_workers, dataset_for, make_task_runner, preflight
 from flows.harness import call_flow, flow_parent
 from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
 from flows.report import publish_flow_report
 from lrpipe import tracking
-from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge
+from lrpipe.engine.config import ConfigError, TrainConfig, check_number, is_plugin, merge
 
 HELP = "the whole pipeline: LR search, full training at the chosen rate, decay, transfer"
 EXAMPLES = """examples:
@@ -269,8 +269,14 @@ def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=No
     check_number("epochs", epochs, low=1, integer=True)
     base = merge(TrainConfig(), {**(overrides or {}), "epochs": epochs})
     cfgs = [base] if lrs is None else sweep_configs(base, list(lrs))
+    if "transfer" not in skip and (is_plugin(base.model.name) or is_plugin(base.data.dataset)):
+        print("pipeline: transfer skipped: it pretrains lrpipe's own networks on a source task "
+              "of Fashion-MNIST; your --model/--data have none", flush=True)
+        skip = [*skip, "transfer"]
     if "search" not in skip:
         search = check_search_settings(search, overrides)
+        if "subset" not in search:  # the default follows the data: all of a smaller set
+            search["subset"] = min(search_flow.DEFAULT_SUBSET, len(dataset_for(base).train))
         cfgs.append(base.replace(**{"data.subset": search.get("subset",
                                                               search_flow.DEFAULT_SUBSET)}))
     if "transfer" not in skip:  # its own settings, before the search spends minutes

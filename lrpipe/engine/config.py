@@ -19,6 +19,16 @@ from typing import Any
 
 DATASETS = ("fashion_mnist", "mnist", "digits")
 MODELS = ("softmax", "mlp", "cnn")
+# A model or dataset may also be the user's own: "package.module:callable" (engine.plugins).
+PLUGIN_SEPARATOR = ":"
+# Validation examples drawn from the training split when data.val_size is not set.
+DEFAULT_VAL_SIZE = {"fashion_mnist": 10_000, "mnist": 10_000, "digits": 300}
+PLUGIN_VAL_FRACTION = 0.2  # of a plug-in loader's training examples
+
+
+def is_plugin(name: object) -> bool:
+    """Whether a model or dataset name is a ``package.module:callable`` plug-in."""
+    return isinstance(name, str) and PLUGIN_SEPARATOR in name
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "rprop", "gains")
 SCHEDULES = (
     "constant", "step", "multistep", "exponential", "cosine", "onecycle", "inverse_time", "plateau",
@@ -72,9 +82,11 @@ def check_number(
 class DataConfig:
     """Which examples a run sees.
 
-    dataset: fashion_mnist | mnist | digits (scikit-learn's 1,797 8x8 digits, for fast tests).
+    dataset: fashion_mnist | mnist | digits (scikit-learn's 1,797 8x8 digits, for fast tests),
+        or your own loader as ``package.module:load`` (``lrpipe.engine.plugins``).
     root: folder holding torchvision's dataset folders (``<root>/FashionMNIST/raw``).
-    val_size: examples held out of the training split for validation (count, not fraction).
+    val_size: examples held out of the training split for validation (count, not fraction);
+        None: the dataset's default (DEFAULT_VAL_SIZE; a fifth of a plug-in's training split).
     subset: if set, train on this many examples of the remaining training split (seeded).
     classes: if set, keep only these labels, relabelled 0..k-1 in the given order (transfer tasks).
     per_class: if set, keep at most this many training examples per class (few-shot targets).
@@ -83,17 +95,19 @@ class DataConfig:
 
     dataset: str = "fashion_mnist"
     root: str = "data"
-    val_size: int = 10_000
+    val_size: int | None = None
     subset: int | None = None
     classes: tuple[int, ...] | None = None
     per_class: int | None = None
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("data.dataset", self.dataset, DATASETS)
+        if not is_plugin(self.dataset):
+            check_choice("data.dataset", self.dataset, DATASETS)
         if not isinstance(self.root, str) or not self.root:
             _fail("data.root", self.root, "a non-empty folder path")
-        check_number("data.val_size", self.val_size, low=1, integer=True)
+        if self.val_size is not None:
+            check_number("data.val_size", self.val_size, low=1, integer=True)
         if self.subset is not None:
             check_number("data.subset", self.subset, low=1, integer=True)
         if self.per_class is not None:
@@ -111,7 +125,9 @@ class DataConfig:
 class ModelConfig:
     """The network.
 
-    name: softmax (one linear layer: the classic LR-plot network) | mlp | cnn.
+    name: softmax (one linear layer: the classic LR-plot network) | mlp | cnn, or your own
+        factory as ``package.module:build`` (``build(seed) -> nn.Module``; hidden and dropout
+        are then the factory's business).
     hidden: widths of the MLP's hidden layers (units); ignored by softmax and cnn.
     dropout: probability of zeroing a hidden unit during training (MLP and CNN), 0 = off.
     """
@@ -121,7 +137,8 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_choice("model.name", self.name, MODELS)
+        if not is_plugin(self.name):
+            check_choice("model.name", self.name, MODELS)
         object.__setattr__(self, "hidden", tuple(self.hidden))
         if self.name == "mlp" and not self.hidden:
             _fail("model.hidden", self.hidden, "at least one positive width for mlp")

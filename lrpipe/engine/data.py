@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lrpipe.engine.config import DataConfig
+from lrpipe.engine.config import DEFAULT_VAL_SIZE, PLUGIN_VAL_FRACTION, DataConfig, is_plugin
+from lrpipe.engine.plugins import plugin_arrays
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -152,18 +153,24 @@ def load_data(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         DataUnavailable: the files are missing and cannot be downloaded.
         ConfigError-like ValueError: the split sizes do not fit the dataset.
     """
-    x_tr, y_tr, x_te, y_te = _load_raw(cfg.dataset, cfg.root)
-    names = _class_names(cfg.dataset)
+    if is_plugin(cfg.dataset):  # the user's loader: their scaling is kept, not normalized
+        x_tr, y_tr, x_te, y_te = plugin_arrays(cfg.dataset)
+        names = tuple(str(c) for c in range(int(max(y_tr.max(), y_te.max())) + 1))
+        val_size = cfg.val_size or max(1, int(PLUGIN_VAL_FRACTION * len(y_tr)))
+    else:
+        x_tr, y_tr, x_te, y_te = _load_raw(cfg.dataset, cfg.root)
+        names = _class_names(cfg.dataset)
+        val_size = cfg.val_size or DEFAULT_VAL_SIZE[cfg.dataset]
     if cfg.classes is not None:
         x_tr, y_tr = _select_classes(x_tr, y_tr, cfg.classes)
         x_te, y_te = _select_classes(x_te, y_te, cfg.classes)
         names = tuple(names[c] for c in cfg.classes)
     gen = torch.Generator().manual_seed(cfg.split_seed)
-    if cfg.val_size >= len(y_tr):
-        raise ValueError(f"data.val_size: got {cfg.val_size}; allowed: < {len(y_tr)} "
+    if val_size >= len(y_tr):
+        raise ValueError(f"data.val_size: got {val_size}; allowed: < {len(y_tr)} "
                          f"(training examples of {cfg.dataset})")
     perm = torch.randperm(len(y_tr), generator=gen)
-    val_idx, train_idx = perm[: cfg.val_size], perm[cfg.val_size:]
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
     if cfg.per_class is not None:
         train_idx = train_idx[_per_class(y_tr[train_idx], cfg.per_class, gen)]
     if cfg.subset is not None:
@@ -173,6 +180,8 @@ def load_data(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=gen)[: cfg.subset]]
     x_train = x_tr[train_idx]
     mean, std = x_train.mean(), x_train.std().clamp_min(1e-6)
+    if is_plugin(cfg.dataset):
+        mean, std = torch.tensor(0.0), torch.tensor(1.0)
 
     def norm(x: torch.Tensor, y: torch.Tensor) -> Split:
         return Split(((x - mean) / std).to(device), y.to(device))

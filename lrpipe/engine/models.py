@@ -18,7 +18,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lrpipe.engine.config import ModelConfig
+from lrpipe.engine.config import ModelConfig, is_plugin
+from lrpipe.engine.plugins import plugin_model
 
 HEAD = "head"
 
@@ -45,8 +46,11 @@ class SeededDropout(nn.Module):
 
 def build_model(
     cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int
-) -> nn.Sequential:
-    """The network named by ``cfg.name`` for inputs of ``input_shape`` (C, H, W)."""
+) -> nn.Module:
+    """The network named by ``cfg.name`` for inputs of ``input_shape`` (C, H, W); a plug-in
+    factory (``package.module:build``) builds its own, seeded 0 (``make_model`` seeds it)."""
+    if is_plugin(cfg.name):
+        return plugin_model(cfg.name, 0)
     channels, height, width = input_shape
     layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
     if cfg.name == "softmax":
@@ -116,8 +120,11 @@ def make_model(
     num_classes: int,
     seed: int,
     device: torch.device | str = "cpu",
-) -> nn.Sequential:
-    """Build, seed-initialize and place a model: the same seed gives the same weights anywhere."""
+) -> nn.Module:
+    """Build, seed-initialize and place a model: the same seed gives the same weights anywhere.
+    A plug-in factory is called with ``seed`` and initializes the model itself."""
+    if is_plugin(cfg.name):
+        return plugin_model(cfg.name, seed).to(device)
     model = build_model(cfg, input_shape, num_classes)
     init_weights(model, torch.Generator().manual_seed(seed))
     model.to(device)
