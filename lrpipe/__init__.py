@@ -8,5 +8,6 @@ training loop), ``search`` (range test, suggestion rules, halving, regret), ``ex
 
 from lrpipe.api.choose import ChooseLRResult, choose_lr
 from lrpipe.api.find import FindLRResult, find_lr
+from lrpipe.api.sweep import SweepResult, sweep
 
-__all__ = ["find_lr", "FindLRResult", "choose_lr", "ChooseLRResult"]
+__all__ = ["find_lr", "FindLRResult", "choose_lr", "ChooseLRResult", "sweep", "SweepResult"]

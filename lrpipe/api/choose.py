@@ -112,11 +112,17 @@ class Trainer:
     val: EvalSet
     diverge_factor: float
 
-    def run(self, seed: int, lr: float, epochs: int, max_steps: int | None = None
-            ) -> TrainResult:
+    def run(self, seed: int, lr: float, epochs: int, max_steps: int | None = None, *,
+            model: nn.Module | None = None,
+            on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
         """Train ``model_fn(seed)`` at reference rate ``lr`` for ``epochs`` epochs (at most
-        ``max_steps`` updates in all) in the seed's batch order; History in loss_fn units."""
-        model = built_model(self.model_fn, seed)
+        ``max_steps`` updates in all) in the seed's batch order; History in loss_fn units.
+
+        ``model``: a fresh ``built_model(model_fn, seed)`` the caller built (``sweep`` builds
+        them under a lock, as threads share torch's global generator); None builds it here.
+        ``on_epoch(row)``: called with each History row as the loop emits it (live logging).
+        """
+        model = built_model(self.model_fn, seed) if model is None else model
         optimizer = model_optimizer(model, self.optimizer_fn)
         for group, ratio in zip(optimizer.param_groups, group_ratios(optimizer), strict=True):
             group["lr"] = ratio * lr  # the factory's ratios between groups are kept
@@ -128,7 +134,8 @@ class Trainer:
                 members, lambda: ((x, y, True) for x, y in
                                   itertools.islice(self.train.epoch(), per_epoch)),
                 epochs=epochs, train_eval=self.train_eval, val=self.val, loss="loss_fn",
-                diverge_factor=self.diverge_factor)
+                diverge_factor=self.diverge_factor,
+                on_epoch=None if on_epoch is None else lambda _, row: on_epoch(row))
         return result
 
 

@@ -1,22 +1,31 @@
 """The public API's MLflow runs, written only through ``lrpipe.tracking`` (the edge).
 
-One run per call, in the experiment the caller names: params, the curves as metric series
-(step = range-test step), every rule's band as metrics at step 0, the tables as CSV artifacts,
-the figure, and the answer with its reason as tags. A run whose logging fails ends FAILED.
+find_lr and choose_lr: one run per call, in the experiment the caller names: params, the
+curves as metric series (step = range-test step), every rule's band as metrics at step 0, the
+tables as CSV artifacts, the figure, and the answer with its reason as tags. A run whose
+logging fails ends FAILED.
+
+sweep: one parent run and one child run per training, as ``lrpipe sweep`` records them:
+params, per-epoch metrics (step = epoch, train_/val_ names), status and diverged_epoch tags,
+NaN where a run blew up; on the parent the figures, summary.csv and report.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lrpipe import tracking
+from lrpipe import procs, tracking
+from lrpipe.engine.loop import TrainResult
+from lrpipe.report import sweep_finding, sweep_report
 from lrpipe.search.suggest import Suggestion
+
+REPORT_PATH = "report.md"  # where flows/report.py publishes a flow's report, too
 
 
 @contextmanager
@@ -106,3 +115,58 @@ def log_choose_lr(experiment: str, params: Mapping[str, Any], tables: Mapping[st
                                    "chosen_by": choice["chosen_by"],
                                    "reason": choice["reason"][:5000]})
     return run_id
+
+
+# --- lrpipe.sweep: one parent, one child per training, as ``lrpipe sweep`` records them ---
+
+
+@contextmanager
+def sweep_parent(experiment: str, name: str, params: Mapping[str, Any]) -> Iterator[str]:
+    """The parent run of one ``sweep``, tagged with this process (a later ``lrpipe`` command
+    marks it KILLED if the process died with it RUNNING); ends FINISHED, FAILED or KILLED
+    with the block (``tracking.ending``)."""
+    run_id = tracking.start_run(experiment, name, params=params, tags={
+        "role": "sweep", "api": "lrpipe.sweep", **procs.process_tags()})
+    with tracking.ending(run_id):
+        yield run_id
+
+
+@contextmanager
+def training_child(experiment: str, parent_run_id: str, name: str,
+                   params: Mapping[str, Any]) -> Iterator[tuple[str, Callable[[dict], None]]]:
+    """One training's child run of ``parent_run_id``: yields (run id, an ``on_epoch(row)``
+    hook logging each History row with step=epoch, train_/val_ names); ends FINISHED, FAILED
+    or KILLED with the block, its waiting epoch metrics written."""
+    run_id = tracking.start_run(experiment, name, params=params, parent_run_id=parent_run_id,
+                                tags={"sweep": parent_run_id, "trained": "alone",
+                                      **procs.process_tags()})
+    with tracking.ending(run_id):
+        yield run_id, tracking.epoch_logger(run_id)
+
+
+def log_outcome(run_id: str, result: TrainResult) -> None:
+    """Tags status (ok | diverged), diverged_epoch and device; where it blew up, NaN losses
+    and ``diverged=1`` at step=diverged_epoch (``tracking.log_divergence``), as the flows do."""
+    tracking.set_tags(run_id, {"status": result.status, "device": result.device,
+                               "diverged_epoch": result.diverged_epoch or ""})
+    if result.status == "diverged":
+        tracking.log_divergence(run_id, result.diverged_epoch)
+
+
+def log_sweep(parent_run_id: str, experiment: str, summary: pd.DataFrame,
+              by_rate: pd.DataFrame, figures: Mapping[str, Figure], title: str) -> None:
+    """On the parent: the figures (``figures/<name>.png``), ``summary.csv`` (one row per
+    training), best_lr / best_val_loss / best_val_error at step 0 when a rate trained, and
+    ``report.md`` (``lrpipe.report.sweep_report`` of ``by_rate``, one row per rate)."""
+    for name, fig in figures.items():
+        tracking.log_figure(parent_run_id, fig, name)
+    tracking.log_table(parent_run_id, summary, "summary.csv")
+    best = sweep_finding(by_rate).best_lr
+    if best is not None:
+        row = by_rate[by_rate["lr"] == best].iloc[0]
+        tracking.log_metrics(parent_run_id, {"best_lr": best, "best_val_loss": row["val_loss"],
+                                             "best_val_error": row["val_error"]}, step=0)
+    markdown = sweep_report(by_rate, tracking.run_url(parent_run_id, experiment),
+                            lambda run_id: tracking.run_url(run_id, experiment),
+                            [f"figures/{name}.png" for name in figures], title=title)
+    tracking.log_text(parent_run_id, markdown, REPORT_PATH)
