@@ -4,7 +4,9 @@ One MLflow parent run (experiment ``lr-decay``) holds the schedule preview, the 
 bands, the final errors, the best schedule's generalization gap, the ranking table and the loss
 choice (cross-entropy vs squared error for the best schedule); each schedule x seed is a child
 run. Every name, seed, loss and budget is checked (and each schedule's total decay computed)
-before any run is recorded.
+before any run is recorded. The same command after a crash or a kill resumes into the same
+parent (``flows.harness``) and reuses every child that FINISHED: only the rest train again,
+and the ranking, the best schedule and the loss choice come out as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -160,23 +162,35 @@ def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
 
 
 def _log_schedule(result: dict, cfg: TrainConfig, planned_decay: float | None,
-                  updates_per_epoch: int) -> None:
+                  updates_per_epoch: int) -> dict:
     """A schedule run's extras: its total decay as a metric, its per-update rate curve
-    (``schedules.preview``) as ``schedule/lr_per_step.csv``."""
-    if planned_decay is not None:
+    (``schedules.preview``) as ``schedule/lr_per_step.csv``; returns ``result``.
+
+    A reused run (``result["reused"]``: a resumed comparison found it FINISHED) may have been
+    killed between its end and its extras, so the curve is written again (the same file) and
+    the total decay logged where it is missing. Its history, rebuilt from every metric of the
+    run, loses ``total_decay`` (no epoch metric): the rows a fresh run returns.
+    """
+    history = result["history"]
+    logged = bool(history) and "total_decay" in history[0]
+    if planned_decay is not None and not logged:
         tracking.log_metrics(result["run_id"], {"total_decay": planned_decay}, step=0)
     curve = preview(cfg.schedule, cfg.epochs, updates_per_epoch, cfg.optim.lr)
     tracking.log_table(result["run_id"], curve, "schedule/lr_per_step.csv")
+    if not logged:
+        return result
+    return {**result, "history": [{k: v for k, v in row.items() if k != "total_decay"}
+                                  for row in history]}
 
 
 @task(name="train-schedule", task_run_name="train {name}")
 def train_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
                    threads: int, tags: dict, planned_decay: float | None,
                    updates_per_epoch: int) -> dict:
-    """One training child run (``train_and_log``) plus its schedule extras."""
+    """One training child run (``train_and_log``: a FINISHED one of the parent with this
+    config is reused, not trained) plus its schedule extras."""
     result = train_and_log.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
-    _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
-    return result
+    return _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
 
 
 @task(name="train-schedules", task_run_name=group_run_name)
@@ -184,12 +198,12 @@ def train_schedule_group(cfg_dicts: list[dict], parent_run_id: str, experiment: 
                          names: list[str], threads: int, tags: list[dict],
                          planned: list[float | None], updates_per_epoch: int) -> list[dict]:
     """Schedules and seeds trained as one group (``train_group_and_log``: batched, a child run
-    each), each with its schedule extras."""
+    each; members FINISHED before under the parent are reused), each with its schedule
+    extras."""
     results = train_group_and_log.fn(cfg_dicts, parent_run_id, experiment, names, threads,
                                      tags)
-    for result, cfg_dict, total in zip(results, cfg_dicts, planned, strict=True):
-        _log_schedule(result, from_dict(cfg_dict), total, updates_per_epoch)
-    return results
+    return [_log_schedule(result, from_dict(cfg_dict), total, updates_per_epoch)
+            for result, cfg_dict, total in zip(results, cfg_dicts, planned, strict=True)]
 
 
 def train_stage(plan: DecayPlan, specs: list[dict], parent: str, experiment: str,
