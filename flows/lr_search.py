@@ -10,6 +10,11 @@ Three steps, one parent MLflow run (experiment ``lr-search``):
 3. Regret: a short full-data training at every candidate (halving median, each rule's median)
    and at a coarse log grid around them; the candidate with the lowest validation loss wins,
    and the report says how far it is from the grid's best rate.
+
+A re-run of a killed search resumes into its parent (``flows.harness``) and reuses every child
+that FINISHED: range tests and halving searches by their task key (``flows.search_tasks``),
+regret runs by config hash (``flows.batched``); rebuilt from what they logged, their results
+give the answer an uninterrupted run gives.
 """
 
 from __future__ import annotations

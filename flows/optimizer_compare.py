@@ -10,6 +10,10 @@ Two parts under one parent run (experiment ``optimizers``):
   for all, ``lrpipe.experiments.optimizers.search_rate``), then every optimizer at its own rate over
   several seeds, each a training child run; curves with bands, a final-error table and the
   update/weight-ratio heatmap. Plus Rprop full-batch against mini-batch on the same subset.
+
+A re-run of a killed comparison resumes into its parent (``flows.harness``) and reuses every
+child that FINISHED: trainings by config hash (``train_and_log``), surface tasks and rate
+searches by their task key, their results rebuilt from what the child logged.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from flows.optimizer_surfaces import (
     surface_answer,
 )
 from flows.report import publish_flow_report
-from lrpipe import tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.engine.config import (
     OPTIMIZERS,
     ConfigError,
@@ -111,17 +115,39 @@ def base_config(epochs: int, overrides: dict | None) -> TrainConfig:
 
 # --- real data ---
 
+def search_key(cfg: TrainConfig) -> str:
+    """The task key of the rate search of ``cfg`` (its optimizer set): the config and the
+    search's rates and budget."""
+    return resume.task_key("search_rate", {"config": cfg.hash(), "epochs": 1,
+                                           "decades": list(real.SEARCH_DECADES)})
+
+
+def reused_search(cfg: TrainConfig, parent_run_id: str) -> dict | None:
+    """The result of ``cfg``'s rate search rebuilt from its FINISHED child under
+    ``parent_run_id`` (``search.csv``, metric ``searched_lr``, tag ``reason``), or None."""
+    run = resume.finished_task(parent_run_id, search_key(cfg)) if parent_run_id else None
+    table = None if run is None else resume.logged_table(run.info.run_id, "search.csv")
+    if table is None:
+        return None
+    return {"optimizer": cfg.optim.name, "lr": run.data.metrics.get("searched_lr"),
+            "reason": run.data.tags["reason"], "table": table, "reused": True}
+
+
 @task(name="search-rate", task_run_name="search {optimizer}")
 def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experiment: str,
                      threads: int = 1) -> dict:
-    """One optimizer's rate search (the same 8 short trainings for all) as one child run."""
+    """One optimizer's rate search (the same 8 short trainings for all) as one child run.
+    Under a resumed parent, a FINISHED child of the same search is reused (``reused`` True)."""
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict).replace(**{"optim.name": optimizer})
+    if (done := reused_search(cfg, parent_run_id)) is not None:
+        return done
     run_id = tracking.start_run(
         experiment, f"search {optimizer} {cfg.model.name}", parent_run_id=parent_run_id,
         params={"optimizer": optimizer, "decades": list(real.SEARCH_DECADES),
                 "search_epochs": 1, "seed": cfg.seed, "config_hash": cfg.hash()},
-        tags={"optimizer": optimizer, "part": "search"})
+        tags={"optimizer": optimizer, "part": "search", resume.TASK_TAG: search_key(cfg),
+              **procs.process_tags()})
     with tracking.ending(run_id):
         found = real.search_rate(cfg, dataset_for(cfg))
         table = found.table.assign(optimizer=optimizer, chosen=found.table["lr"] == found.lr)
@@ -129,11 +155,13 @@ def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experim
         tracking.set_tags(run_id, {"reason": found.reason})
         if found.lr is not None:
             tracking.log_metrics(run_id, {"searched_lr": found.lr}, step=0)
-    return {"optimizer": optimizer, "lr": found.lr, "reason": found.reason, "table": table}
+    return {"optimizer": optimizer, "lr": found.lr, "reason": found.reason, "table": table,
+            "reused": False}
 
 
 def describe_search(result: dict) -> str:
-    return f"search {result['optimizer']}: {result['reason']}"
+    return (f"search {result['optimizer']}: {result['reason']}"
+            + (" (finished before, reused)" if result.get("reused") else ""))
 
 
 def submit_training(runs: list[real.Run], parent: str, experiment: str, threads: int):

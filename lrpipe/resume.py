@@ -121,3 +121,47 @@ def finished_child(parent_run_id: str, config_hash: str, uri: str | None = None)
         "and attributes.status = 'FINISHED'", uri,
         order_by=["attributes.start_time DESC"], limit=1)
     return found[0] if found else None
+
+
+# --- tasks whose identity is more than one TrainConfig ------------------------------------
+# A range test of seed s with its options, a halving search, an optimizer's rate search, a
+# surface x optimizer: their child runs carry TASK_TAG, a hash of what the task computes, and a
+# resumed flow reuses the FINISHED one instead of computing it again. (The config_hash tag
+# cannot tell them apart: a seed's range test and its halving search share one config.)
+
+TASK_TAG = "task_key"
+
+
+def task_key(kind: str, inputs: Mapping[str, Any]) -> str:
+    """16 hex digits naming one task's work: its ``kind`` and its ``inputs`` (JSON, keys
+    sorted; tuples and lists alike), the same in every process and on every re-run."""
+    import hashlib
+
+    text = json.dumps([kind, inputs], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_task(parent_run_id: str, key: str, uri: str | None = None) -> Any | None:
+    """The latest FINISHED child run of ``parent_run_id`` tagged ``TASK_TAG`` = ``key`` (an
+    mlflow Run), or None: what a resumed flow reuses instead of running the task again."""
+    parent = tracking.retry_locked(tracking.client(uri).get_run, parent_run_id)
+    found = _search_all(
+        [parent.info.experiment_id],
+        f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and tags.{TASK_TAG} = '{key}' "
+        "and attributes.status = 'FINISHED'", uri,
+        order_by=["attributes.start_time DESC"], limit=1)
+    return found[0] if found else None
+
+
+def logged_table(run_id: str, path: str, uri: str | None = None) -> Any | None:
+    """The CSV artifact ``path`` of ``run_id`` (``tracking.log_table``) as a DataFrame, every
+    float exactly as logged (pandas writes each float's shortest repr; 3.0 reads it back
+    exactly by default, 2.x needs ``float_precision="round_trip"``, deprecated since); None
+    when the run has no such file."""
+    import io
+
+    import pandas as pd
+
+    text = tracking.read_text(run_id, path, uri)
+    exact = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+    return None if text is None else pd.read_csv(io.StringIO(text), **exact)

@@ -296,10 +296,15 @@ def test_range_tests_together_equal_one_task_per_seed(mlflow_store):
 
     cfg = to_dict(merge(TrainConfig(), {**OVERRIDES, "data": {**OVERRIDES["data"],
                                                               "subset": 600}}))
-    parent = tracking.start_run("test-range-together", "parent")
-    together = st.range_test_seeds_together.fn(cfg, [0, 1], parent, "test-range-together", 30)
-    alone = [st.range_test_seed.fn(cfg, s, parent, "test-range-together", 30) for s in (0, 1)]
-    tracking.end_run(parent)
+    # Two parents: under one, the per-seed tasks would reuse the batched task's FINISHED
+    # children (the same range test of the same seed: what a resumed search does).
+    parents = [tracking.start_run("test-range-together", name) for name in ("batched", "alone")]
+    together = st.range_test_seeds_together.fn(cfg, [0, 1], parents[0], "test-range-together",
+                                                30)
+    alone = [st.range_test_seed.fn(cfg, s, parents[1], "test-range-together", 30)
+             for s in (0, 1)]
+    for parent in parents:
+        tracking.end_run(parent)
     c = tracking.client(mlflow_store)
     for got, want in zip(together, alone, strict=True):
         assert (got["seed"], got["stop_reason"]) == (want["seed"], want["stop_reason"])
