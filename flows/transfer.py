@@ -6,7 +6,9 @@ whose pretraining config is the same reuses that version instead of training aga
 fine-tuning (strategy x seed, and the base rate x head multiplier grid) is one task that loads
 the pretrained weights by their ``models:/`` URI and logs one child run. Figures and the strategy
 table go on the parent run (experiment ``transfer``). Every setting is validated before anything
-is recorded.
+is recorded. The same command after a crash or a kill resumes into the same parent
+(``flows.harness``): its pretraining, if it finished, and every fine-tuning that finished are
+reused from MLflow, so the summary and the best strategy come out as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from flows.common import (
 from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
-from lrpipe import tracking
+from lrpipe import procs, resume, tracking
 from lrpipe.engine import checkpoint
 from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_number
 from lrpipe.engine.models import HEAD, build_model
 from lrpipe.engine.optim import param_groups
-from lrpipe.engine.train import resolve_device, train
+from lrpipe.engine.train import TrainResult, resolve_device, train
 from lrpipe.experiments.transfer import (
     STRATEGIES,
     TransferConfig,
@@ -48,6 +50,7 @@ from lrpipe.experiments.transfer import (
     source_config,
     summarize_strategies,
     target_config,
+    trainable_layers,
     transplant,
 )
 
@@ -181,7 +184,9 @@ def run_name(strategy: str, cfg: TrainConfig) -> str:
 def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> list[dict]:
     """Every fine-tuning to run, each once: strategy x seed, then each (base_lr, head_mult) of
     the grid x the first ``grid_seeds`` seeds. A grid cell that trains exactly like a strategy
-    run (head_mult at the base rate; multiplier 1 = uniform) is that run, labelled for both."""
+    run (head_mult at the base rate; multiplier 1 = uniform) is that run, labelled for both.
+    ``kind`` says how it trains (one train() from the transplant, staged unfreezing, or
+    scratch): with the config it identifies the run (``finetune_key``)."""
     wanted = [(s, tc, seed, False) for s in strategies for seed in tc.seeds]
     wanted += [("head_mult", dataclasses.replace(tc, base_lr=lr, head_mult=mult), seed, True)
                for lr, mult in grid_configs(tc) for seed in tc.seeds[:grid_seeds]]
@@ -191,7 +196,7 @@ def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> 
         kind = strategy if strategy in ("scratch", "gradual_unfreeze") else "transplant"
         run = runs.setdefault((kind, cfg.hash()), {
             "strategy": strategy, "seed": seed, "base_lr": cfg.optim.lr,
-            "head_mult": dict(cfg.optim.lr_mult).get(HEAD, 1.0),
+            "head_mult": dict(cfg.optim.lr_mult).get(HEAD, 1.0), "kind": kind,
             "tc": dataclasses.asdict(run_tc), "lr_mult": lr_mult if strategy == CUSTOM else None,
             "name": run_name(strategy, cfg), "strategies": [], "grid": False})
         if in_grid:
@@ -229,8 +234,9 @@ def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, na
     tc = TransferConfig(**tc_dict)
     cfg = source_config(tc)
     data = dataset_for(cfg)
+    # The writer's tags let the next run mark this one KILLED if its process dies.
     with tracking.training_run(cfg, experiment, parent_run_id, name=name,
-                               tags={"phase": "pretrain"}) as run_id:
+                               tags={"phase": "pretrain", **procs.process_tags()}) as run_id:
         result = train(cfg, data, keep_model=True, on_epoch=both(
             tracking.epoch_logger(run_id), epoch_printer(name, cfg.epochs)))
         tracking.set_tags(run_id, {"status": result.status, "device": result.device})
@@ -249,18 +255,61 @@ def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, na
             "source_val_error": final["val_error"]}
 
 
+def pretrained_here(run) -> dict:
+    """``pretrain_and_register``'s result, rebuilt from its FINISHED child run (an mlflow Run):
+    the registered model's URI, the run, and the source val error of its last epoch."""
+    return {"model_uri": run.data.tags["registered_model"], "run_id": run.info.run_id,
+            "reused": False, "source_val_error": run.data.metrics["val_error"]}
+
+
+def finetune_key(run: dict) -> str:
+    """What identifies a planned fine-tuning (``plan_runs``) across re-runs: its kind and its
+    config. The config alone does not: gradual_unfreeze ends at discriminative's config."""
+    cfg = finetune_config(TransferConfig(**run["tc"]), run["strategy"], run["seed"],
+                          run["lr_mult"])
+    return resume.task_key("finetune", {"kind": run["kind"], "config_hash": cfg.hash()})
+
+
+def finetune_result(run: dict, run_id: str, result: TrainResult, reused: bool = False) -> dict:
+    """What ``finetune_and_log`` returns: the planned run's labels, final metrics, history."""
+    labels = {k: run[k] for k in ("name", "strategy", "seed", "base_lr", "head_mult",
+                                  "strategies", "grid")}
+    return {"run_id": run_id, **labels, **result.final(), "reused": reused,
+            "history": result.history.to_dict("records")}
+
+
+def finetuned_before(run: dict, child) -> dict:
+    """``finetune_and_log``'s result rebuilt from its FINISHED child run (an mlflow Run): the
+    logged epochs, with ``trainable_layers`` read back from the per-layer rates."""
+    history = tracking.run_history(child.info.run_id)
+    tags = child.data.tags
+    diverged = tags.get("diverged_epoch", "")
+    done = TrainResult(history=history.assign(trainable_layers=trainable_layers(history)),
+                       status=tags.get("status", "ok"),
+                       diverged_epoch=int(diverged) if diverged.isdigit() else None,
+                       device=tags.get("device", "cpu"))
+    return finetune_result(run, child.info.run_id, done, reused=True)
+
+
 @task(name="finetune", task_run_name="finetune {run[name]}")
 def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: str,
                      threads: int = 1) -> dict:
     """Fine-tune one planned run (``plan_runs``) from the registered model as one child run;
-    return its labels, final metrics and history rows."""
+    return its labels, final metrics and history rows.
+
+    A FINISHED child of the parent with the same ``finetune_key`` (a resumed run) is reused:
+    nothing is trained, the result is rebuilt from MLflow (``reused`` True)."""
     torch.set_num_threads(threads)
+    key = finetune_key(run)
+    if parent_run_id and (done := resume.finished_task(parent_run_id, key)) is not None:
+        return finetuned_before(run, done)
     tc = TransferConfig(**run["tc"])
     cfg = finetune_config(tc, run["strategy"], run["seed"], run["lr_mult"])
     data = dataset_for(cfg)
     tags = {"strategy": run["strategy"], "head_mult": run["head_mult"],
             "base_lr": run["base_lr"], "grid": run["grid"], "phase": "finetune",
-            "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri}
+            "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri,
+            resume.TASK_TAG: key, **procs.process_tags()}
     with tracking.training_run(cfg, experiment, parent_run_id, name=run["name"],
                                tags=tags) as run_id:
         pretrained = (None if run["strategy"] == "scratch"
@@ -272,18 +321,21 @@ def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: 
         log_history(run_id, result.history)
         tracking.set_tags(run_id, {"status": result.status, "device": result.device,
                                    "diverged_epoch": result.diverged_epoch or ""})
-    labels = {k: run[k] for k in ("name", "strategy", "seed", "base_lr", "head_mult",
-                                  "strategies", "grid")}
-    return {"run_id": run_id, **labels, **result.final(),
-            "history": result.history.to_dict("records")}
+    return finetune_result(run, run_id, result)
 
 
 # --- the flow -------------------------------------------------------------------------------
 
 def obtain_pretrained(tc, model_name, retrain, parent, experiment, threads) -> dict:
-    """The registered model for ``tc``'s pretraining config: reused if one exists (unless
-    ``retrain``), else pretrained now as a child run and registered."""
+    """The registered model for ``tc``'s pretraining config: this parent's own pretraining if
+    it FINISHED before a crash (a resumed run: the answer of an uninterrupted one, even with
+    ``retrain``), else one from the registry (unless ``retrain``), else pretrained now as a
+    child run and registered."""
     key = pretrain_hash(tc)
+    if (own := resume.finished_child(parent, key)) is not None:
+        print(f"Reusing {own.info.run_name}, pretrained and registered by this run before it "
+              f"was interrupted ({own.data.tags['registered_model']})", flush=True)
+        return pretrained_here(own)
     found = None if retrain else tracking.find_registered(model_name, key)
     if found:
         print(f"Reusing the registered pretrained model {found} (pretraining config {key}); "

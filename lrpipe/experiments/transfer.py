@@ -317,6 +317,13 @@ def _with_trainable(result: TrainResult, cfg: TrainConfig) -> TrainResult:
     return result
 
 
+def trainable_layers(history: pd.DataFrame) -> pd.Series:
+    """The ``trainable_layers`` column of a fine-tuning's history, read from its ``lr/<layer>``
+    columns: the engine records a rate for each layer that trains (multiplier > 0) and none
+    for a frozen one. Rebuilds the column from a logged history, which carries the rates."""
+    return history.filter(regex=r"^lr/").notna().sum(axis=1)
+
+
 def train_stages(
     cfg: TrainConfig,
     model: nn.Module,
