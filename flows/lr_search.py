@@ -47,12 +47,16 @@ from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
 from lrpipe.search.choose import (
     RTOL,
     candidate_grid,
-    choose_rate,
+    candidate_rates,
+    chosen_band,
     cross_check,
+    decide_rate,
+    log_median_band,
+    neighbour_rates,
     regret_table,
 )
 from lrpipe.search.rangetest import suggest_band
-from lrpipe.search.suggest import RULES, log_median
+from lrpipe.search.suggest import RULES
 
 HELP = "find a learning rate: range test + halving search on a subset, checked on full data"
 EXAMPLES = """examples:
@@ -70,69 +74,7 @@ DEFAULT_GRID_SPAN = 1.0  # decades of grid below the lowest and above the highes
 POINTS_PER_DECADE = 2  # coarse grid: 0.01, 0.0316, 0.1, 0.316, ...
 
 
-# --- pure helpers -------------------------------------------------------------------------
-
-def log_median_band(rates: Sequence[float | None]) -> tuple[float | None, ...]:
-    """(median, lo, hi) of the rates that are not None; the median is ``log_median``'s (as
-    ``suggest_band``: an odd count gives the middle rate itself, an even count the geometric
-    mean of the middle two), so lo <= median <= hi whatever the float rounding.
-    All three are None when every rate is None."""
-    found = [float(r) for r in rates if r is not None]
-    if not found:
-        return None, None, None
-    return log_median(found), min(found), max(found)
-
-
-def candidate_rates(bands: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
-    """name -> median rate of every band with a median, in the bands' order.
-
-    Raises:
-        ValueError: no band has a median (every seed of every method failed).
-    """
-    out = {name: float(band[0]) for name, band in bands.items() if band[0] is not None}
-    if not out:
-        raise ValueError(f"candidates: none of {', '.join(bands)} suggested a rate on any seed; "
-                         "allowed: a search with at least one stable rung or usable curve "
-                         "(lower the rates or raise the subset)")
-    return out
-
-
-def chosen_band(lr: float, candidates: Mapping[str, float],
-                bands: Mapping[str, Sequence[float | None]]) -> tuple[float, float]:
-    """min lo .. max hi over the bands of the candidates at rate ``lr`` (their spread over
-    seeds); (lr, lr) when no candidate sits at ``lr``."""
-    at = [bands[n] for n, r in candidates.items() if math.isclose(r, lr, rel_tol=RTOL)]
-    if not at:
-        return lr, lr
-    return min(b[1] for b in at), max(b[2] for b in at)
-
-
-def decide(regret_df: pd.DataFrame) -> tuple[float, str, str]:
-    """(rate, chosen_by, reason): ``choose_rate``'s candidate; when every candidate diverged,
-    the grid's best rate (regret_table guarantees one finished), saying so."""
-    lr, reason = choose_rate(regret_df)
-    if lr is None:
-        best = float(regret_df["best_lr"].iloc[0])
-        return best, "grid best", f"{reason}; fell back to the grid's best rate {best:.3g}"
-    at = np.isclose(regret_df["lr"], lr, rtol=RTOL, atol=0.0)
-    return lr, " = ".join(regret_df.loc[at, "name"]), reason
-
-
-def neighbour_rates(grid: Sequence[float], candidates: Sequence[float], chosen: float,
-                    best_lr: float | None = None) -> list[float]:
-    """Rates for full training around a choice: ``chosen``, the nearest coarse-grid rate below
-    and above it (grid rates that are not candidates, so a half decade away rather than a
-    near-twin candidate) and the grid's best rate. Sorted, each once."""
-    coarse = [g for g in grid if not any(math.isclose(g, c, rel_tol=RTOL) for c in candidates)]
-    below = [g for g in coarse if g < chosen * (1 - RTOL)]
-    above = [g for g in coarse if g > chosen * (1 + RTOL)]
-    rates = [chosen] + below[-1:] + above[:1] + ([best_lr] if best_lr is not None else [])
-    out: list[float] = []
-    for r in sorted(rates):
-        if not any(math.isclose(r, o, rel_tol=RTOL) for o in out):
-            out.append(float(r))
-    return out
-
+# --- pure helpers (the choice itself is lrpipe.search.choose's) -----------------------------
 
 def search_configs(overrides: Mapping | None, subset: int,
                    regret_epochs: int) -> tuple[TrainConfig, TrainConfig]:
@@ -298,7 +240,7 @@ def lr_search(
         grid = run_grid(base, evidence["candidates"], grid_span, parent, experiment, runner,
                         threads, workers)
         regret = regret_table(grid, evidence["candidates"])
-        lr, chosen_by, reason = decide(regret)
+        lr, chosen_by, reason = decide_rate(regret)
         choice = {"lr": lr, "chosen_by": chosen_by, "reason": reason,
                   "band": chosen_band(lr, evidence["candidates"], evidence["bands"])}
         log_parent(parent, evidence, curves, halvings, grid, regret, choice)

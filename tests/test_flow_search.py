@@ -13,6 +13,7 @@ from flows import pipeline as pl
 from flows import search_tasks as st
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
+from lrpipe.search import choose as sc
 from lrpipe.search.choose import regret_table
 from lrpipe.search.rangetest import suggest_band
 from lrpipe.search.suggest import log_median
@@ -26,11 +27,11 @@ SEARCH = {"subset": 600, "seeds": [0, 1, 2], "range_steps": 30, "regret_epochs":
 
 def test_log_median_band_by_hand():
     # The halving answers measured on Fashion-MNIST for seeds 0/1/2.
-    assert ls.log_median_band([0.15625, 0.0390625, 0.078125]) == (0.078125, 0.0390625, 0.15625)
-    median, lo, hi = ls.log_median_band([1.0, 4.0])  # even count: geometric mean of the two
+    assert sc.log_median_band([0.15625, 0.0390625, 0.078125]) == (0.078125, 0.0390625, 0.15625)
+    median, lo, hi = sc.log_median_band([1.0, 4.0])  # even count: geometric mean of the two
     assert (median, lo, hi) == (pytest.approx(2.0), 1.0, 4.0)
-    assert ls.log_median_band([None, 0.1, None]) == (pytest.approx(0.1), 0.1, 0.1)
-    assert ls.log_median_band([None, None]) == (None, None, None)
+    assert sc.log_median_band([None, 0.1, None]) == (pytest.approx(0.1), 0.1, 0.1)
+    assert sc.log_median_band([None, None]) == (None, None, None)
 
 
 # Rates where 10 ** log10(r) rounds below r, above r, or exactly, on one libm or another
@@ -44,12 +45,12 @@ def test_band_median_never_leaves_the_band(rate):
     # an even count stays inside its pair: the median is inside [lo, hi] by construction.
     for rates in ([rate, rate, 2 * rate], [rate / 2, rate, rate], [rate, rate], [rate],
                   [rate, np.nextafter(rate, 1.0)]):
-        median, lo, hi = ls.log_median_band(rates)
+        median, lo, hi = sc.log_median_band(rates)
         assert lo <= median <= hi
         band = suggest_band(_curves_suggesting(rates), "min_over_10")
         assert band.lo <= band.median <= band.hi
-    assert ls.log_median_band([rate, rate, 2 * rate])[0] == rate
-    assert ls.log_median_band([None, None]) == (None, None, None)
+    assert sc.log_median_band([rate, rate, 2 * rate])[0] == rate
+    assert sc.log_median_band([None, None]) == (None, None, None)
 
 
 def test_log_median_by_hand():
@@ -77,17 +78,17 @@ def _curves_suggesting(rates: list[float]) -> pd.DataFrame:
 def test_candidate_rates_keep_order_and_drop_none():
     bands = {"halving": (0.08, 0.04, 0.16), "steepest": (None, None, None),
              "valley": (0.06, 0.05, 0.07)}
-    assert ls.candidate_rates(bands) == {"halving": 0.08, "valley": 0.06}
+    assert sc.candidate_rates(bands) == {"halving": 0.08, "valley": 0.06}
     with pytest.raises(ValueError, match="candidates"):
-        ls.candidate_rates({"halving": (None, None, None)})
+        sc.candidate_rates({"halving": (None, None, None)})
 
 
 def test_chosen_band_is_the_union_of_the_bands_at_the_rate():
     bands = {"halving": (0.1, 0.05, 0.2), "valley": (0.1, 0.08, 0.3), "steepest": (1.0, 0.5, 2)}
-    candidates = ls.candidate_rates(bands)
-    assert ls.chosen_band(0.1, candidates, bands) == (0.05, 0.3)
-    assert ls.chosen_band(1.0, candidates, bands) == (0.5, 2)
-    assert ls.chosen_band(0.7, candidates, bands) == (0.7, 0.7)  # not a candidate
+    candidates = sc.candidate_rates(bands)
+    assert sc.chosen_band(0.1, candidates, bands) == (0.05, 0.3)
+    assert sc.chosen_band(1.0, candidates, bands) == (0.5, 2)
+    assert sc.chosen_band(0.7, candidates, bands) == (0.7, 0.7)  # not a candidate
 
 
 def _grid(rows):
@@ -97,14 +98,14 @@ def _grid(rows):
 def test_decide_names_every_candidate_at_the_winning_rate():
     grid = _grid([(0.01, 0.6, "ok"), (0.1, 0.4, "ok"), (0.3, 0.35, "ok"), (1.0, 9.0, "diverged")])
     regret = regret_table(grid, {"halving": 0.1, "valley": 0.1, "steepest": 1.0})
-    lr, chosen_by, reason = ls.decide(regret)
+    lr, chosen_by, reason = sc.decide_rate(regret)
     assert (lr, chosen_by) == (0.1, "halving = valley")
     assert "regret 14.3%" in reason and "diverged: steepest" in reason
 
 
 def test_decide_falls_back_to_the_grid_best_when_every_candidate_diverged():
     grid = _grid([(0.01, 0.6, "ok"), (0.1, 0.4, "ok"), (1.0, 9.0, "diverged")])
-    lr, chosen_by, reason = ls.decide(regret_table(grid, {"steepest": 1.0}))
+    lr, chosen_by, reason = sc.decide_rate(regret_table(grid, {"steepest": 1.0}))
     assert (lr, chosen_by) == (0.1, "grid best")
     assert "fell back to the grid's best rate 0.1" in reason
 
@@ -112,11 +113,11 @@ def test_decide_falls_back_to_the_grid_best_when_every_candidate_diverged():
 def test_neighbour_rates_skip_the_near_twin_candidates():
     grid = [0.01, 0.0316, 0.053, 0.078, 0.1, 0.316, 1.0]
     candidates = [0.053, 0.078, 0.1]
-    assert ls.neighbour_rates(grid, candidates, 0.078) == [0.0316, 0.078, 0.316]
-    assert ls.neighbour_rates(grid, candidates, 0.078, best_lr=1.0) == [0.0316, 0.078, 0.316,
+    assert sc.neighbour_rates(grid, candidates, 0.078) == [0.0316, 0.078, 0.316]
+    assert sc.neighbour_rates(grid, candidates, 0.078, best_lr=1.0) == [0.0316, 0.078, 0.316,
                                                                         1.0]
-    assert ls.neighbour_rates(grid, candidates, 0.1, best_lr=0.1) == [0.0316, 0.1, 0.316]
-    assert ls.neighbour_rates([0.1, 1.0], [1.0], 1.0) == [0.1, 1.0]  # top of the grid
+    assert sc.neighbour_rates(grid, candidates, 0.1, best_lr=0.1) == [0.0316, 0.1, 0.316]
+    assert sc.neighbour_rates([0.1, 1.0], [1.0], 1.0) == [0.1, 1.0]  # top of the grid
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,14 +44,15 @@ from lrpipe.engine.config import ConfigError, TrainConfig, check_number
 from lrpipe.engine.loop import TrainResult, fit
 from lrpipe.engine.members import group_ratios
 from lrpipe.search.choose import (
-    RTOL,
     candidate_grid,
-    choose_rate,
+    candidate_rates,
+    chosen_band,
+    decide_rate,
     halving_search,
+    log_median_band,
     regret_table,
 )
 from lrpipe.search.rangetest import ramp
-from lrpipe.search.suggest import log_median
 
 EXPERIMENT = "choose-lr"  # MLflow experiment of track=True
 Band3 = tuple[float | None, float | None, float | None]  # median, lo, hi over seeds
@@ -156,29 +156,6 @@ def halving_ladders(trainer: Trainer, seeds: Sequence[int], opts: Mapping[str, A
     return table[["seed", *(c for c in table.columns if c != "seed")]], chosen
 
 
-def log_band(rates: Sequence[float | None]) -> Band3:
-    """(median in log rate, lo, hi) of the rates that are not None; all None if none is."""
-    found = [float(r) for r in rates if r is not None]
-    return (log_median(found), min(found), max(found)) if found else (None, None, None)
-
-
-def candidate_bands(halving: Sequence[float | None], rules: Mapping[str, Any]
-                    ) -> tuple[dict[str, Band3], dict[str, float]]:
-    """(name -> (median, lo, hi), name -> median) for the halving answers over seeds and each
-    rule's Band, halving first; a band with no median is no candidate.
-
-    Raises:
-        ValueError: no band has a median (every seed of every method failed).
-    """
-    bands = {"halving": log_band(halving), **{r: tuple(b[:3]) for r, b in rules.items()}}
-    candidates = {n: float(b[0]) for n, b in bands.items() if b[0] is not None}
-    if not candidates:
-        raise ValueError("candidates: no range-test rule and no halving search found a rate "
-                         "on any seed; allowed: a search with a stable rung or a usable curve "
-                         "(lower start_lr and min_lr, or check the data and loss)")
-    return bands, candidates
-
-
 def grid_results(trainer: Trainer, rates: Sequence[float], seed: int,
                  epochs: int) -> pd.DataFrame:
     """A full training of ``epochs`` at every rate (seed ``seed``): one row each."""
@@ -189,20 +166,6 @@ def grid_results(trainer: Trainer, rates: Sequence[float], seed: int,
                          val_error=final["val_error"], diverged_epoch=final["diverged_epoch"],
                          epochs=final["epoch"]))
     return pd.DataFrame(rows)
-
-
-def decide(regret: pd.DataFrame, candidates: Mapping[str, float],
-           bands: Mapping[str, Band3]) -> dict[str, Any]:
-    """lr, chosen_by, reason and band of ``choose_rate``'s winner; when every candidate
-    diverged, the grid's best rate, saying so (``regret_table`` guarantees one finished)."""
-    lr, reason = choose_rate(regret)
-    if lr is None:
-        best = float(regret["best_lr"].iloc[0])
-        return dict(lr=best, chosen_by="grid best", band=(best, best),
-                    reason=f"{reason}; fell back to the grid's best rate {best:.3g}")
-    at = [n for n, r in candidates.items() if math.isclose(r, lr, rel_tol=RTOL)]
-    return dict(lr=lr, chosen_by=" = ".join(at), reason=reason,
-                band=(min(bands[n][1] for n in at), max(bands[n][2] for n in at)))
 
 
 def eval_sets(train: BatchSource, val: BatchSource, seed: int) -> tuple[EvalSet, EvalSet]:
@@ -294,11 +257,15 @@ def choose_lr(
     ladders, chosen = halving_ladders(trainer, seeds, dict(
         start_lr=start_lr, factor=factor, min_lr=halving_min_lr, budget_epochs=budget_epochs),
         max_steps)
-    bands, candidates = candidate_bands(chosen, found.bands)
+    bands = {"halving": log_median_band(chosen),
+             **{rule: tuple(band[:3]) for rule, band in found.bands.items()}}
+    candidates = candidate_rates(bands)
     grid = grid_results(trainer, candidate_grid(list(candidates.values()), points_per_decade,
                                                 grid_span), seeds[0], regret_epochs)
     regret = regret_table(grid, candidates)
-    choice = decide(regret, candidates, bands)
+    lr, chosen_by, reason = decide_rate(regret)
+    choice = dict(lr=lr, chosen_by=chosen_by, reason=reason,
+                  band=chosen_band(lr, candidates, bands))
     result = ChooseLRResult(choice["lr"], choice["chosen_by"], choice["reason"], choice["band"],
                             candidates, bands, found.curves, ladders, grid, regret)
     if experiment is None:

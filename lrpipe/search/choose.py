@@ -25,6 +25,7 @@ from lrpipe.engine.config import ConfigError, TrainConfig, check_number
 from lrpipe.engine.data import Dataset, Split
 from lrpipe.engine.many import train_many, trains_batched
 from lrpipe.engine.train import TrainResult, train
+from lrpipe.search.suggest import log_median
 
 TrainFn = Callable[[TrainConfig, Dataset], TrainResult]
 TrainManyFn = Callable[[list[TrainConfig], Dataset], list[TrainResult]]
@@ -339,3 +340,67 @@ def choose_rate(regret_df: pd.DataFrame) -> tuple[float | None, str]:
     if not diverged.empty:
         reason += f"; diverged: {', '.join(diverged)}"
     return float(win["lr"]), reason
+
+
+# --- from the evidence to one rate: what the search flow and lrpipe.choose_lr both do ---
+
+def log_median_band(rates: Sequence[float | None]) -> tuple[float | None, ...]:
+    """(median, lo, hi) of the rates that are not None; the median is ``log_median``'s (as
+    ``suggest_band``: an odd count gives the middle rate itself, an even count the geometric
+    mean of the middle two), so lo <= median <= hi whatever the float rounding.
+    All three are None when every rate is None."""
+    found = [float(r) for r in rates if r is not None]
+    if not found:
+        return None, None, None
+    return log_median(found), min(found), max(found)
+
+
+def candidate_rates(bands: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
+    """name -> median rate of every band with a median, in the bands' order.
+
+    Raises:
+        ValueError: no band has a median (every seed of every method failed).
+    """
+    out = {name: float(band[0]) for name, band in bands.items() if band[0] is not None}
+    if not out:
+        raise ValueError(f"candidates: none of {', '.join(bands)} suggested a rate on any seed; "
+                         "allowed: a search with at least one stable rung or usable curve "
+                         "(lower the rates or raise the subset)")
+    return out
+
+
+def chosen_band(lr: float, candidates: Mapping[str, float],
+                bands: Mapping[str, Sequence[float | None]]) -> tuple[float, float]:
+    """min lo .. max hi over the bands of the candidates at rate ``lr`` (their spread over
+    seeds); (lr, lr) when no candidate sits at ``lr``."""
+    at = [bands[n] for n, r in candidates.items() if math.isclose(r, lr, rel_tol=RTOL)]
+    if not at:
+        return lr, lr
+    return min(b[1] for b in at), max(b[2] for b in at)
+
+
+def decide_rate(regret_df: pd.DataFrame) -> tuple[float, str, str]:
+    """(rate, chosen_by, reason): ``choose_rate``'s candidate; when every candidate diverged,
+    the grid's best rate (regret_table guarantees one finished), saying so."""
+    lr, reason = choose_rate(regret_df)
+    if lr is None:
+        best = float(regret_df["best_lr"].iloc[0])
+        return best, "grid best", f"{reason}; fell back to the grid's best rate {best:.3g}"
+    at = np.isclose(regret_df["lr"], lr, rtol=RTOL, atol=0.0)
+    return lr, " = ".join(regret_df.loc[at, "name"]), reason
+
+
+def neighbour_rates(grid: Sequence[float], candidates: Sequence[float], chosen: float,
+                    best_lr: float | None = None) -> list[float]:
+    """Rates for full training around a choice: ``chosen``, the nearest coarse-grid rate below
+    and above it (grid rates that are not candidates, so a half decade away rather than a
+    near-twin candidate) and the grid's best rate. Sorted, each once."""
+    coarse = [g for g in grid if not any(math.isclose(g, c, rel_tol=RTOL) for c in candidates)]
+    below = [g for g in coarse if g < chosen * (1 - RTOL)]
+    above = [g for g in coarse if g > chosen * (1 + RTOL)]
+    rates = [chosen] + below[-1:] + above[:1] + ([best_lr] if best_lr is not None else [])
+    out: list[float] = []
+    for r in sorted(rates):
+        if not any(math.isclose(r, o, rel_tol=RTOL) for o in out):
+            out.append(float(r))
+    return out
