@@ -10,12 +10,12 @@ from killing import all_runs, by_status, signal_group, start, wait_for_output
 from lrpipe import procs, tracking
 
 RATES = "0.05,0.1,0.2"
-# Digits, one task per rate (batching off), 2 workers: long enough (~10 s a rate) to be
+# Digits, one task per rate (batching off), 2 workers: long enough (~4 s a rate) to be
 # interrupted mid-training, short enough to run to the end on resume.
-ARGS = ["sweep", "--lrs", RATES, "--epochs", "150", "--workers", "2",
+ARGS = ["sweep", "--lrs", RATES, "--epochs", "60", "--workers", "2",
         "--set", "data.dataset=digits", "--set", "data.val_size=300", "--set", "batching=off",
         "--set", "batch_size=32"]
-EPOCH_LINE = r"epoch +[1-9]\d*/150"
+EPOCH_LINE = r"epoch +[1-9]\d*/60"
 
 
 def _parent(runs):

@@ -31,9 +31,10 @@ ARGS = ["decay", "--lr", str(LR), "--epochs", str(EPOCHS), "--seeds", ",".join(m
 STAGE_ONE = len(SCHEDULES) * len(SEEDS)
 PLANNED = STAGE_ONE + len(SEEDS)  # and the best schedule with mse, each seed
 # Where the kill lands: (a line of the command's output, the FINISHED children it leaves).
+# Two kill points, one per stage, to keep make test under 15 minutes. A third one
+# (after "[4/6]") passed when this was written; it is left out.
 KILL_AT = {
     "first run": (r"^\[1/6\] lr-decay:", range(1, STAGE_ONE)),
-    "fourth run": (r"^\[4/6\] lr-decay:", range(4, PLANNED)),
     "loss stage": (r" mse lr=\S+ .* epoch +1/", range(STAGE_ONE, PLANNED)),
 }
 EPOCH_METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")

@@ -36,10 +36,11 @@ SETS = ["data.dataset=digits", "data.val_size=300", "data.subset=400", "batching
 # Kill points, each a line of the command's output: the first surface task finished; the
 # first epoch of a real-data training at a searched rate (not the Rprop arms: "batch=");
 # the first real-data training finished.
+# Two kill points, one per stage, to keep make test under 15 minutes. A third one
+# (after the first real-data training) passed when this was written; it is left out.
 KILL_AT = {"surfaces": r"\[1/3\] optimizers-surfaces",
-           "training": r"^  \w+ lr=\S+ mlp seed=\d+ +epoch +1/2",
-           "trained": r"\[1/6\] optimizers-train"}
-DONE_AT = {"surfaces": "surface", "training": "search", "trained": "compare"}
+           "training": r"^  \w+ lr=\S+ mlp seed=\d+ +epoch +1/2"}
+DONE_AT = {"surfaces": "surface", "training": "search"}
 # The answer: the parent's tables (each optimizer's tuned rate per surface, its searched rate,
 # the real-data ranking with errors over seeds, Rprop full- vs mini-batch) and its metrics.
 ANSWER_TABLES = ("surfaces/saddle.csv", "search.csv", "real_summary.csv", "rprop_batches.csv")

@@ -35,10 +35,10 @@ SETS = ["data.dataset=digits", "data.val_size=300", "batching=off", "model.hidde
 # starting (every subset task done, the full-data grid under way: seen here, a regret run
 # finished and two running); the first regret run collected (seen here: the grid done, the
 # parent drawing its figures: everything is reused).
-KILL_AT = {"range-test": (r"\[1/3\] range-test", 1), "regret-grid": (r"^  lr=.* epoch +0/1 ", 3),
-           "regret-run": (r"\[1/\d+\] regret", 1)}
-DONE_AT = {"range-test": {"range_test"}, "regret-grid": {"range_test", "halving"},
-           "regret-run": {"candidate", "grid"}}
+# Two kill points, one per stage, to keep make test under 15 minutes. A third one
+# (after the first regret run) passed when this was written; it is left out.
+KILL_AT = {"range-test": (r"\[1/3\] range-test", 1), "regret-grid": (r"^  lr=.* epoch +0/1 ", 3)}
+DONE_AT = {"range-test": {"range_test"}, "regret-grid": {"range_test", "halving"}}
 ANSWER_TAGS = ("chosen_by", "chosen_lr", "reason")
 
 

@@ -34,10 +34,11 @@ STRATEGIES = "uniform,head_mult,discriminative,gradual_unfreeze"
 EPOCH_METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
 MODEL = "lrpipe-pretrained-mlp"
 # Where the kill lands: (a line of the command's output, the FINISHED fine-tunings it leaves).
+# Two kill points, one per stage, to keep make test under 15 minutes. A third one
+# (after "[4/10]") passed when this was written; it is left out.
 KILL_AT = {
     "pretraining": (r"pretrain lr=\S+ .* epoch +1/", range(0, 1)),
     "first fine-tuning": (r"^\[1/\d+\] transfer:", range(1, 10)),
-    "fourth fine-tuning": (r"^\[4/\d+\] transfer:", range(4, 10)),
 }
 
 
