@@ -34,6 +34,7 @@ from lrpipe.engine.data import Dataset, load_data
 from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.models import build_model
 from lrpipe.engine.optim import make_optimizer
+from lrpipe.engine.plugins import DATA_FIELD, MODEL_FIELD
 from lrpipe.engine.train import TrainResult, resolve_device, train
 
 RUNNERS = ("threads", "dask", "serial")
@@ -231,10 +232,10 @@ def check_plugin_output(cfg: TrainConfig, data: Dataset) -> None:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is the message
-        raise ConfigError(f"model.name: {cfg.model.name} fails on data.dataset's inputs of "
+        raise ConfigError(f"{MODEL_FIELD}: {cfg.model.name} fails on {DATA_FIELD}'s inputs of "
                           f"shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from None
     if tuple(out.shape) != (len(x), data.num_classes):
-        raise ConfigError(f"model.name: {cfg.model.name} maps inputs {tuple(x.shape)} to "
+        raise ConfigError(f"{MODEL_FIELD}: {cfg.model.name} maps inputs {tuple(x.shape)} to "
                           f"{tuple(out.shape)}; allowed: ({len(x)}, {data.num_classes}), one "
                           f"score per class of {cfg.data.dataset}")
 

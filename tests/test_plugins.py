@@ -19,6 +19,7 @@ from lrpipe.engine.data import load_data
 from lrpipe.engine.models import make_model
 
 CNN, LOAD = "examples.digits_cnn:build", "examples.digits_cnn:load"
+DATA, MODEL = r"data\.dataset \(--data\): ", r"model\.name \(--model\): "  # field and flag
 
 
 @pytest.fixture
@@ -61,14 +62,14 @@ def test_dataset_defaults_follow_the_dataset():
 
 
 @pytest.mark.parametrize(("field", "spec", "message"), [
-    ("data.dataset", "no_such_module_xyz:load", r"data\.dataset: cannot import"),
-    ("data.dataset", "fake_plugins:missing", r"data\.dataset: fake_plugins has no callable"),
-    ("data.dataset", "fake_plugins:not_callable", r"data\.dataset: .* no callable"),
-    ("data.dataset", "fake_plugins:one_split", r"data\.dataset: .*allowed: \(train, held_out\)"),
-    ("data.dataset", "fake_plugins:float_labels", r"data\.dataset: .*integer class labels"),
-    ("data.dataset", ":load", r"data\.dataset: got ':load'; allowed: package\.module"),
-    ("model.name", "fake_plugins:not_a_model", r"model\.name: .*returned str"),
-    ("model.name", "fake_plugins:wrong_width", r"model\.name: .*maps inputs .* allowed: "
+    ("data.dataset", "no_such_module_xyz:load", DATA + r"cannot import"),
+    ("data.dataset", "fake_plugins:missing", DATA + r"fake_plugins has no callable"),
+    ("data.dataset", "fake_plugins:not_callable", DATA + r".* no callable"),
+    ("data.dataset", "fake_plugins:one_split", DATA + r".*allowed: \(train, held_out\)"),
+    ("data.dataset", "fake_plugins:float_labels", DATA + r".*integer class labels"),
+    ("data.dataset", ":load", DATA + r"got ':load'; allowed: package\.module"),
+    ("model.name", "fake_plugins:not_a_model", MODEL + r".*returned str"),
+    ("model.name", "fake_plugins:wrong_width", MODEL + r".*maps inputs .* allowed: "
                                                 r"\(2, 3\)"),
 ])
 def test_a_bad_plugin_is_one_line_naming_the_field(fake_plugins, field, spec, message):
@@ -85,7 +86,7 @@ def test_the_cli_refuses_a_bad_plugin_before_recording_anything(mlflow_store, ca
     code = cli.main(["sweep", "--model", "no_such_module_xyz:build", "--data", LOAD,
                      "--lrs", "0.1", "--epochs", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "model.name: cannot import 'no_such_module_xyz'" in err
+    assert code == 2 and "model.name (--model): cannot import 'no_such_module_xyz'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert len(all_runs(mlflow_store)) == before  # nothing recorded
 

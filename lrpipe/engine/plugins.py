@@ -23,6 +23,9 @@ from torch import nn
 
 from lrpipe.engine.config import PLUGIN_SEPARATOR, ConfigError
 
+# How errors name a plug-in: the config field and the command-line flag that sets it.
+MODEL_FIELD, DATA_FIELD = "model.name (--model)", "data.dataset (--data)"
+
 
 def load_callable(spec: str, field: str) -> Callable[..., Any]:
     """The callable ``spec`` names, imported as ``python -m`` would (the working folder first).
@@ -54,9 +57,9 @@ def plugin_model(spec: str, seed: int) -> nn.Module:
     Raises:
         ConfigError: the factory cannot be loaded, or returns no nn.Module with parameters.
     """
-    model = load_callable(spec, "model.name")(seed)
+    model = load_callable(spec, MODEL_FIELD)(seed)
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
-        raise ConfigError(f"model.name: {spec}({seed}) returned {type(model).__name__}; "
+        raise ConfigError(f"{MODEL_FIELD}: {spec}({seed}) returned {type(model).__name__}; "
                           "allowed: a factory(seed) returning an nn.Module with parameters")
     return model
 
@@ -69,15 +72,15 @@ def plugin_arrays(spec: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         ConfigError: the loader cannot be loaded, or returns something else than two splits of
             (x, y) with as many labels as inputs, integer labels >= 0 and float inputs.
     """
-    out = load_callable(spec, "data.dataset")()
+    out = load_callable(spec, DATA_FIELD)()
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise ConfigError(f"data.dataset: {spec}() returned {type(out).__name__}; allowed: "
+        raise ConfigError(f"{DATA_FIELD}: {spec}() returned {type(out).__name__}; allowed: "
                           "(train, held_out), each a DataLoader, an iterable of (x, y) batches "
                           "or an (x, y) pair of tensors")
     train = _tensors(out[0], spec, "train")
     held_out = _tensors(out[1], spec, "held_out")
     if train[0].shape[1:] != held_out[0].shape[1:]:
-        raise ConfigError(f"data.dataset: {spec}() gave train inputs of shape "
+        raise ConfigError(f"{DATA_FIELD}: {spec}() gave train inputs of shape "
                           f"{tuple(train[0].shape[1:])} and held-out ones of shape "
                           f"{tuple(held_out[0].shape[1:])}; allowed: the same shape")
     return (*train, *held_out)
@@ -91,17 +94,17 @@ def _tensors(split: Any, spec: str, which: str) -> tuple[torch.Tensor, torch.Ten
     elif isinstance(split, Iterable):
         batches = list(split)
         if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
-            raise ConfigError(f"data.dataset: {spec}() {which} split yielded no (x, y) batches; "
+            raise ConfigError(f"{DATA_FIELD}: {spec}() {which} split yielded no (x, y) batches; "
                               "allowed: a DataLoader or iterable of (x, y) batches")
         x = torch.cat([torch.as_tensor(b[0]) for b in batches])
         y = torch.cat([torch.as_tensor(b[1]) for b in batches])
     else:
-        raise ConfigError(f"data.dataset: {spec}() {which} split is a {type(split).__name__}; "
+        raise ConfigError(f"{DATA_FIELD}: {spec}() {which} split is a {type(split).__name__}; "
                           "allowed: a DataLoader, an iterable of (x, y) batches or (x, y)")
     if x.dim() < 2 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
-        raise ConfigError(f"data.dataset: {spec}() {which} split has x {tuple(x.shape)} and y "
+        raise ConfigError(f"{DATA_FIELD}: {spec}() {which} split has x {tuple(x.shape)} and y "
                           f"{tuple(y.shape)}; allowed: x (N, ...) and y (N,) class labels")
     if y.is_floating_point() or bool((y < 0).any()):
-        raise ConfigError(f"data.dataset: {spec}() {which} labels are {y.dtype}, min "
+        raise ConfigError(f"{DATA_FIELD}: {spec}() {which} labels are {y.dtype}, min "
                           f"{y.min().item()}; allowed: integer class labels >= 0")
     return x.float(), y.long()
