@@ -50,6 +50,7 @@ from lrpipe.engine.config import (
     TrainConfig,
     check_number,
     from_dict,
+    is_plugin,
     merge,
     to_dict,
 )
@@ -109,8 +110,11 @@ def base_config(epochs: int, overrides: dict | None) -> TrainConfig:
         if key in overrides or key.split(".")[1] in nested:
             raise ConfigError(f"{key}: set by this flow (--optimizers, and each optimizer's "
                               "searched rate); allowed: other fields, e.g. model.name")
-    return merge(TrainConfig(data=DataConfig(subset=DEFAULT_SUBSET)),
-                 {"epochs": epochs, **overrides})
+    cfg = merge(TrainConfig(data=DataConfig(subset=DEFAULT_SUBSET)),
+                {"epochs": epochs, **overrides})
+    if is_plugin(cfg.data.dataset) and "data.subset" not in overrides:
+        return cfg.replace(**{"data.subset": None})  # a plug-in's data: all of its training set
+    return cfg
 
 
 # --- real data ---

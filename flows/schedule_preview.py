@@ -17,7 +17,14 @@ import pandas as pd
 from flows.common import dataset_for
 from flows.harness import flow_parent
 from lrpipe import tracking
-from lrpipe.engine.config import ConfigError, ScheduleConfig, TrainConfig, check_number, merge
+from lrpipe.engine.config import (
+    ConfigError,
+    ScheduleConfig,
+    TrainConfig,
+    check_number,
+    is_plugin,
+    merge,
+)
 from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_decay
 from lrpipe.experiments import decay
 from lrpipe.plots import decay as decay_plots
@@ -58,10 +65,12 @@ def check_names(field: str, names, allowed) -> list[str]:
 
 def base_config(epochs: int, overrides: dict | None) -> TrainConfig:
     """Default config + ``overrides``; Fashion-MNIST/MNIST train on ``DEFAULT_SUBSET`` examples
-    unless the overrides say otherwise (``data.subset``, or a whole ``data`` section)."""
+    unless the overrides say otherwise (``data.subset``, or a whole ``data`` section); digits
+    and a plug-in loader's data (``--data``) train on all of theirs."""
     overrides = dict(overrides or {})
     cfg = merge(TrainConfig(), {"epochs": epochs, **overrides})
-    if "data.subset" in overrides or "data" in overrides or cfg.data.dataset == "digits":
+    if ("data.subset" in overrides or "data" in overrides or cfg.data.dataset == "digits"
+            or is_plugin(cfg.data.dataset)):
         return cfg
     return merge(cfg, {"data.subset": DEFAULT_SUBSET})
 

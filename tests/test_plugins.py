@@ -112,7 +112,7 @@ def test_the_pipeline_runs_on_the_example_model_and_data(tmp_path):
                                                  "regret_epochs": 1}}))
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "pipeline", "--model", CNN, "--data", LOAD,
-         "--epochs", "1", "--skip", "decay", "--config", str(config), "--workers", "2"],
+         "--epochs", "1", "--config", str(config), "--workers", "2"],
         cwd=ROOT, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,3 +123,7 @@ def test_the_pipeline_runs_on_the_example_model_and_data(tmp_path):
     assert trained and all(r.data.params["data.dataset"] == LOAD for r in trained)
     (pipeline,) = [r for r in runs if r.info.run_name.startswith("pipeline ")]
     assert pipeline.data.metrics["chosen_lr"] > 0
+    stages = {k: v for k, v in pipeline.data.tags.items() if k.startswith("stage.")}
+    assert stages["stage.transfer"] == "skipped"
+    assert all(v != "skipped" for k, v in stages.items() if k != "stage.transfer")  # search,
+    # full training and the decay comparison all ran on the user's model and data
