@@ -28,7 +28,7 @@ from flows.common import (
     task_result,
     train_and_log,
 )
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import TrainConfig, from_dict, to_dict
 from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.many import group_batchable, plan_many, train_many, trains_batched
@@ -141,7 +141,7 @@ def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str
     trained = {i: f"batched k={len(idxs)}" if batched else "alone"
                for idxs, batched in plan for i in idxs}
     with contextlib.ExitStack() as stack:  # every child ends FAILED if training raises
-        run_ids = [stack.enter_context(tracking.training_run(
+        run_ids = [stack.enter_context(runs.training_run(
             cfg, experiment, parent_run_id, name=name, tags={**tags[i], "trained": trained[i]},
             uri=uri)) for i, (cfg, name) in enumerate(zip(cfgs, names, strict=True))]
         hooks = [both(tracking.epoch_logger(run_id, uri), epoch_printer(name, cfg.epochs))

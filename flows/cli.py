@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stop.signum is not None:
-        from lrpipe import tracking
+        from lrpipe import runs
 
-        tracking.end_open_runs("KILLED")  # what the flow did not get to end in STOP_WAIT_S
+        runs.end_open_runs("KILLED")  # what the flow did not get to end in STOP_WAIT_S
         name = signal.Signals(stop.signum).name
         line = (f"lrpipe {args.command}: stopped by {name}; the runs it was writing are marked "
                 "KILLED. Run the same command again to resume: finished runs are reused.\n")

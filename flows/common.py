@@ -21,7 +21,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     ConfigError,
     DataConfig,
@@ -384,7 +384,7 @@ def train_and_log(
         return result_from_run(done, cfg, name, uri)
     data = dataset_for(cfg)
     run_tags = {"trained": "alone", **procs.process_tags(), **(tags or {})}
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
+    with runs.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
                                uri=uri) as run_id:
         result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),
                                                  epoch_printer(name, cfg.epochs)))

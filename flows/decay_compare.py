@@ -56,7 +56,7 @@ from flows.schedule_preview import (
     select_schedules,
     steps_per_epoch,
 )
-from lrpipe import tracking
+from lrpipe import runs, tracking
 from lrpipe.engine.config import (
     LOSSES,
     ConfigError,
@@ -156,7 +156,7 @@ def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
             if planned.loc[name, "warning"]:
                 tags["decay_warning"] = planned.loc[name, "warning"]
             specs.append({"cfg": to_dict(cfg), "schedule": name, "loss": loss, "tags": tags,
-                          "name": tracking.training_run_name(cfg, prefix=f"{label} "),
+                          "name": runs.training_run_name(cfg, prefix=f"{label} "),
                           "total_decay": None if math.isnan(decay_value) else decay_value})
     return specs
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flows.common import make_task_runner, shared_api
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs
 
 # Prefect tags carry key:value strings; these name the process running a flow run.
 PREFECT_TAG_KEYS = (procs.HOST_TAG, procs.PID_TAG, procs.PID_STARTED_TAG)
@@ -61,7 +61,7 @@ def parent_run(
     if resumed:
         print(f"{flow_name}: resuming {sweep_id} into parent run {parent}; finished runs are "
               "reused, failed, killed and missing ones run again", flush=True)
-    with tracking.ending(parent, uri):
+    with runs.ending(parent, uri):
         yield parent
 
 

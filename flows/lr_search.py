@@ -41,7 +41,7 @@ from flows.common import (
 from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.search_tasks import HALVING_OPTS, RANGE_OPTS, explore_subset
-from lrpipe import tracking
+from lrpipe import runs, tracking
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
 from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
 from lrpipe.search.choose import (
@@ -127,7 +127,7 @@ def run_grid(base: TrainConfig, candidates: dict[str, float], grid_span: float, 
     cfgs = [base.replace(**{"optim.lr": lr}) for lr in grid]
     roles = [[n for n, r in candidates.items() if math.isclose(r, lr, rel_tol=RTOL)]
              for lr in grid]
-    names = [tracking.training_run_name(c) + (f" ({', '.join(r)})" if r else "")
+    names = [runs.training_run_name(c) + (f" ({', '.join(r)})" if r else "")
              for c, r in zip(cfgs, roles, strict=True)]
     tags = [{"role": "candidate" if r else "grid", "candidates": ",".join(r)} for r in roles]
     with task_resources(runner):  # rates batched into one task where measured faster

@@ -24,7 +24,7 @@ from flows.common import (
 )
 from flows.harness import call_flow, parent_run
 from flows.report import publish_report
-from lrpipe import report, tracking
+from lrpipe import report, runs, tracking
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
 from lrpipe.plots import sweep as plots
 from lrpipe.plots.ratios import plot_update_ratio_by_lr
@@ -108,7 +108,7 @@ def lr_sweep(
                             "base_config": tracking.to_json(to_dict(base))}) as parent:
         with task_resources(runner):  # rates batched into one task where the policy says so
             results = train_planned(cfgs, parent, experiment,
-                                    [tracking.training_run_name(c) for c in cfgs],
+                                    [runs.training_run_name(c) for c in cfgs],
                                     threads=threads, workers=parallel_tasks(runner, workers),
                                     tags={"sweep": parent}, uri=uri, label="lr-sweep")
         history = pd.DataFrame([row for r in results for row in r["history"]])

@@ -42,7 +42,7 @@ from flows.optimizer_surfaces import (
     surface_answer,
 )
 from flows.report import publish_flow_report
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     OPTIMIZERS,
     ConfigError,
@@ -152,7 +152,7 @@ def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experim
                 "search_epochs": 1, "seed": cfg.seed, "config_hash": cfg.hash()},
         tags={"optimizer": optimizer, "part": "search", resume.TASK_TAG: search_key(cfg),
               **procs.process_tags()})
-    with tracking.ending(run_id):
+    with runs.ending(run_id):
         found = real.search_rate(cfg, dataset_for(cfg))
         table = found.table.assign(optimizer=optimizer, chosen=found.table["lr"] == found.lr)
         tracking.log_table(run_id, table, "search.csv")

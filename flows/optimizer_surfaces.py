@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from prefect import task
 
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.experiments.surfaces import (
     LR_GRID,
     Surface,
@@ -91,7 +91,7 @@ def compare_on_surface_task(surface_name: str, optimizer: str, parent_run_id: st
                 "lr_grid": f"{len(LR_GRID)} rates {LR_GRID[0]:g}..{LR_GRID[-1]:g}"},
         tags={"optimizer": optimizer, "surface": surface_name, "part": "surface",
               resume.TASK_TAG: surface_key(surface, optimizer), **procs.process_tags()})
-    with tracking.ending(run_id):
+    with runs.ending(run_id):
         _log_surface_run(run_id, paths, result["summary"])
         tracking.log_table(run_id, paths, "paths.csv")  # what a resumed flow rebuilds from
     return {**result, "run_id": run_id}

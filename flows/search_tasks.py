@@ -23,7 +23,7 @@ import torch
 from prefect import task, unmapped
 
 from flows.common import collect, dataset_for, task_resources
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import TrainConfig, from_dict, to_dict
 from lrpipe.engine.many import trains_batched
 from lrpipe.search.choose import halving_search
@@ -84,7 +84,7 @@ def _range_run(cfg: TrainConfig, seed: int, parent_run_id: str, experiment: str,
                num_steps: int, uri: str | None):
     """The child run of one seed's range test (a context: FAILED if the body raises)."""
     name = f"range test {cfg.optim.name} {cfg.model.name} seed={seed}"
-    return tracking.training_run(cfg.replace(seed=seed), experiment, parent_run_id, name=name,
+    return runs.training_run(cfg.replace(seed=seed), experiment, parent_run_id, name=name,
                                  uri=uri, tags={"role": "range_test",
                                                 resume.TASK_TAG: range_key(cfg, seed, num_steps),
                                                 **procs.process_tags()})
@@ -162,7 +162,7 @@ def halving_seed(cfg_dict: dict, seed: int, parent_run_id: str, experiment: str,
     if (done := reused_halving(cfg, parent_run_id, uri)) is not None:
         return done
     name = f"halving {cfg.optim.name} {cfg.model.name} seed={seed}"
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name, uri=uri,
+    with runs.training_run(cfg, experiment, parent_run_id, name=name, uri=uri,
                                tags={"role": "halving", resume.TASK_TAG: halving_key(cfg),
                                      **procs.process_tags()}) as run_id:
         tracking.log_params(run_id, {f"halving.{k}": v for k, v in HALVING_OPTS.items()},

@@ -35,7 +35,7 @@ from flows.common import (
 from flows.harness import call_flow, flow_parent
 from flows.report import publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
-from lrpipe import procs, resume, tracking
+from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine import checkpoint
 from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_number
 from lrpipe.engine.models import HEAD, build_model
@@ -178,7 +178,7 @@ def run_name(strategy: str, cfg: TrainConfig) -> str:
     as every flow names a training run."""
     head = dict(cfg.optim.lr_mult).get(HEAD, 1.0)
     label = strategy if strategy in ("uniform", "scratch", CUSTOM) else f"{strategy} x{head:g}"
-    return tracking.training_run_name(cfg, prefix=f"{label} ")
+    return runs.training_run_name(cfg, prefix=f"{label} ")
 
 
 def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> list[dict]:
@@ -235,7 +235,7 @@ def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, na
     cfg = source_config(tc)
     data = dataset_for(cfg)
     # The writer's tags let the next run mark this one KILLED if its process dies.
-    with tracking.training_run(cfg, experiment, parent_run_id, name=name,
+    with runs.training_run(cfg, experiment, parent_run_id, name=name,
                                tags={"phase": "pretrain", **procs.process_tags()}) as run_id:
         result = train(cfg, data, keep_model=True, on_epoch=both(
             tracking.epoch_logger(run_id), epoch_printer(name, cfg.epochs)))
@@ -310,7 +310,7 @@ def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: 
             "base_lr": run["base_lr"], "grid": run["grid"], "phase": "finetune",
             "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri,
             resume.TASK_TAG: key, **procs.process_tags()}
-    with tracking.training_run(cfg, experiment, parent_run_id, name=run["name"],
+    with runs.training_run(cfg, experiment, parent_run_id, name=run["name"],
                                tags=tags) as run_id:
         pretrained = (None if run["strategy"] == "scratch"
                       else pretrained_model(model_uri, str(resolve_device(cfg.device))))
@@ -341,7 +341,7 @@ def obtain_pretrained(tc, model_name, retrain, parent, experiment, threads) -> d
         print(f"Reusing the registered pretrained model {found} (pretraining config {key}); "
               "pass --retrain to train it again.", flush=True)
         return {"model_uri": found, "run_id": None, "reused": True}
-    name = tracking.training_run_name(source_config(tc), prefix="pretrain ")
+    name = runs.training_run_name(source_config(tc), prefix="pretrain ")
     print(f"Pretraining {name} (no registered {model_name} for config {key})", flush=True)
     return pretrain_and_register(dataclasses.asdict(tc), parent, experiment, name, model_name,
                                  threads)

@@ -3,7 +3,7 @@
 Subpackages by concept: ``engine`` (config, data, models, optimizers, schedules, the one
 training loop), ``search`` (range test, suggestion rules, halving, regret), ``experiments``
 (decay, transfer, optimizers, surfaces), ``plots`` (pure figures); and the tracking edge:
-``tracking`` (the only module that imports mlflow), ``resume``, ``report``, ``procs``.
+``tracking`` (the only module that imports mlflow), ``runs``, ``resume``, ``report``, ``procs``.
 """
 
 from lrpipe.api.choose import ChooseLRResult, choose_lr

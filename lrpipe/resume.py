@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from lrpipe import procs, tracking
+from lrpipe import procs, runs, tracking
 
 SWEEP_TAG = "sweep_id"
 RESUMABLE = ("FAILED", "KILLED")
@@ -23,15 +23,15 @@ def _search_all(experiment_ids: list[str], filter_string: str, uri: str | None =
                 order_by: list[str] | None = None, limit: int | None = None) -> list:
     """Every run matching ``filter_string`` (pages followed), or the first ``limit``."""
     c = tracking.client(uri)
-    runs, token = [], None
+    found, token = [], None
     while True:
         page = tracking.retry_locked(c.search_runs, experiment_ids, filter_string,
                                      max_results=min(limit or 1000, 1000), order_by=order_by,
                                      page_token=token)
-        runs.extend(page)
+        found.extend(page)
         token = page.token
-        if not token or (limit and len(runs) >= limit):
-            return runs[:limit] if limit else runs
+        if not token or (limit and len(found) >= limit):
+            return found[:limit] if limit else found
 
 
 def mark_stale_runs(experiment: str | None = None, uri: str | None = None) -> list[str]:
@@ -96,21 +96,21 @@ def open_sweep(
     latest = latest_sweep(experiment, sweep_id, uri)
     if latest is not None and latest.info.status in RESUMABLE:
         run_id = latest.info.run_id
-        tracking.watch_children(run_id, False)  # others may have added children since
+        runs.watch_children(run_id, False)  # others may have added children since
         tracking.retry_locked(tracking.client(uri).update_run, run_id, "RUNNING")
         resumes = int(latest.data.tags.get("resumes", "0")) + 1
         tracking.set_tags(run_id, {**procs.process_tags(), "resumes": resumes}, uri=uri)
         return run_id, True
     run_id = tracking.start_run(experiment, name, params=params, uri=uri,
                        tags={SWEEP_TAG: sweep_id, **procs.process_tags(), **(tags or {})})
-    tracking.watch_children(run_id)  # nothing else finishes its children: no search needed
+    runs.watch_children(run_id)  # nothing else finishes its children: no search needed
     return run_id, False
 
 
 def finished_child(parent_run_id: str, config_hash: str, uri: str | None = None) -> Any | None:
     """A FINISHED child run of ``parent_run_id`` tagged ``config_hash`` (an mlflow Run), or
     None: the run a resumed sweep reuses instead of training again."""
-    started_here = tracking.children_finished_here(parent_run_id)
+    started_here = runs.children_finished_here(parent_run_id)
     if started_here is not None:
         child = started_here.get(config_hash)
         return None if child is None else tracking.retry_locked(tracking.client(uri).get_run, child)

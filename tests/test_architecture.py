@@ -94,7 +94,7 @@ def test_no_import_cycles():
 def test_lrpipe_is_laid_out_by_concept():
     top = sorted(p.name for p in (ROOT / "lrpipe").iterdir() if p.name != "__pycache__")
     assert top == ["__init__.py", "api", "engine", "experiments", "plots", "procs.py",
-                   "report.py", "resume.py", "search", "tracking.py"]
+                   "report.py", "resume.py", "runs.py", "search", "tracking.py"]
 
 
 def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):

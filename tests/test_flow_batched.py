@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flows.batched import chunks, plan_groups, train_group_and_log
-from lrpipe import tracking
+from lrpipe import runs, tracking
 from lrpipe.engine.config import DataConfig, ModelConfig, TrainConfig, to_dict
 
 LRS = (0.05, 0.1, 0.2, 1e4)  # 1e4 diverges: masked in the batch, its run marked
@@ -33,7 +33,7 @@ def flow_run(prefect_harness, _session_store):
     from flows.common import train_and_log
 
     cfgs = [digits(**{"optim.lr": lr}) for lr in LRS]
-    names = [tracking.training_run_name(c) for c in cfgs]
+    names = [runs.training_run_name(c) for c in cfgs]
 
     @flow(name="test-batched")
     def both(parent: str, other: str) -> tuple[list[dict], list[dict]]:

@@ -2,13 +2,13 @@ import threading
 
 import pytest
 
-from lrpipe import tracking
+from lrpipe import runs, tracking
 from lrpipe.engine.train import train
 
 
 def test_training_run_logs_params_metrics_per_epoch_and_ends(mlflow_store, digits_cfg):
     parent = tracking.start_run("t", "parent")
-    with tracking.training_run(digits_cfg, "t", parent) as run_id:
+    with runs.training_run(digits_cfg, "t", parent) as run_id:
         result = train(digits_cfg, on_epoch=tracking.epoch_logger(run_id))
     tracking.end_run(parent)
     c = tracking.client(mlflow_store)
@@ -42,7 +42,7 @@ def test_epoch_metrics_wait_at_most_every_seconds_and_end_run_writes_them(mlflow
 
 def test_an_error_in_the_body_marks_the_run_failed(mlflow_store, digits_cfg):
     with pytest.raises(RuntimeError):
-        with tracking.training_run(digits_cfg, "t", None) as run_id:
+        with runs.training_run(digits_cfg, "t", None) as run_id:
             raise RuntimeError("boom")
     assert tracking.client(mlflow_store).get_run(run_id).info.status == "FAILED"
 

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from lrpipe import procs, tracking
+from lrpipe import procs, runs, tracking
 from lrpipe.engine.loop import TrainResult
 from lrpipe.report import sweep_finding, sweep_report
 from lrpipe.search.suggest import Suggestion
@@ -124,10 +124,10 @@ def log_choose_lr(experiment: str, params: Mapping[str, Any], tables: Mapping[st
 def sweep_parent(experiment: str, name: str, params: Mapping[str, Any]) -> Iterator[str]:
     """The parent run of one ``sweep``, tagged with this process (a later ``lrpipe`` command
     marks it KILLED if the process died with it RUNNING); ends FINISHED, FAILED or KILLED
-    with the block (``tracking.ending``)."""
+    with the block (``runs.ending``)."""
     run_id = tracking.start_run(experiment, name, params=params, tags={
         "role": "sweep", "api": "lrpipe.sweep", **procs.process_tags()})
-    with tracking.ending(run_id):
+    with runs.ending(run_id):
         yield run_id
 
 
@@ -140,7 +140,7 @@ def training_child(experiment: str, parent_run_id: str, name: str,
     run_id = tracking.start_run(experiment, name, params=params, parent_run_id=parent_run_id,
                                 tags={"sweep": parent_run_id, "trained": "alone",
                                       **procs.process_tags()})
-    with tracking.ending(run_id):
+    with runs.ending(run_id):
         yield run_id, tracking.epoch_logger(run_id)
 
 

@@ -1,0 +1,106 @@
+"""A run's lifecycle: every run ends, FINISHED, KILLED or FAILED, and training runs are children.
+
+``ending`` ends a run as its block ends, whatever happened in it (a stopped training: KILLED)
+and keeps the runs still open in this process, so that a command giving up after Ctrl-C can
+end them (``end_open_runs``). ``training_run`` is the child run of one training, and
+``watch_children`` remembers the children a new sweep finishes here, so resume needs no
+search. Every MLflow call goes through ``lrpipe.tracking``, the one mlflow importer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from lrpipe.engine.config import TrainConfig, flatten
+from lrpipe.engine.loop import Stopped, stop_requested
+from lrpipe.tracking import end_run, start_run
+
+
+@contextmanager
+def ending(run_id: str, uri: str | None = None) -> Iterator[str]:
+    """End ``run_id`` as the block ends: FINISHED; KILLED when it was stopped (the engine's
+    ``Stopped``, KeyboardInterrupt, or any error after a stop was requested: a stopping
+    command's services may go first); FAILED on any other exception, which is re-raised. No
+    run is left RUNNING by the body."""
+    _OPEN[run_id] = uri
+    try:
+        yield run_id
+    except (Stopped, KeyboardInterrupt):
+        _end_open(run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_open(run_id, "KILLED" if stop_requested() else "FAILED")
+        raise
+    _end_open(run_id, "FINISHED")
+
+
+# Runs this process has open through ``ending``: run id -> store. A command that gives up
+# waiting for its flow after Ctrl-C ends what is still open (``end_open_runs``).
+_OPEN: dict[str, str | None] = {}
+
+
+def _end_open(run_id: str, status: str) -> None:
+    if run_id in _OPEN:
+        end_run(run_id, status, uri=_OPEN.pop(run_id))
+
+
+def end_open_runs(status: str = "KILLED") -> list[str]:
+    """End every run still open in this process's ``ending`` blocks with ``status``."""
+    ended = list(_OPEN)
+    for run_id in ended:
+        _end_open(run_id, status)
+    return ended
+
+
+def training_run_name(cfg: TrainConfig, prefix: str = "") -> str:
+    """``lr=0.1 sgd mlp seed=0``: a name that says what the run is, the same in every flow."""
+    return f"{prefix}lr={cfg.optim.lr:g} {cfg.optim.name} {cfg.model.name} seed={cfg.seed}"
+
+
+@contextmanager
+def training_run(
+    cfg: TrainConfig,
+    experiment: str,
+    parent_run_id: str | None,
+    *,
+    name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    uri: str | None = None,
+) -> Iterator[str]:
+    """A child run for one training: params = flattened config, tag ``config_hash``.
+
+    Yields the run id. Ends FINISHED on success, KILLED when the training was stopped
+    (``Stopped``, KeyboardInterrupt) and FAILED on any other exception (re-raised), so no run is
+    left RUNNING by an error in the body.
+    """
+    run_id = start_run(
+        experiment, name or training_run_name(cfg), params=flatten(cfg),
+        tags={"config_hash": cfg.hash(), **(tags or {})}, parent_run_id=parent_run_id, uri=uri,
+    )
+    with ending(run_id, uri):
+        yield run_id
+    if (here := children_finished_here(parent_run_id)) is not None:
+        here[cfg.hash()] = run_id
+
+
+# Parents whose children only this process finishes (lrpipe.resume.open_sweep watches the new
+# sweeps it starts): config hash -> child run id, filled by training_run. Keyed by pid as
+# well: a forked process inherits a copy it must not trust.
+_CHILDREN_HERE: dict[tuple[int, str], dict[str, str]] = {}
+
+
+def watch_children(parent_run_id: str, watch: bool = True) -> None:
+    """Start (or, with ``watch`` False, stop) remembering the children that training_run
+    finishes under ``parent_run_id`` in this process."""
+    if watch:
+        _CHILDREN_HERE[os.getpid(), parent_run_id] = {}
+    else:
+        _CHILDREN_HERE.pop((os.getpid(), parent_run_id), None)
+
+
+def children_finished_here(parent_run_id: str | None) -> dict[str, str] | None:
+    """config hash -> run id of the children finished under a watched parent; None if this
+    process does not watch it."""
+    return _CHILDREN_HERE.get((os.getpid(), parent_run_id))
