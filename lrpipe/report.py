@@ -29,9 +29,13 @@ _RUN_URL = re.compile(r"^(?P<ui>https?://[^#\s]+?)/?#/experiments/(?P<exp>[^/?#\
                       r"/runs/(?P<run>[0-9a-zA-Z]+)")
 # Two runs closer than this in final validation loss are not separated by one seed.
 CLOSE_CALL = 0.02
-SWEEP_TABLE_NOTE = ("val loss, val error: after the last epoch ('-' for a diverged run: its last "
-                    "finite value predates the blow-up); best val error: the lowest of any "
-                    "epoch; diverged: the epoch whose loss blew up.")
+# One convention for a run that diverged, everywhere a final metric is shown: it has none
+# (NaN in CSVs and MLflow; this word in reports and the terminal), and the epoch that blew
+# up is an integer. Its last finite value predates the blow-up and would mislead.
+DIVERGED_CELL = "diverged"
+SWEEP_TABLE_NOTE = ("val loss, val error: after the last epoch ('diverged' for a run that "
+                    "blew up: it has no final value); best val error: the lowest of any epoch; "
+                    "diverged at epoch: the epoch whose loss blew up.")
 SWEEP_COLUMNS = ("lr", "status", "val_loss", "val_error", "best_val_error", "diverged_epoch",
                  "run_id")
 
@@ -85,8 +89,37 @@ def metric_chart_url(any_run_url: str, run_ids: Iterable[str], metric: str = "va
     return f"{ui}/#/metric?{query}"
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 rate``, ``3 rates``: a count with its noun in the right number."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+def percent(fraction, signed: bool = True) -> str:
+    """A fraction as a percentage for a reader: 0.004702 -> '+0.5%'; inf -> 'diverged';
+    NaN or None -> '-'."""
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        return "-"
+    if math.isinf(float(fraction)):
+        return DIVERGED_CELL
+    return f"{float(fraction):{'+' if signed else ''}.1%}"
+
+
+def final_metrics(summary: pd.DataFrame, columns=("val_loss", "val_error")) -> pd.DataFrame:
+    """``summary`` with the final ``columns`` NaN where the run did not finish ``ok`` and
+    ``diverged_epoch`` as a nullable integer: the one convention for a stopped run's final
+    metrics, for CSVs, MLflow metrics and every table."""
+    out = summary.copy()
+    for column in columns:
+        if column in out:
+            out[column] = out[column].where(out["status"] == "ok")
+    if "diverged_epoch" in out:
+        epochs = pd.to_numeric(out["diverged_epoch"], errors="coerce")
+        out["diverged_epoch"] = epochs.round().astype("Int64")
+    return out
+
+
 def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -130,6 +163,7 @@ def build_report(
     notes: list[str],
     run_url: str | None = None,
     table_note: str | None = None,
+    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> str:
     """The run report as markdown: answer, evidence, runs table, figures, links, notes.
 
@@ -140,11 +174,15 @@ def build_report(
         links: name -> URL, in order (the MLflow run pages, charts).
         notes: warnings for the reader; the section says so when there are none.
         table_note: one line under the table saying what its columns mean.
+        tables: heading -> table, each a section of its own after the runs table (a GFM
+            table: header, separator row, a blank line before and after).
     """
     lines = [f"# {title}", "", f"**{answer}**", ""]
     lines += [f"- {item}" for item in evidence] + ([""] if evidence else [])
     lines += ["## Runs", "", markdown_table(table), ""]
     lines += [f"_{table_note}_", ""] if table_note else []
+    for heading, extra in (tables or {}).items():
+        lines += [f"## {heading}", "", markdown_table(extra), ""]
     if figures:
         lines += ["## Figures", "", *_figures(figures, run_url)]
     if links:
@@ -206,12 +244,14 @@ def _finite(value) -> bool:
 
 def _diverged_text(diverged: pd.DataFrame, n: int) -> str:
     if diverged.empty:
-        return f"no rate of the {n} diverged"
+        return "no rate diverged" if n > 1 else "the rate did not diverge"
     first = diverged.iloc[0]
     when = first["diverged_epoch"]
     epoch = f" in epoch {int(when)}" if _finite(when) else ""
+    if len(diverged) == 1:
+        return f"1 of {plural(n, 'rate')} diverged: lr={first['lr']:g} blew up{epoch}"
     rates = ", ".join(f"{lr:g}" for lr in diverged["lr"])
-    return (f"{len(diverged)} of {n} rates diverged (lr={rates}); the smallest, "
+    return (f"{len(diverged)} of {n} rates diverged (lr={rates}); the smallest of them, "
             f"lr={first['lr']:g}, blew up{epoch}")
 
 
@@ -227,15 +267,35 @@ def _sweep_notes(summary: pd.DataFrame, ok: pd.DataFrame, best: pd.Series) -> li
     if not larger.empty and larger.iloc[0]["status"] == "diverged":
         notes.append(f"The next larger rate, lr={larger.iloc[0]['lr']:g}, diverged: the choice "
                      "sits at the edge of stability; a longer run or another seed may tip it.")
-    if len(ok) > 1:
+    if len(ok) > 1 and close_call(best, ok.iloc[1]):
         second = ok.iloc[1]
-        if second["val_loss"] - best["val_loss"] <= CLOSE_CALL * best["val_loss"]:
-            notes.append(f"lr={best['lr']:g} and lr={second['lr']:g} are within "
-                         f"{CLOSE_CALL:.0%} in validation loss: one seed cannot separate them; "
-                         "compare them over seeds.")
+        notes.append(close_call_note(f"lr={best['lr']:g}", f"lr={second['lr']:g}", best,
+                                     second))
     for _, row in summary[~summary["status"].isin(["ok", "diverged"])].iterrows():
         notes.append(f"lr={row['lr']:g} ended with status {row['status']!r}.")
     return notes
+
+
+def close_call(best, second) -> bool:
+    """Whether a choice of ``best`` over ``second`` (rows with val_loss) is inside the noise:
+    their seed bands overlap where rows carry ``val_loss_lo``/``val_loss_hi`` (min..max over
+    seeds), else they are within ``CLOSE_CALL`` (2%) of each other, what one seed cannot
+    separate."""
+    if all(_finite(row.get(c)) for row in (best, second) for c in ("val_loss_lo", "val_loss_hi")):
+        return float(best["val_loss_hi"]) >= float(second["val_loss_lo"])
+    return float(second["val_loss"]) - float(best["val_loss"]) <= CLOSE_CALL * float(
+        best["val_loss"])
+
+
+def close_call_note(best_name: str, second_name: str, best, second) -> str:
+    """The warning for a ``close_call``: what the margin is and why it does not decide."""
+    gap = percent(float(second["val_loss"]) / float(best["val_loss"]) - 1)
+    if all(_finite(row.get(c)) for row in (best, second) for c in ("val_loss_lo", "val_loss_hi")):
+        why = "their min..max bands over seeds overlap"
+    else:
+        why = f"within {CLOSE_CALL:.0%}: one seed cannot separate them"
+    return (f"Close call: {best_name} beats {second_name} by {gap} in validation loss, "
+            f"{why}; compare them over more seeds before trusting the order.")
 
 
 def sweep_finding(summary: pd.DataFrame) -> SweepFinding:
@@ -251,7 +311,8 @@ def sweep_finding(summary: pd.DataFrame) -> SweepFinding:
     diverged = summary[summary["status"] == "diverged"]
     ok = _trained(summary)
     if ok.empty:
-        return SweepFinding(None, f"No rate trained: all {n} rates diverged or failed.",
+        every = "the only rate" if n == 1 else f"all {n} rates"
+        return SweepFinding(None, f"No rate trained: {every} diverged or failed.",
                             (_diverged_text(diverged, n),),
                             (f"Lower the rates: try 10x below lr={summary['lr'].min():g}.",))
     best = ok.iloc[0]
@@ -260,11 +321,12 @@ def sweep_finding(summary: pd.DataFrame) -> SweepFinding:
                 f"{best['best_val_error']:.4f})"]
     if len(ok) > 1:
         second = ok.iloc[1]
-        gap = (second["val_loss"] - best["val_loss"]) / best["val_loss"]
+        gap = percent(second["val_loss"] / best["val_loss"] - 1)
         evidence.append(f"runner-up lr={second['lr']:g}: validation loss "
-                        f"{second['val_loss']:.4f} ({gap:+.1%})")
+                        f"{second['val_loss']:.4f} ({gap})")
     evidence.append(_diverged_text(diverged, n))
-    answer = f"Use lr={best['lr']:g}: the lowest validation loss of {n} rates."
+    answer = (f"Use lr={best['lr']:g}: the lowest validation loss of {plural(n, 'rate')}."
+              if n > 1 else f"Use lr={best['lr']:g}: the only rate tried, and it trained.")
     return SweepFinding(float(best["lr"]), answer, tuple(evidence),
                         tuple(_sweep_notes(summary, ok, best)))
 
@@ -282,12 +344,17 @@ def sweep_table(summary: pd.DataFrame, run_url_fn: Callable[[str], str],
             "rate": f"**{link}** (chosen)" if best_lr is not None and r["lr"] == best_lr
             else link,
             "status": r["status"],
-            "val loss": r["val_loss"] if trained else None,
-            "val error": r["val_error"] if trained else None,
+            "val loss": r["val_loss"] if trained else _stopped_cell(r["status"]),
+            "val error": r["val_error"] if trained else _stopped_cell(r["status"]),
             "best val error": r["best_val_error"],
-            "diverged": int(r["diverged_epoch"]) if _finite(r["diverged_epoch"]) else None,
+            "diverged at epoch": int(r["diverged_epoch"]) if _finite(r["diverged_epoch"])
+            else None,
         })
     return pd.DataFrame(rows)
+
+
+def _stopped_cell(status: str) -> str:
+    return DIVERGED_CELL if status == "diverged" else str(status).replace("_", " ")
 
 
 def sweep_links(summary: pd.DataFrame, parent_url: str) -> dict[str, str]:
@@ -311,7 +378,7 @@ def sweep_report(summary: pd.DataFrame, parent_url: str, run_url_fn: Callable[[s
     """
     finding = sweep_finding(summary)
     return build_report(
-        title or f"Learning-rate sweep: {len(summary)} rates", finding.answer,
+        title or f"Learning-rate sweep: {plural(len(summary), 'rate')}", finding.answer,
         list(finding.evidence), sweep_table(summary, run_url_fn, finding.best_lr), figures,
         sweep_links(summary, parent_url), list(finding.notes), run_url=parent_url,
         table_note=SWEEP_TABLE_NOTE)
@@ -320,10 +387,12 @@ def sweep_report(summary: pd.DataFrame, parent_url: str, run_url_fn: Callable[[s
 def sweep_terminal(summary: pd.DataFrame, parent_url: str) -> str:
     """The plain-text version of ``sweep_report`` for the end of the flow."""
     finding = sweep_finding(summary)
-    table = summary.sort_values("lr")[["lr", "status", "val_loss", "best_val_error",
-                                       "diverged_epoch"]].copy()
-    # As in sweep_table: a diverged run's last finite loss predates the blow-up.
-    table["val_loss"] = table["val_loss"].where(table["status"] == "ok")
+    table = final_metrics(summary.sort_values("lr"))[["lr", "status", "val_loss",
+                                                      "best_val_error", "diverged_epoch"]]
+    # As in sweep_table: a stopped run has no final loss; the cell says why.
+    table = table.astype({"val_loss": object})
+    stopped = table["status"] != "ok"
+    table.loc[stopped, "val_loss"] = table.loc[stopped, "status"].map(_stopped_cell)
     links = sweep_links(summary, parent_url)
     short = {k: v for k, v in links.items() if "/#/metric?" not in v}  # terminal: short URLs
     return terminal_summary(finding.answer, list(finding.evidence), table, short,

@@ -87,8 +87,8 @@ def test_sweep_finding_by_hand():
     assert f.answer == "Use lr=0.1: the lowest validation loss of 5 rates."
     assert f.evidence[0].startswith("validation loss 0.4000 and validation accuracy 0.8700")
     assert f.evidence[1] == "runner-up lr=0.3: validation loss 0.4500 (+12.5%)"
-    assert f.evidence[2] == ("2 of 5 rates diverged (lr=1, 3); the smallest, lr=1, blew up "
-                             "in epoch 1")
+    assert f.evidence[2] == ("2 of 5 rates diverged (lr=1, 3); the smallest of them, lr=1, "
+                             "blew up in epoch 1")
     assert f.notes == ()
 
 
@@ -102,7 +102,7 @@ def test_sweep_finding_by_hand():
     ([(0.01, "ok", 0.5, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
       (1.0, "diverged", 2.3, 0.9, 0.9, 2)], "edge of stability"),
     ([(0.01, "ok", 0.401, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
-      (0.3, "ok", 0.9, 0.1, 0.1, None)], "within 2%"),
+      (0.3, "ok", 0.9, 0.1, 0.1, None)], "Close call: lr=0.1 beats lr=0.01 by +0.2%"),
     ([(0.01, "ok", 0.5, 0.2, 0.2, None), (0.1, "ok", 0.4, 0.1, 0.1, None),
       (0.3, "failed", np.nan, np.nan, np.nan, None)], "status 'failed'"),
 ])
@@ -139,7 +139,7 @@ def test_sweep_report_answers_first_and_links_every_run():
         assert f"]({run_url(run_id)})" in md
     assert f"**[lr=0.1]({run_url('run01')})** (chosen)" in md
     # a diverged run shows no last-epoch loss: its last finite value predates the blow-up
-    assert f"[lr=1]({run_url('run03')}) | diverged | - | - | 0.88 | 1 |" in md
+    assert f"[lr=1]({run_url('run03')}) | diverged | diverged | diverged | 0.88 | 1 |" in md
     assert f"_{report.SWEEP_TABLE_NOTE}_" in md
 
 
@@ -160,7 +160,7 @@ def test_terminal_summary_has_answer_table_and_where_to_click():
     assert PARENT_URL in text and report.child_runs_url(PARENT_URL) in text
     assert "/#/metric?" not in text  # long chart URLs stay in the markdown report
     row = next(line for line in lines if line.split()[:2] == ["1", "diverged"])
-    assert row.split() == ["1", "diverged", "-", "0.88", "1"]
+    assert row.split() == ["1", "diverged", "diverged", "0.88", "1"]  # as in the report
     assert text.rstrip().endswith("`make ui`)")
 
 
@@ -208,3 +208,66 @@ def test_publish_inside_a_flow_also_makes_a_prefect_artifact(prefect_harness, ml
     assert run_id in artifact.description
     path = tracking.client().download_artifacts(run_id, "report.md")
     assert open(path).read() == md
+
+
+# --- issue 24: reports that render, one convention, percentages, wording ---
+
+def _is_gfm_table(md: str, header: str) -> bool:
+    """``header`` starts a GFM pipe table: a blank line before, then a separator row."""
+    lines = md.splitlines()
+    i = lines.index(header)
+    return lines[i - 1] == "" and set(lines[i + 1]) <= set("|-: ") and lines[i + 2][0] == "|"
+
+
+def test_extra_tables_render_as_gfm_tables_with_percentages():
+    regret = pd.DataFrame({"candidate": ["valley", "steepest"],
+                           "regret": [report.percent(0.004702), report.percent(np.inf)]})
+    md = report.build_report("t", "a", ["e"], SWEEP, [], {}, [], tables={"Regret": regret})
+    assert "## Regret\n\n| candidate | regret |\n|---|---|\n| valley | +0.5% |" in md
+    assert "| steepest | diverged |" in md
+    assert _is_gfm_table(md, "| candidate | regret |")
+    assert "0.004702" not in md
+
+
+def test_percent_and_plural_by_hand():
+    assert report.percent(0.004702) == "+0.5%" and report.percent(-0.02) == "-2.0%"
+    assert report.percent(0.25, signed=False) == "25.0%"
+    assert report.percent(np.inf) == "diverged" and report.percent(np.nan) == "-"
+    assert report.plural(1, "rate") == "1 rate" and report.plural(3, "rate") == "3 rates"
+
+
+def test_one_rate_wording_is_singular():
+    one = summary([(0.1, "ok", 0.4, 0.1, 0.1, None)])
+    assert report.sweep_finding(one).answer == (
+        "Use lr=0.1: the only rate tried, and it trained.")
+    md = report.sweep_report(one, PARENT_URL, run_url, [])
+    assert md.startswith("# Learning-rate sweep: 1 rate\n") and "1 rates" not in md
+    two = summary([(0.1, "ok", 0.4, 0.1, 0.1, None), (1.0, "diverged", 2.3, 0.9, 0.9, 2)])
+    assert report.sweep_finding(two).evidence[-1] == (
+        "1 of 2 rates diverged: lr=1 blew up in epoch 2")  # no "the smallest" of one
+    dead = summary([(1.0, "diverged", 2.3, 0.9, 0.9, 2)])
+    assert report.sweep_finding(dead).answer == (
+        "No rate trained: the only rate diverged or failed.")
+
+
+def test_a_diverged_run_reads_the_same_everywhere():
+    table = report.final_metrics(SWEEP)
+    assert table["val_loss"].isna().tolist() == [False, False, False, True, True]
+    assert str(table["diverged_epoch"].dtype) == "Int64"
+    assert table["diverged_epoch"].tolist()[3:] == [1, 1]
+    assert table["diverged_epoch"].isna().tolist()[:3] == [True] * 3  # never None and NaN
+    md = report.sweep_report(SWEEP, PARENT_URL, run_url, [])
+    terminal = report.sweep_terminal(SWEEP, PARENT_URL)
+    assert "2.3" not in md.split("## Runs")[1].split("## Links")[0] and " 2.3 " not in terminal
+    assert "| diverged at epoch |" in md
+
+
+def test_close_call_uses_the_seed_band_when_there_is_one():
+    rows = summary([(0.01, "ok", 0.40, 0.2, 0.2, None), (0.1, "ok", 0.44, 0.1, 0.1, None)])
+    assert not any("Close call" in n for n in report.sweep_finding(rows).notes)  # 10% > 2%
+    apart = rows.assign(val_loss_lo=[0.39, 0.43], val_loss_hi=[0.41, 0.45])
+    assert not any("Close call" in n for n in report.sweep_finding(apart).notes)
+    overlap = rows.assign(val_loss_lo=[0.35, 0.43], val_loss_hi=[0.46, 0.45])  # +10%, inside
+    notes = report.sweep_finding(overlap).notes
+    assert any(n.startswith("Close call: lr=0.01 beats lr=0.1 by +10.0%") and
+               "bands over seeds overlap" in n for n in notes), notes
