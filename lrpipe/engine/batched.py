@@ -113,4 +113,6 @@ def train_batched(
                lambda: member_batches(data.train, cfg.batch_size, gens),
                epochs=cfg.epochs, train_eval=eval_train_split(data, cfg), val=data.val,
                loss=cfg.loss, diverge_factor=cfg.diverge_factor,
-               rates=rate_table(cfgs, steps_per_epoch), on_epoch=on_epoch)
+               no_progress=cfg.no_progress, log_every=cfg.log_every,
+               steps_per_epoch=steps_per_epoch, rates=rate_table(cfgs, steps_per_epoch),
+               on_epoch=on_epoch)

@@ -35,6 +35,11 @@ SCHEDULES = (
 )
 LOSSES = ("cross_entropy", "mse")
 BATCHING = ("auto", "on", "off")
+# x initial loss, x epoch-0 validation loss, x epoch-0 validation error: TrainConfig's
+# docstring has the figures (bench/divergence_probe.py).
+DEFAULT_DIVERGE_FACTOR = 1000.0
+DEFAULT_NO_PROGRESS_RATIO = 0.7
+DEFAULT_NO_PROGRESS_ERROR_RATIO = 0.5
 
 
 class ConfigError(ValueError):
@@ -253,8 +258,34 @@ class TrainConfig:
     eval_train_size: training examples evaluated after each epoch for the train curves
         (in eval mode, fixed and seeded, so the train/validation gap is measured fairly);
         None = as many as the validation split.
-    diverge_factor: a batch loss above this multiple of the initial (epoch 0) training loss,
-        or a non-finite one, counts as divergence and stops the run (x initial loss).
+    diverge_factor: a batch loss (or an evaluated training loss) above this multiple of the
+        initial (epoch 0, evaluated) training loss counts as divergence and stops the run
+        (x initial loss); a non-finite loss always does, whatever the factor. A loss that
+        oscillates below it is trained to the last epoch. Why 1000 (bench/divergence_probe.py:
+        Fashion-MNIST, SGD, batch 128, 5 epochs, seeds 0-2, largest batch loss / initial
+        loss): runs that come back reach at most 217x (softmax at lr 10, ending at validation
+        error 0.21-0.31; 10-22x at lr 1, 5-11x at lr 0.5, which the old factor 10 stopped),
+        the MLP 1.0-1.7x at lr <= 0.5 and 8-12x at lr 1 (errors 0.63-0.70). Runs that cannot
+        come back pass it: the MLP at lr 2 reached 108-1953x (errors 0.77-0.86, chance 0.9),
+        at lr 3 1.6e5-6.7e6x, at lr 5 1e20-1e29x (finite, error 0.88-0.89: never back), at lr
+        10 5e33x before NaN within 28 steps. 1000 sits 4.6x above the largest that came back;
+        the two MLPs at lr 2 under it train on and end ``no_progress`` (below).
+    no_progress_ratio: a run that trained to its last epoch ends ``no_progress`` instead of
+        ``ok`` when its final validation loss is at least this fraction of its epoch-0
+        validation loss (x epoch-0 validation loss) and its final validation error at least
+        ``no_progress_error_ratio`` x epoch 0's (the error is left out where it is NaN, a
+        user's non-classifying loss). Why 0.7 (same probe): the MLP at lr 1 ended at 0.73-0.86
+        (errors 0.63-0.70 from about 0.9: barely better than chance) and at lr 2 at 1.2-1.5;
+        every run that learned and ended above 0.7 was the softmax net at lr >= 0.3 (0.81 to
+        37x: overconfident, errors 0.17-0.35), which the error ratio keeps ``ok``; the MLP at
+        lr 0.001-0.5 ended at 0.15-0.33.
+    no_progress_error_ratio: the error's half of that rule (x epoch-0 validation error). Why
+        0.5: every run that learned ended at 0.14-0.40 of its epoch-0 error (0.13-0.35 from
+        0.87-0.95), the near-chance MLPs at 0.68-0.74 (lr 1) and 0.82-0.94 (lr 2).
+    log_every: every this many updates (steps, not epochs), record each member's smoothed
+        batch loss in the result's ``step_log`` (global step, 1-based; an exponential moving
+        average with bias correction, beta ``lrpipe.engine.loop.STEP_LOSS_BETA``); 0 = off
+        (the default: per-epoch rows stay the unit, and the loop then reads no batch loss).
     batching: auto | on | off: whether configs that differ only in rate, seed or schedule
         train as one batched computation (K members stacked on a leading axis) or one after
         another. auto follows the rule written down in ``lrpipe.engine.many.batching_rule`` (on for
@@ -279,7 +310,10 @@ class TrainConfig:
     device: str = "auto"
     loss: str = "cross_entropy"
     eval_train_size: int | None = None
-    diverge_factor: float = 10.0
+    diverge_factor: float = DEFAULT_DIVERGE_FACTOR
+    no_progress_ratio: float = DEFAULT_NO_PROGRESS_RATIO
+    no_progress_error_ratio: float = DEFAULT_NO_PROGRESS_ERROR_RATIO
+    log_every: int = 0
     batching: str = "auto"
 
     def __post_init__(self) -> None:
@@ -295,11 +329,19 @@ class TrainConfig:
         if self.eval_train_size is not None:
             check_number("eval_train_size", self.eval_train_size, low=1, integer=True)
         check_number("diverge_factor", self.diverge_factor, low=1.0, low_open=True)
+        for name in ("no_progress_ratio", "no_progress_error_ratio"):
+            check_number(name, getattr(self, name), low=0.0, high=1.0, low_open=True)
+        check_number("log_every", self.log_every, low=0, integer=True)
         if isinstance(self.batching, bool):  # YAML 1.1 read a bare on/off (see the docstring)
             object.__setattr__(self, "batching", "on" if self.batching else "off")
         check_choice("batching", self.batching, BATCHING)
         if self.data.subset is not None and self.batch_size > self.data.subset:
             _fail("batch_size", self.batch_size, f"<= data.subset ({self.data.subset})")
+
+    @property
+    def no_progress(self) -> tuple[float, float]:
+        """(no_progress_ratio, no_progress_error_ratio), as the loop's ``fit`` takes them."""
+        return self.no_progress_ratio, self.no_progress_error_ratio
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with fields changed, dotted for sub-fields: ``replace(**{"optim.lr": 1})``."""

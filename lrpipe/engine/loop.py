@@ -5,8 +5,11 @@ training subset and on the validation split, both in eval mode. A member whose b
 not finite or above ``diverge_factor`` x its initial loss is stopped at once (that batch's
 update is not applied) and recorded as ``diverged`` with the epoch, its finite history kept;
 an epoch whose evaluated training loss is over that limit, or whose validation loss is not
-finite, ends the member the same way. The others go on. The loop emits (``on_epoch``); the
-caller logs.
+finite, ends the member the same way. The others go on. A loss that oscillates but stays
+under the limit is trained to the last epoch. A member that trained to the end but whose
+final validation loss (and error) stayed near epoch 0's ends ``no_progress``
+(``made_no_progress``). On request (``log_every``) the loop also keeps each member's smoothed
+batch loss every few steps (``StepLog``). The loop emits (``on_epoch``); the caller logs.
 
 ``sweep`` is the same loop as the LR range test runs it: the rate follows a ramp, there is no
 evaluation, and each member stops on its own rule (``Curve``).
@@ -30,6 +33,13 @@ from torch import nn
 from lrpipe.engine.data import Split
 
 METRICS = ("train_loss", "val_loss", "train_error", "val_error", "lr")
+STATUSES = ("ok", "diverged", "no_progress")
+STEP_COLUMNS = ("step", "epoch", "train_loss_smooth")
+# The step log's smoothing: an exponential moving average of the batch loss with bias
+# correction, beta 0.98 as in the range test's curve (fastai's and torch-lr-finder's
+# default): about the last 50 batches weigh in, so the line follows the oscillation from
+# one rate to another while a single batch's noise does not dominate it.
+STEP_LOSS_BETA = 0.98
 
 
 class Stopped(Exception):
@@ -59,16 +69,77 @@ def stop_requested() -> bool:
 Batch3 = tuple[torch.Tensor, torch.Tensor, bool]  # x, y, shared by every member
 
 
+def empty_step_log() -> pd.DataFrame:
+    """The step log of a run that kept none (``log_every`` 0): STEP_COLUMNS, no rows."""
+    return pd.DataFrame({"step": pd.Series(dtype="int64"), "epoch": pd.Series(dtype="float64"),
+                         "train_loss_smooth": pd.Series(dtype="float64")})
+
+
+def made_no_progress(history: pd.DataFrame, loss_ratio: float, error_ratio: float) -> bool:
+    """Whether a run that trained to its last epoch ended near where it started (chance).
+
+    True when the last row's ``val_loss`` is at least ``loss_ratio`` x epoch 0's and, where
+    both errors are numbers, its ``val_error`` at least ``error_ratio`` x epoch 0's too: the
+    error keeps an overconfident but accurate run (cross-entropy up, error down, as the softmax
+    net's at high rates) from counting; a user's loss without an error is judged on the loss.
+    A history with epoch 0 alone has nothing to judge: False.
+    """
+    if len(history) < 2:
+        return False
+    first, last = history.iloc[0], history.iloc[-1]
+    near = float(last["val_loss"]) >= loss_ratio * float(first["val_loss"])
+    errors = float(first.get("val_error", math.nan)), float(last.get("val_error", math.nan))
+    if all(math.isfinite(e) for e in errors):
+        near = near and errors[1] >= error_ratio * errors[0]
+    return near
+
+
+class StepLog:
+    """Each member's batch loss, smoothed (STEP_LOSS_BETA, bias-corrected), read every
+    ``every`` steps while the member trains.
+
+    The average lives on the device and is updated without a sync; only every ``every``-th
+    step reads it back (one sync). A stopped member's average stops with it: the batch that
+    stopped it is left out, as its update was.
+    """
+
+    def __init__(self, k: int, device: torch.device, every: int, steps_per_epoch: int,
+                 beta: float = STEP_LOSS_BETA) -> None:
+        self.every, self.steps_per_epoch, self.beta = every, steps_per_epoch, beta
+        self.avg = torch.zeros(k, dtype=torch.float64, device=device)
+        self.rows: list[list[dict]] = [[] for _ in range(k)]
+
+    def add(self, step: int, losses: torch.Tensor, alive: torch.Tensor) -> None:
+        """The batch losses (K,) of global step ``step`` (1-based); ``alive``: members that
+        took the step."""
+        mixed = self.beta * self.avg + (1.0 - self.beta) * losses.to(torch.float64)
+        self.avg = torch.where(alive, mixed, self.avg)
+        if step % self.every:
+            return
+        smooth = (self.avg / (1.0 - self.beta ** step)).tolist()
+        for m, live in enumerate(alive.tolist()):
+            if live:
+                self.rows[m].append(dict(step=step, epoch=step / self.steps_per_epoch,
+                                         train_loss_smooth=smooth[m]))
+
+    def table(self, m: int) -> pd.DataFrame:
+        """Member ``m``'s rows (STEP_COLUMNS)."""
+        return pd.DataFrame(self.rows[m], columns=list(STEP_COLUMNS)) if self.rows[m] else \
+            empty_step_log()
+
+
 @dataclass
 class TrainResult:
     """What a run produced. ``history`` has one row per evaluated epoch (0 = before training)."""
 
     history: pd.DataFrame
-    status: str  # "ok" | "diverged"
+    status: str  # one of STATUSES: "ok" | "diverged" | "no_progress"
     diverged_epoch: int | None = None
     device: str = "cpu"
     model: nn.Module | None = field(default=None, repr=False)
     lr_trace: list[float] = field(default_factory=list, repr=False)  # base rate at every step
+    # The smoothed batch loss every ``log_every`` steps (STEP_COLUMNS; empty when off).
+    step_log: pd.DataFrame = field(default_factory=lambda: empty_step_log(), repr=False)
 
     def final(self) -> dict[str, float]:
         """Metrics of the last finite epoch (plus status), small enough to pass between tasks."""
@@ -129,6 +200,9 @@ def fit(
     rates: torch.Tensor | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     should_stop: Callable[[], bool] = stop_requested,
+    no_progress: tuple[float, float] | None = None,
+    log_every: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> list[TrainResult]:
     """Train ``members`` for ``epochs`` epochs; one TrainResult per member.
 
@@ -136,18 +210,31 @@ def fit(
         batches: called once per epoch for that epoch's (x, y, shared) batches.
         loss: the training loss's name; divergence is judged in its units, while epoch rows
             always report cross-entropy and classification error.
+        diverge_factor: a batch (or evaluated training) loss above this x the initial one
+            stops the member; a non-finite one always does.
         rates: (K, total steps + 1) float64 base rate of member k at global step t, or None
             when the members set their own (one model with its torch.optim scheduler).
         on_epoch: called as ``on_epoch(k, row)`` with member k's History row when it exists.
         should_stop: asked before every update (default: ``stop_requested``, an Event's
             is_set); True stops.
+        no_progress: (loss ratio, error ratio): a member that trained to the end is
+            ``no_progress`` when ``made_no_progress(history, *no_progress)``; None: never.
+        log_every: keep each member's smoothed batch loss every this many steps in its
+            ``step_log`` (``StepLog``); 0 = off, and then no batch loss is read back.
+        steps_per_epoch: updates per epoch, for the step log's fractional epoch (step /
+            steps_per_epoch); needed when ``log_every`` > 0.
     Returns:
         TrainResults in member order; ``time_s`` is the training wall time so far (evaluation
         excluded); ``lr_trace`` the base rate at every update the member saw.
     Raises:
         Stopped: ``should_stop`` said so; the rows emitted so far are all there is.
+        ValueError: ``log_every`` > 0 without ``steps_per_epoch``.
     """
     k, device = members.k, members.device
+    if log_every and not steps_per_epoch:
+        raise ValueError(f"steps_per_epoch: got {steps_per_epoch!r}; allowed: the updates per "
+                         f"epoch (>= 1) when log_every > 0 (got {log_every})")
+    step_log = StepLog(k, device, log_every, steps_per_epoch) if log_every else None
     table = None if rates is None else rates.to(device)
     trace: list[float] = []  # base rates of a member that schedules itself
     lrs = members.base_rates() if rates is None else rates[:, 0].tolist()
@@ -172,10 +259,13 @@ def fit(
             if rates is None:
                 trace.append(members.base_rates()[0])
             losses = members.losses(x, y, shared)
-            ok = losses <= threshold.to(losses.dtype)  # False for NaN and inf, too
+            # Non-finite always stops, even where a huge factor's threshold is inf in float32.
+            ok = torch.isfinite(losses) & (losses <= threshold.to(losses.dtype))
             died_at = torch.where(alive & ~ok, t, died_at)
             alive &= ok
             t += 1
+            if step_log is not None:
+                step_log.add(t, losses, alive)
             if t % check_every == 0 and not bool(alive.any()):
                 break  # every member diverged: stop at once, that batch not applied
             members.update(alive, i, None if table is None else table[:, t - 1])
@@ -203,9 +293,15 @@ def fit(
     for m, run in enumerate(runs):
         steps = run.steps if run.status == "diverged" else t
         lr_trace = trace[:steps] if rates is None else rates[m, :steps].tolist()
-        results.append(TrainResult(history=pd.DataFrame(run.rows), status=run.status,
+        history = pd.DataFrame(run.rows)
+        if run.status == "ok" and no_progress is not None and \
+                made_no_progress(history, *no_progress):
+            run.status = "no_progress"
+        results.append(TrainResult(history=history, status=run.status,
                                    diverged_epoch=run.diverged_epoch, device=device_name,
-                                   lr_trace=lr_trace))
+                                   lr_trace=lr_trace,
+                                   step_log=empty_step_log() if step_log is None
+                                   else step_log.table(m)))
     return results
 
 

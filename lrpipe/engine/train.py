@@ -4,9 +4,9 @@
 config and runs ``lrpipe.engine.loop.fit`` with them as one member (K = 1, torch.optim and its
 lr_scheduler unchanged): evaluation before any update (epoch 0) and after every epoch, the
 divergence rules (a non-finite loss, or one above ``diverge_factor`` x the initial loss: ReLU
-networks at too high a rate often blow up to huge but finite losses) and the History are the
-loop's, shared with batched training and the range test. The loop emits (``on_epoch``); the
-caller logs.
+networks at too high a rate often blow up to huge but finite losses), the ``no_progress``
+status, the optional step log (``log_every``) and the History are the loop's, shared with
+batched training and the range test. The loop emits (``on_epoch``); the caller logs.
 """
 
 from __future__ import annotations
@@ -65,7 +65,11 @@ def train(
         on_epoch: called with each History row as soon as it exists (for live logging).
         keep_model: return the trained model in the result.
     Returns:
-        TrainResult with the per-epoch history; status ``diverged`` if a loss was non-finite.
+        TrainResult with the per-epoch history; status ``diverged`` if a loss was non-finite
+        or above ``cfg.diverge_factor`` x the initial one, ``no_progress`` if the run ended
+        near its epoch-0 validation loss (``cfg.no_progress_ratio``), else ``ok``; its
+        ``step_log`` holds the smoothed batch loss every ``cfg.log_every`` steps (empty when
+        0).
     """
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg.data, device)
@@ -83,7 +87,8 @@ def train(
         members, lambda: ((x, y, True) for x, y in iterate_batches(data.train, cfg.batch_size,
                                                                      gen)),
         epochs=cfg.epochs, train_eval=eval_train_split(data, cfg), val=data.val, loss=cfg.loss,
-        diverge_factor=cfg.diverge_factor,
+        diverge_factor=cfg.diverge_factor, no_progress=cfg.no_progress,
+        log_every=cfg.log_every, steps_per_epoch=steps_per_epoch,
         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None)
     result.device = str(device)
     result.model = model if keep_model else None
