@@ -249,7 +249,7 @@ def _diverged_text(diverged: pd.DataFrame, n: int) -> str:
     when = first["diverged_epoch"]
     epoch = f" in epoch {int(when)}" if _finite(when) else ""
     if len(diverged) == 1:
-        return f"1 of {plural(n, 'rate')} diverged: lr={first['lr']:g} blew up{epoch}"
+        return f"1 of {plural(n, 'rate')} diverged (lr={first['lr']:g}): it blew up{epoch}"
     rates = ", ".join(f"{lr:g}" for lr in diverged["lr"])
     return (f"{len(diverged)} of {n} rates diverged (lr={rates}); the smallest of them, "
             f"lr={first['lr']:g}, blew up{epoch}")

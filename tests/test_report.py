@@ -244,7 +244,7 @@ def test_one_rate_wording_is_singular():
     assert md.startswith("# Learning-rate sweep: 1 rate\n") and "1 rates" not in md
     two = summary([(0.1, "ok", 0.4, 0.1, 0.1, None), (1.0, "diverged", 2.3, 0.9, 0.9, 2)])
     assert report.sweep_finding(two).evidence[-1] == (
-        "1 of 2 rates diverged: lr=1 blew up in epoch 2")  # no "the smallest" of one
+        "1 of 2 rates diverged (lr=1): it blew up in epoch 2")  # no "the smallest" of one
     dead = summary([(1.0, "diverged", 2.3, 0.9, 0.9, 2)])
     assert report.sweep_finding(dead).answer == (
         "No rate trained: the only rate diverged or failed.")
@@ -271,3 +271,50 @@ def test_close_call_uses_the_seed_band_when_there_is_one():
     notes = report.sweep_finding(overlap).notes
     assert any(n.startswith("Close call: lr=0.01 beats lr=0.1 by +10.0%") and
                "bands over seeds overlap" in n for n in notes), notes
+
+
+# --- the search's report tables ---
+
+def _regret():
+    return pd.DataFrame({"name": ["valley", "steepest", "wild"], "lr": [0.02, 0.01, 1.0],
+                         "val_loss": [0.43, 0.432, np.inf], "best_lr": 0.02,
+                         "best_val_loss": 0.43, "regret": [0.0, 0.004702, np.inf]})
+
+
+def _grid(seeds=1):
+    rows = [(lr, s, st, v + 0.01 * s, 0.1, ep) for s in range(seeds) for lr, st, v, ep in
+            [(0.01, "ok", 0.432, None), (0.02, "ok", 0.43, None), (1.0, "diverged", 2.309, 3)]]
+    return pd.DataFrame(rows, columns=["lr", "seed", "status", "val_loss", "val_error",
+                                       "diverged_epoch"])
+
+
+def test_search_tables_render_as_gfm_tables_with_percentages_and_one_divergence():
+    from lrpipe.search import report as search_report
+
+    bands = {"steepest": (0.01, 0.006, 0.012), "min_over_10": (None, None, None)}
+    cross = pd.DataFrame({"rule": ["steepest"], "lr": [0.01], "ratio_to_halving": [0.5],
+                          "log10_ratio": [-0.3]})
+    tables = search_report.search_tables(bands, cross, _regret(), _grid())
+    md = report.build_report("Learning-rate search", "Chosen rate: 0.02", [], _regret(), [],
+                             {}, [], tables=tables)
+    assert "| rule | median lr | min..max over seeds | spread |" in md
+    assert _is_gfm_table(md, "| candidate | lr | val loss | grid best | regret |")
+    assert "| steepest | 0.01 | 0.4320 | 0.02 (0.4300) | +0.5% |" in md
+    assert "| wild | 1 | diverged | 0.02 (0.4300) | diverged |" in md
+    assert "| min_over_10 | no suggestion | - | - |" in md and "| steepest | 0.01 | 0.5x |" in md
+    grid_part = md.split("## Grid (full-data training)")[1]
+    assert "| 1 | diverged | diverged | diverged | 3 |" in grid_part and "2.309" not in grid_part
+    assert "| 0.01 | ok | 0.4320 | 0.1000 | - |" in grid_part
+
+
+def test_search_close_call_inside_the_seed_band_or_two_percent():
+    from lrpipe.search import report as search_report
+
+    one = search_report.search_notes(_regret(), _grid(), 0.02)
+    assert len(one) == 1 and one[0].startswith(
+        "Close call: the chosen lr=0.02 beats lr=0.01 by +0.5% in validation loss, within 2%")
+    far = _grid().assign(val_loss=[0.5, 0.43, 2.3])
+    assert search_report.search_notes(_regret(), far, 0.02) == []
+    banded = search_report.search_notes(_regret(), _grid(seeds=3), 0.02)  # 0.43..0.45 bands
+    assert len(banded) == 1 and "bands over seeds overlap" in banded[0]
+    assert search_report.search_notes(_regret(), _grid(), None) == []
