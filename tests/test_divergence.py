@@ -260,3 +260,23 @@ def test_batched_and_single_runs_agree_on_status_and_step_log(f64, digits64):
         assert (g.status, g.diverged_epoch) == (w.status, w.diverged_epoch)
         pd.testing.assert_frame_equal(g.step_log, w.step_log, rtol=1e-9)
     assert len(want[1].step_log) == (2 * PER_EPOCH) // 7 and want[2].step_log.empty
+
+
+def test_the_step_log_is_logged_as_its_own_metric_at_the_global_step(mlflow_store, monkeypatch):
+    from lrpipe import tracking
+
+    calls = []
+    log_batch = tracking.MlflowClient.log_batch
+    monkeypatch.setattr(tracking.MlflowClient, "log_batch",
+                        lambda self, run_id, **kw: calls.append(len(kw["metrics"]))
+                        or log_batch(self, run_id, **kw))
+    steps = pd.DataFrame({"step": range(3, 7503, 3), "epoch": [s / 40 for s in range(3, 7503, 3)],
+                          "train_loss_smooth": [1.0 / s for s in range(3, 7503, 3)]})
+    run = tracking.start_run("step-log", "steps")
+    tracking.log_step_losses(run, steps)
+    tracking.log_step_losses(run, steps.iloc[:0])  # an empty log writes nothing
+    assert calls == [1000, 1000, 500]  # 2,500 points, at most 1,000 per call
+    history = tracking.client().get_metric_history(run, tracking.STEP_METRIC)
+    assert tracking.STEP_METRIC == "train_loss_step"
+    assert sorted(m.step for m in history) == list(range(3, 7503, 3))
+    assert {m.step: m.value for m in history}[300] == pytest.approx(1 / 300)
