@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from lrpipe.experiments.surfaces import Surface
-from lrpipe.plots.surfaces import optimizer_palette, plot_contour_paths
+from lrpipe.plots.surfaces import FLOOR, optimizer_palette, plot_contour_paths
 
 # Second-order methods stand out from the eight tab10 colours of the first-order optimizers.
 METHOD_STYLE = {"newton": dict(color="black", marker="s"),
@@ -68,7 +68,8 @@ def plot_race_paths(surface: Surface, paths: pd.DataFrame, ax: Axes | None = Non
 def plot_race_losses(paths: pd.DataFrame, x: str = "evals", ax: Axes | None = None) -> Figure:
     """Loss (the gap to the minimum's value 0) against evaluations (or iterations), log-log,
     one line per method: the fair axis for methods that spend several evaluations a step.
-    Exact zeros are not drawn."""
+    The y axis stops at 1e-16 x the largest loss (float64's precision); exact zeros are not
+    drawn."""
     if x not in EVAL_AXES:
         raise ValueError(f"x: got {x!r}; allowed: {', '.join(EVAL_AXES)}")
     _require(paths, {"optimizer", "lr", "step", "loss", "evals"}, "paths",
@@ -81,6 +82,9 @@ def plot_race_losses(paths: pd.DataFrame, x: str = "evals", ax: Axes | None = No
         ax.plot(run[x] + 1, run["loss"], "-", lw=2.2 if second else 1.2, ms=4,
                 label=label, **_colour(name))
     ax.set(xscale="log", yscale="log", xlabel=EVAL_AXES[x] + " + 1", ylabel="loss - minimum")
+    positive = paths.loc[paths["loss"] > 0, "loss"]
+    if len(positive):
+        ax.set_ylim(bottom=max(float(positive.min()), FLOOR * float(positive.max())) / 2)
     names = sorted(paths["surface"].unique()) if "surface" in paths else []
     ax.set_title(", ".join(names) or None)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
