@@ -283,6 +283,18 @@ def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
     assert after == before
 
 
+def test_check_normalizes_and_preflights_one_config_per_cell():
+    from flows.batch_size import check
+
+    kwargs, cfgs = check(batch_sizes=[256, 64, 128], optimizers=["adam"], seeds=[2, 0, 1])
+    assert kwargs["batch_sizes"] == [64, 128, 256] and kwargs["seeds"] == [0, 1, 2]
+    assert kwargs["reference_rates"] == {"adam": 0.001}
+    assert [(c.optim.name, c.batch_size) for c in cfgs] == [("adam", 64), ("adam", 128),
+                                                            ("adam", 256)]
+    with pytest.raises(ConfigError, match="^reference_rates: got rates for"):
+        check(optimizers=["sgd"], reference_rates={"adam": 1e-3})
+
+
 def test_command_line_flags():
     import argparse
 
