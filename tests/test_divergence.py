@@ -249,6 +249,14 @@ def test_a_run_that_barely_moves_is_no_progress_and_one_that_learns_is_ok():
     assert h["val_loss"].iloc[-1] >= 0.7 * h["val_loss"].iloc[0]
     assert list(h["epoch"]) == [0, 1, 2]
     assert learns.status == "ok"
+    # From a given model (fine-tuning) epoch 0 is not chance: the rule does not apply.
+    from lrpipe.engine.data import load_data
+    from lrpipe.engine.models import make_model
+
+    cfg = digits(**{"optim.lr": 1e-5})
+    data = load_data(cfg.data, "cpu")
+    given = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, "cpu")
+    assert train(cfg, data, model=given).status == "ok"
 
 
 def test_batched_and_single_runs_agree_on_status_and_step_log(f64, digits64):

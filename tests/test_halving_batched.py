@@ -65,8 +65,9 @@ def assert_same_search(got, want) -> None:
 
 # Measured ladders (float64, seed 3) at diverge_factor 10 (the old default, pinned here: it
 # makes the first rungs diverge, which this test needs; at 1000 the mlp's lr 10 trains, to
-# train loss 1.22, and its ladder stops at the third rung): mlp 100/10 steps: 5 diverged rungs, 3.125 stable, stop
-# at 1.5625 ("final train loss > initial"): rung 7 of window 2. mlp 10/full: 5.0 is judged
+# train loss 1.22, and its ladder stops at the third rung): mlp 100/10 steps: 5 diverged
+# rungs, 3.125 stable, stop at 1.5625 ("final train loss > initial"): rung 7 of window 2.
+# mlp 10/full: 5.0 is judged
 # diverged by its loss, stop at 0.3125 (rung 6 of window 2). softmax 10/10: stop at 0.3125.
 @pytest.mark.parametrize(("model", "start_lr", "max_steps", "rungs"), [
     ("mlp", 100.0, 10, 7), ("mlp", 10.0, None, 6), ("softmax", 10.0, 10, 6)])

@@ -340,7 +340,9 @@ def test_real_run_lr_column_matches_preview(digits_cfg, name):
     cfg = digits_cfg.replace(epochs=4, **{"optim.lr": 0.05, "optim.lr_mult": {"head": 3.0}},
                              **RUNS[name])
     result = train(cfg)
-    assert result.status == "ok"
+    # Trained to the end. inverse_time's rate falls 26x within epoch 1 (lr 0.05 -> 0.0019):
+    # the run barely learns (val error 0.93 -> 0.89) and ends no_progress, which is right.
+    assert result.status == ("no_progress" if name == "inverse_time" else "ok")
     spe = len(result.lr_trace) // cfg.epochs
     curve = preview(cfg.schedule, cfg.epochs, spe, base_lr=cfg.optim.lr)["lr"].tolist()
     hist = result.history["lr"].tolist()

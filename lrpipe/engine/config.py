@@ -274,7 +274,8 @@ class TrainConfig:
         ``ok`` when its final validation loss is at least this fraction of its epoch-0
         validation loss (x epoch-0 validation loss) and its final validation error at least
         ``no_progress_error_ratio`` x epoch 0's (the error is left out where it is NaN, a
-        user's non-classifying loss). Why 0.7 (same probe): the MLP at lr 1 ended at 0.73-0.86
+        user's non-classifying loss); never for a given model (fine-tuning: its epoch 0 is
+        not chance). Why 0.7 (same probe): the MLP at lr 1 ended at 0.73-0.86
         (errors 0.63-0.70 from about 0.9: barely better than chance) and at lr 2 at 1.2-1.5;
         every run that learned and ended above 0.7 was the softmax net at lr >= 0.3 (0.81 to
         37x: overconfident, errors 0.17-0.35), which the error ratio keeps ``ok``; the MLP at

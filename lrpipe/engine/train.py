@@ -61,18 +61,21 @@ def train(
     Args:
         data: a loaded Dataset on the run's device (loaded from ``cfg.data`` when None).
         model: start from this model (e.g. a pretrained backbone with a new head) instead of a
-            fresh seeded one; it is trained in place.
+            fresh seeded one; it is trained in place. Its run is never ``no_progress`` (that
+            status compares the end with a fresh model's start, near chance).
         on_epoch: called with each History row as soon as it exists (for live logging).
         keep_model: return the trained model in the result.
     Returns:
         TrainResult with the per-epoch history; status ``diverged`` if a loss was non-finite
-        or above ``cfg.diverge_factor`` x the initial one, ``no_progress`` if the run ended
-        near its epoch-0 validation loss (``cfg.no_progress_ratio``), else ``ok``; its
+        or above ``cfg.diverge_factor`` x the initial one, ``no_progress`` if a fresh model ended
+        near its epoch-0 validation loss and error (``cfg.no_progress``), else ``ok``; its
         ``step_log`` holds the smoothed batch loss every ``cfg.log_every`` steps (empty when
         0).
     """
     device = resolve_device(cfg.device)
     data = data if data is not None else load_data(cfg.data, device)
+    # Only a fresh model starts at chance: a given one (fine-tuning) is never no_progress.
+    no_progress = cfg.no_progress if model is None else None
     if model is None:
         model = make_model(cfg.model, data.input_shape, data.num_classes, cfg.seed, device)
     optimizer = make_optimizer(model, cfg.optim)
@@ -87,7 +90,7 @@ def train(
         members, lambda: ((x, y, True) for x, y in iterate_batches(data.train, cfg.batch_size,
                                                                      gen)),
         epochs=cfg.epochs, train_eval=eval_train_split(data, cfg), val=data.val, loss=cfg.loss,
-        diverge_factor=cfg.diverge_factor, no_progress=cfg.no_progress,
+        diverge_factor=cfg.diverge_factor, no_progress=no_progress,
         log_every=cfg.log_every, steps_per_epoch=steps_per_epoch,
         on_epoch=(lambda _, row: on_epoch(row)) if on_epoch else None)
     result.device = str(device)
