@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from kit import Row, interleaved, interleaved_samples, quiet, say, speedup_row
 
+from flows.commands import COMMANDS
 from lrpipe.engine.config import TrainConfig, merge
 from lrpipe.engine.train import train
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def sweep_settings(quick: bool) -> dict:
     """flows.lr_sweep's defaults (8 rates x 5 epochs, MLP, SGD, Fashion-MNIST), or a smoke
     size with --quick."""
-    from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS
+    from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS
 
     if quick:
         return {"lrs": list(DEFAULT_LRS[:4]), "epochs": 1,
@@ -34,7 +35,7 @@ def sweep_settings(quick: bool) -> dict:
 
 
 def configs(settings: dict) -> list[TrainConfig]:
-    from flows.lr_sweep import sweep_configs
+    from lrpipe.experiments.sweep import sweep_configs
 
     base = merge(TrainConfig(), {"epochs": settings["epochs"], **settings["overrides"]})
     return sweep_configs(base, settings["lrs"])
@@ -44,7 +45,7 @@ def warm_up(log: Path) -> None:
     """Pay the one-time costs outside the timings: the MLflow store's schema, Prefect's API
     server (started by the first flow), the Fashion-MNIST tensors (cached per process)."""
     from flows.common import dataset_for
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     digits = {"data": {"dataset": "digits", "val_size": 300}, "batch_size": 64}
     with quiet(log):
@@ -93,7 +94,7 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
     """(d) the sweep per runner and (f) Prefect + MLflow's share of it, for the cases named in
     ``cases``. The sweep trains one task per rate: the default MLP with batching auto is not
     batched on the CPU (``lrpipe.engine.many.batching_rule``), which (f)'s clock needs."""
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     def flow(runner: str):
         def call() -> None:
@@ -107,10 +108,10 @@ def case_d_f(settings: dict, workers: int, repeats: int, log: Path,
         one after another: a task runner of one thread instead of ``workers``."""
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        from flows.lr_sweep import lr_sweep, validate
+        from flows.lr_sweep import lr_sweep
+        from lrpipe.experiments.sweep import check
 
-        validate(settings["lrs"], settings["epochs"], settings["overrides"], "threads",
-                 workers)
+        check(settings["lrs"], settings["epochs"], settings["overrides"])
         with quiet(log):
             lr_sweep.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))(
                 lrs=settings["lrs"], epochs=settings["epochs"],

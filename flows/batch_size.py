@@ -10,7 +10,6 @@ follows. A crashed run of the same plan resumes into its parent and reuses its f
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
@@ -19,27 +18,17 @@ from prefect import flow
 from flows.batched import train_planned
 from flows.common import (
     check_runner,
-    check_workers,
     parallel_tasks,
-    preflight,
     set_torch_threads,
     task_resources,
 )
-from flows.harness import call_flow, parent_run
+from flows.harness import parent_run
 from flows.report import publish_flow_report
 from lrpipe import report, runs, tracking
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, to_dict
 from lrpipe.experiments import batch_size as exp
 from lrpipe.plots.batch_size import plot_best_rate_vs_batch_size
 
-HELP = "the best learning rate against the batch size, with the linear and square-root rules"
-EXAMPLES = """examples:
-  lrpipe batch-size                             # softmax, sgd+adam, batch 32..1024, 3 seeds
-  lrpipe batch-size --optimizers sgd --batch-sizes 64,256,1024 --reference-batch 256 \\
-      --reference-rates sgd=0.02
-  lrpipe batch-size --set model.name=mlp --epochs 5 --seeds 0,1,2,3
-  lrpipe batch-size --grid 0.125,0.25,0.5,1,2,4,8  # a wider grid (x the square-root rate)
-"""
 EXPERIMENT = "batch-size"
 FIGURE = "best_rate_vs_batch_size"
 TABLE_NOTE = ("best lr: the lowest mean final validation loss over seeds; tied: the rates "
@@ -187,58 +176,6 @@ def batch_size(
             "answer": analysis.answer}
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _numbers(flag: str, kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{flag}: got {text!r}; allowed: comma-separated {kind.__name__}s") from None
-    return parse
-
-
-def _rates(text: str) -> dict[str, float]:
-    """``sgd=0.01,adam=0.001`` -> {"sgd": 0.01, "adam": 0.001}."""
-    out = {}
-    for item in _names(text):
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(
-                f"--reference-rates: got {text!r}; allowed: optimizer=rate pairs separated by "
-                "commas, e.g. sgd=0.01,adam=0.001")
-    return out
-
-
-DEFAULT_RATES_TEXT = ",".join(f"{o}={r:g}" for o, r in exp.DEFAULT_REFERENCE_RATES.items())
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--batch-sizes", type=_numbers("--batch-sizes", int),
-                        help="comma-separated batch sizes (default "
-                        f"{','.join(map(str, exp.DEFAULT_BATCH_SIZES))})")
-    parser.add_argument("--optimizers", type=_names, help="comma-separated optimizers "
-                        f"(default {','.join(exp.DEFAULT_OPTIMIZERS)})")
-    parser.add_argument("--seeds", type=_numbers("--seeds", int), help="comma-separated seeds "
-                        f"per rate (default {','.join(map(str, exp.DEFAULT_SEEDS))})")
-    parser.add_argument("--epochs", type=int, help="epochs of every run, at every batch size "
-                        f"(default {exp.DEFAULT_EPOCHS})")
-    parser.add_argument("--reference-batch", type=int, help="the batch size the reference "
-                        f"rates belong to (default {exp.DEFAULT_REFERENCE_BATCH})")
-    parser.add_argument("--reference-rates", type=_rates, help="optimizer=rate at the "
-                        f"reference batch (default {DEFAULT_RATES_TEXT})")
-    parser.add_argument("--grid", type=_numbers("--grid", float), help="rates per batch size, "
-                        "as multiples of the square-root rule's rate (default "
-                        f"{','.join(f'{g:g}' for g in exp.DEFAULT_GRID)})")
-
-
 def check(batch_sizes=None, optimizers=None, seeds=None, epochs=exp.DEFAULT_EPOCHS,
           reference_batch=exp.DEFAULT_REFERENCE_BATCH, reference_rates=None, grid=None,
           overrides=None, experiment=EXPERIMENT) -> tuple[dict, list[TrainConfig]]:
@@ -253,32 +190,3 @@ def check(batch_sizes=None, optimizers=None, seeds=None, epochs=exp.DEFAULT_EPOC
               "reference_rates": dict(plan.reference_rates), "grid": list(plan.grid),
               "overrides": overrides, "experiment": experiment}
     return kwargs, list({(c.optim.name, c.batch_size): c for c in cfgs}.values())
-
-
-def validate(batch_sizes=None, optimizers=None, seeds=None, epochs=exp.DEFAULT_EPOCHS,
-             reference_batch=exp.DEFAULT_REFERENCE_BATCH, reference_rates=None, grid=None,
-             overrides=None, runner="threads", workers=None) -> dict:
-    """Every check that can fail, before anything is recorded: runner, workers, the plan and
-    its configs (``check``), the tracking store, then data, batch sizes and optimizers
-    (``preflight``). Returns the flow's keyword arguments."""
-    check_runner(runner)
-    check_workers(workers)
-    kwargs, cfgs = check(batch_sizes, optimizers, seeds, epochs, reference_batch,
-                         reference_rates, grid, overrides)
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    preflight(cfgs)
-    return kwargs
-
-
-def run(batch_sizes=None, optimizers=None, seeds=None, epochs=exp.DEFAULT_EPOCHS,
-        reference_batch=exp.DEFAULT_REFERENCE_BATCH, reference_rates=None, grid=None,
-        overrides=None, runner="threads", workers=None, experiment=EXPERIMENT) -> dict:
-    """Validate every input, then run the flow with the chosen task runner."""
-    kwargs = validate(batch_sizes, optimizers, seeds, epochs, reference_batch, reference_rates,
-                      grid, overrides, runner, workers)
-    return call_flow(batch_size, **{**kwargs, "experiment": experiment}, runner=runner,
-                     workers=workers)
-
-
-if __name__ == "__main__":
-    run()

@@ -148,10 +148,7 @@ def _train_members(cfgs: list[TrainConfig], names: list[str], parent_run_id: str
                  for run_id, name, cfg in zip(run_ids, names, cfgs, strict=True)]
         results = train_many(cfgs, data, on_epoch=lambda i, row: hooks[i](row), plan=plan)
         for run_id, result in zip(run_ids, results, strict=True):
-            tracking.set_tags(run_id, {"status": result.status, "device": result.device,
-                                       "diverged_epoch": result.diverged_epoch or ""}, uri=uri)
-            if result.status == "diverged":  # as train_and_log: NaN losses where it blew up
-                tracking.log_divergence(run_id, result.diverged_epoch, uri=uri)
+            runs.record_result(run_id, result, uri)
     return [task_result(run_id, name, cfg, result)
             for run_id, name, cfg, result in zip(run_ids, names, cfgs, results, strict=True)]
 

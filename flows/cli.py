@@ -23,22 +23,6 @@ EXAMPLES = """examples:
 """
 
 
-def parse_lrs(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"lrs: got {text!r}; allowed: comma-separated numbers, e.g. 0.01,0.1,1") from None
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds: got {text!r}; allowed: comma-separated integers, e.g. 0,1,2") from None
-
-
 def parse_set(text: str) -> tuple[str, Any]:
     """``optim.lr=0.1`` -> ("optim.lr", 0.1); the value is read as YAML (numbers, lists)."""
     if "=" not in text:
@@ -72,42 +56,16 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="parallel tasks (default: one per core)")
 
 
-# Subcommand -> flow module. Each module defines HELP (one line), EXAMPLES (text),
-# add_arguments(parser) and run(**settings); settings are the parsed flags that were given,
-# merged over the YAML file, with --set overrides collected under "overrides".
-COMMANDS = {
-    "sweep": "flows.lr_sweep",
-    "search": "flows.lr_search",
-    "decay": "flows.decay_compare",
-    "schedules": "flows.schedule_preview",
-    "transfer": "flows.transfer",
-    "optimizers": "flows.optimizer_compare",
-    "pipeline": "flows.pipeline",
-    "schedule": "flows.serve",
-}
-
-
-def available_commands() -> dict:
-    """The flow modules that exist in this checkout, imported lazily."""
-    import importlib.util
-
-    return {name: mod for name, mod in COMMANDS.items() if importlib.util.find_spec(mod)}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    """One subparser per declared command (``flows.commands``), plus the common flags."""
+    from flows.commands import COMMANDS
 
     parser = argparse.ArgumentParser(
         prog="lrpipe", allow_abbrev=False, description="A learning-rate laboratory for PyTorch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in available_commands().items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP, allow_abbrev=False,
-                           epilog=getattr(module, "EXAMPLES", ""),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        common_args(p)
+    for command in COMMANDS.values():
+        common_args(command.add_parser(sub))
     return parser
 
 
@@ -215,15 +173,14 @@ def _run_in_thread(fn, **kwargs):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
-    import importlib
-
     import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
+    from flows.commands import COMMANDS
     from lrpipe.engine.config import ConfigError
     from lrpipe.engine.data import DataUnavailable
     from lrpipe.engine.loop import clear_stop
     from lrpipe.tracking import TrackingError
 
-    run = importlib.import_module(COMMANDS[args.command]).run
+    run = COMMANDS[args.command].run
     if args.command in SERVES:  # Prefect's runner handles its own signals, in this thread
         try:
             run(**settings)

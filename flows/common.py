@@ -347,7 +347,11 @@ def result_from_run(run, cfg: TrainConfig, name: str, uri: str | None = None) ->
     """The task result of a FINISHED child run, rebuilt from its metric histories and tags."""
     tags = run.data.tags
     diverged = tags.get("diverged_epoch", "")
-    done = TrainResult(history=tracking.run_history(run.info.run_id, uri),
+    steps = tracking.run_step_log(run.info.run_id, uri)
+    if len(steps):  # the fractional epoch of each logged step, as the loop wrote it
+        per_epoch = -(-len(dataset_for(cfg).train) // cfg.batch_size)
+        steps.insert(1, "epoch", steps["step"] / per_epoch)
+    done = TrainResult(history=tracking.run_history(run.info.run_id, uri), step_log=steps,
                        status=tags.get("status", "ok"),
                        diverged_epoch=int(diverged) if diverged.isdigit() else None,
                        device=tags.get("device", "cpu"))
@@ -360,7 +364,8 @@ def task_result(run_id: str, name: str, cfg: TrainConfig, result: TrainResult,
             "config_hash": cfg.hash(), **result.final(), "reused": reused,
             "history": history_records(result.history, lr=cfg.optim.lr, seed=cfg.seed,
                                        status=result.status,
-                                       diverged_epoch=result.diverged_epoch)}
+                                       diverged_epoch=result.diverged_epoch),
+            "steps": history_records(result.step_log, lr=cfg.optim.lr, seed=cfg.seed)}
 
 
 @task(name="train", task_run_name="train {name}", cache_policy=ResumeCache(),
@@ -388,8 +393,5 @@ def train_and_log(
                                uri=uri) as run_id:
         result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),
                                                  epoch_printer(name, cfg.epochs)))
-        tracking.set_tags(run_id, {"status": result.status, "device": result.device,
-                                   "diverged_epoch": result.diverged_epoch or ""}, uri=uri)
-        if result.status == "diverged":
-            tracking.log_divergence(run_id, result.diverged_epoch, uri=uri)
+        runs.record_result(run_id, result, uri)
     return task_result(run_id, name, cfg, result)

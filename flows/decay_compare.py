@@ -22,7 +22,6 @@ from matplotlib.figure import Figure
 from prefect import flow, task
 
 from flows.batched import gather, group_run_name, plan_tasks, train_group_and_log
-from flows.cli import parse_seeds
 from flows.common import (
     check_runner,
     parallel_tasks,
@@ -37,20 +36,15 @@ from flows.decay_results import (
     rank_schedules,
     versus_constant,
 )
-from flows.harness import call_flow, flow_parent
+from flows.harness import flow_parent
 from flows.report import publish_flow_report
 from flows.schedule_preview import (
     DEFAULT_EPOCHS,
     DEFAULT_FINAL_DECAY,
-    DEFAULT_SUBSET,
     EXPERIMENT,
-    FALLBACK_LR,
-    SEARCH_EXPERIMENT,
-    add_schedule_arguments,
     base_config,
     check_names,
     decay_table,
-    parse_names,
     print_table,
     resolve_lr,
     select_schedules,
@@ -71,7 +65,6 @@ from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
 from lrpipe.plots import decay as decay_plots
 
-HELP = "train every decay schedule at the chosen rate over 3 seeds and rank them"
 DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band
 DEFAULT_LOSSES = ("cross_entropy", "mse")
 # Rate per loss, relative: the summed squared error's Hessian in the outputs is 2I, against at
@@ -79,19 +72,6 @@ DEFAULT_LOSSES = ("cross_entropy", "mse")
 # curvature units. Measured: MLP, SGD, plateau, lr=0.1, 20k Fashion-MNIST: mse diverged in
 # epoch 1 for all 3 seeds; at 0.025 and 0.05 it trained (val error 0.17 after 3 epochs).
 LOSS_LR_SCALE = {"cross_entropy": 1.0, "mse": 0.25}
-EXAMPLES = f"""examples:
-  lrpipe decay                                  # MLP, SGD, rate from lr-search (else 0.1)
-  lrpipe decay --lr 0.1 --epochs 10 --seeds 0,1,2 --schedules cosine,step
-  lrpipe decay --set model.dropout=0.2 --set optim.weight_decay=5e-4   # against overfitting
-  lrpipe decay --losses cross_entropy           # skip the squared-error comparison
-  lrpipe decay --set data.subset=null           # all 50,000 training examples (~2.5x longer)
-
-Default budget: {DEFAULT_EPOCHS} epochs on a seeded {DEFAULT_SUBSET:,}-example subset of the
-Fashion-MNIST training split (data.subset), validation on the usual 10,000 held-out examples.
-"""
-
-
-parse_ints = parse_seeds  # the CLI's one seeds parser
 
 
 def check_seeds(seeds) -> tuple[int, ...]:
@@ -345,29 +325,12 @@ def decay_compare(
             "versus_constant": vs}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--lr", type=float, help="base learning rate (default: the latest "
-                        f"chosen_lr of experiment {SEARCH_EXPERIMENT}, else {FALLBACK_LR:g})")
-    parser.add_argument("--epochs", type=int, help=f"epochs per run (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--seeds", type=parse_ints, help="comma-separated seeds (default "
-                        f"{','.join(map(str, DEFAULT_SEEDS))})")
-    add_schedule_arguments(parser)
-    parser.add_argument("--losses", type=parse_names, help="training losses compared for the "
-                        f"best schedule (default {','.join(DEFAULT_LOSSES)})")
-
-
-def run(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
-        final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
-        runner="threads", workers=None, experiment=EXPERIMENT) -> dict:
-    """Validate every input, then run the flow with the chosen task runner."""
-    check_runner(runner)
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
-    return call_flow(decay_compare,
-                     lr=lr, epochs=epochs, seeds=tuple(seeds), schedules=schedules,
-                     final_decay=final_decay, losses=tuple(losses), overrides=overrides,
-                     runner=runner, workers=workers, experiment=experiment)
-
-
-if __name__ == "__main__":
-    run()
+def check(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
+          final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
+          experiment=EXPERIMENT) -> tuple[dict, list[TrainConfig]]:
+    """Every input checked and the budget sized (``make_plan``), before anything is recorded:
+    the flow's keyword arguments and its base config."""
+    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
+    return {"lr": lr, "epochs": epochs, "seeds": tuple(seeds), "schedules": schedules,
+            "final_decay": final_decay, "losses": tuple(losses), "overrides": overrides,
+            "experiment": experiment}, [plan.base]

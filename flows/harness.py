@@ -128,3 +128,42 @@ def flow_parent(flow_name: str, experiment: str, name: str, *,
     changes no number, left out): the same settings after a crash resume the same parent."""
     work = {k: v for k, v in (params or {}).items() if k != "runner"}
     return parent_run(experiment, flow_name, work, name, params=params, tags=tags, uri=uri)
+
+
+def run_command(command, settings: Mapping[str, Any]) -> Any:
+    """Check every setting of ``command`` (a ``flows.commands.Command``), then run it.
+
+    In order, before anything is recorded: the runner and workers, the names of the settings
+    (one the command does not take is a ConfigError listing those it does), the command's own
+    ``check`` (its configs and plan), the tracking store, then the data, batch size and
+    optimizer of every config (``preflight``). Then the flow runs on the chosen task runner
+    (``call_flow``), or, for a ``direct`` command, its function is called.
+    """
+    import inspect
+
+    from flows.common import check_runner, check_workers, preflight
+    from lrpipe import tracking
+    from lrpipe.engine.config import ConfigError
+
+    settings = {k: v for k, v in settings.items() if v is not None or k == "overrides"}
+    runner = settings.pop("runner", "threads")
+    workers = settings.pop("workers", None)
+    check_runner(runner)
+    check_workers(workers)
+    check = command.load("check")
+    accepted = inspect.signature(check).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(set(settings) - set(accepted) - {"runner", "workers"})
+    if unknown and not takes_any:
+        allowed = [k for k in accepted if k != "experiment"]
+        raise ConfigError(f"{unknown[0]}: not a setting of `lrpipe {command.name}`; allowed: "
+                          f"{', '.join(allowed)}, runner, workers")
+    if command.direct and "runner" in accepted:  # it serves flows: their runner is its
+        settings.update(runner=runner, workers=workers)
+    kwargs, configs = check(**settings)
+    tracking.check_tracking_uri(tracking.tracking_uri())
+    preflight(configs)
+    fn = command.load("flow")
+    if command.direct:
+        return fn(**kwargs, runner=runner, workers=workers)
+    return call_flow(fn, **kwargs, runner=runner, workers=workers)

@@ -14,90 +14,44 @@ import pandas as pd
 from prefect import flow
 
 from flows.batched import train_planned
-from flows.common import (
-    check_runner,
-    check_workers,
-    parallel_tasks,
-    preflight,
-    set_torch_threads,
-    task_resources,
-)
-from flows.harness import call_flow, parent_run
-from flows.report import publish_report
+from flows.common import check_runner, parallel_tasks, set_torch_threads, task_resources
+from flows.harness import parent_run
+from flows.report import publish_report, where_to_click
 from lrpipe import report, runs, tracking
-from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge, to_dict
+from lrpipe.engine.config import to_dict
+from lrpipe.experiments.sweep import (
+    DEFAULT_EPOCHS,
+    EXPERIMENT,
+    base_config,
+    best_rate,
+    summarize,
+    summary_text,
+    sweep_configs,
+)
 from lrpipe.plots import sweep as plots
 from lrpipe.plots.ratios import plot_update_ratio_by_lr
-
-HELP = "train one model per learning rate and overlay their learning curves"
-EXAMPLES = """examples:
-  lrpipe sweep                                  # MLP, SGD, Fashion-MNIST, 8 rates, 5 epochs
-  lrpipe sweep --lrs 0.01,0.1,1 --epochs 3
-  lrpipe sweep --set model.name=softmax --set optim.name=adam --lrs 1e-4,1e-3,1e-2
-  lrpipe sweep --config sweep.yaml              # YAML: {lrs: [...], epochs: 5, overrides: {...}}
-"""
-EXPERIMENT = "lr-sweep"
-# 1.0 and 3.0 diverge for the default MLP, within its first 13 and 3 updates: shown, marked
-DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-DEFAULT_EPOCHS = 5
-
-
-def sweep_configs(base: TrainConfig, lrs) -> list[TrainConfig]:
-    """One config per rate; bad rates are a ConfigError naming ``lrs`` before any work."""
-    if isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__iter__") or len(lrs) == 0:
-        raise ConfigError(f"lrs: got {lrs!r}; allowed: a non-empty list of finite rates > 0")
-    for lr in lrs:
-        check_number("lrs", lr, low=0.0, low_open=True)
-    if len(set(lrs)) != len(lrs):
-        raise ConfigError(f"lrs: got {list(lrs)}; allowed: distinct rates")
-    return [merge(base, {"optim.lr": float(lr)}) for lr in sorted(lrs)]
-
-
-def summarize(results: list[dict]) -> pd.DataFrame:
-    cols = ["lr", "status", "val_loss", "val_error", "best_val_error", "diverged_epoch",
-            "run_id"]
-    return pd.DataFrame(results)[cols].sort_values("lr").reset_index(drop=True)
-
-
-def best_rate(summary: pd.DataFrame) -> pd.Series | None:
-    ok = summary[summary["status"] == "ok"]
-    return None if ok.empty else ok.loc[ok["val_loss"].idxmin()]
-
-
-def print_summary(summary: pd.DataFrame, parent_id: str, seconds: float,
-                  experiment: str = EXPERIMENT) -> None:
-    """Per-rate table, the best rate, and the links to the parent run and its report."""
-    print(f"\nlr_sweep: {len(summary)} rates in {seconds:.0f} s")
-    print(summary.drop(columns=["run_id"]).to_string(index=False, float_format="%.4g"))
-    best = best_rate(summary)
-    if best is None:
-        print("Every rate diverged: lower the rates (e.g. LRS=0.0001,0.001,0.01).")
-    else:
-        print(f"Best rate: lr={best['lr']:g}  validation loss {best['val_loss']:.4f}, "
-              f"validation accuracy {1 - best['val_error']:.4f}")
-    url = tracking.run_url(parent_id, experiment)
-    print(f"MLflow: {url}  (start the UI with `make ui`)")
-    print(f"Report: {url.split('?')[0]}/artifacts/report.md?workflowType=machine_learning")
+from lrpipe.report import final_metrics
 
 
 @flow(name="lr-sweep")
 def lr_sweep(
-    lrs: list[float] | None = None,
+    lrs: list[float],
     epochs: int = DEFAULT_EPOCHS,
     overrides: dict | None = None,
     runner: str = "threads",
     workers: int | None = None,
     experiment: str = EXPERIMENT,
+    highlight: float | None = None,
 ) -> dict:
     """Train ``overrides``' config (default: MLP, SGD, Fashion-MNIST) at every rate in ``lrs``.
 
-    Resumable: a crashed sweep of the same configs is resumed into its parent run, reusing the
-    rates that finished. Returns the parent run id, the per-rate summary records and the best
-    rate.
+    ``highlight``: the rate drawn thick in the figures (the pipeline's chosen one); default
+    the best rate of the sweep. Resumable: a crashed sweep of the same configs is resumed into
+    its parent run, reusing the rates that finished. Returns the parent run id, the per-rate
+    summary records and the best rate.
     """
     check_runner(runner)
-    lrs = list(DEFAULT_LRS) if lrs is None else lrs
-    base = merge(TrainConfig(), {"epochs": epochs, **(overrides or {})})
+    base = base_config(epochs, overrides)
     cfgs = sweep_configs(base, lrs)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
@@ -112,14 +66,18 @@ def lr_sweep(
                                     threads=threads, workers=parallel_tasks(runner, workers),
                                     tags={"sweep": parent}, uri=uri, label="lr-sweep")
         history = pd.DataFrame([row for r in results for row in r["history"]])
-        figures = plots.sweep_figures(history)
+        steps = pd.DataFrame([row for r in results for row in r.get("steps", [])])
+        summary = summarize(results)
+        best = best_rate(summary)
+        chosen = highlight if highlight is not None else (
+            None if best is None else float(best["lr"]))
+        figures = plots.sweep_figures(history, chosen_lr=chosen,
+                                      steps=steps if len(steps) else None)
         if any(c.startswith("ratio/") for c in history.columns):
             figures["update_ratio"] = plot_update_ratio_by_lr(history)
         for name, fig in figures.items():
             tracking.log_figure(parent, fig, name)
-        summary = summarize(results)
-        tracking.log_table(parent, summary, "summary.csv")
-        best = best_rate(summary)
+        tracking.log_table(parent, final_metrics(summary), "summary.csv")
         if best is not None:
             tracking.log_metrics(parent, {"best_lr": best["lr"], "best_val_loss":
                                           best["val_loss"], "best_val_error": best["val_error"]},
@@ -128,40 +86,7 @@ def lr_sweep(
             summary, tracking.run_url(parent, experiment),
             lambda r: tracking.run_url(r, experiment),
             [f"figures/{n}.png" for n in figures]), key="lr-sweep")
-    print_summary(summary, parent, time.perf_counter() - start, experiment)
+    print(summary_text(summary, time.perf_counter() - start))
+    print(where_to_click(parent, experiment), flush=True)
     return {"parent_run_id": parent, "summary": summary.to_dict("records"),
             "best_lr": None if best is None else float(best["lr"])}
-
-
-def add_arguments(parser) -> None:
-    from flows.cli import parse_lrs
-
-    parser.add_argument("--lrs", type=parse_lrs, help="comma-separated learning rates "
-                        f"(default {','.join(f'{x:g}' for x in DEFAULT_LRS)})")
-    parser.add_argument("--epochs", type=int, help=f"epochs per rate (default {DEFAULT_EPOCHS})")
-
-
-def validate(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
-             workers=None) -> list[TrainConfig]:
-    """Every check that can fail, before anything is recorded: configs, runner, workers,
-    tracking store, then data, batch size and optimizer (``preflight``). Returns the configs."""
-    check_runner(runner)
-    check_workers(workers)
-    base = merge(TrainConfig(), {"epochs": epochs, **(overrides or {})})
-    cfgs = sweep_configs(base, lrs)
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    preflight(cfgs)
-    return cfgs
-
-
-def run(lrs=DEFAULT_LRS, epochs=DEFAULT_EPOCHS, overrides=None, runner="threads",
-        workers=None, experiment=EXPERIMENT) -> dict:
-    """Validate every input, then run the flow with the chosen task runner (process runners
-    share one Prefect API, started here if none is configured)."""
-    validate(lrs, epochs, overrides, runner, workers)
-    return call_flow(lr_sweep, lrs=list(lrs), epochs=epochs,
-                     overrides=overrides, runner=runner, workers=workers, experiment=experiment)
-
-
-if __name__ == "__main__":
-    run()

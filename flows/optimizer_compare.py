@@ -34,7 +34,7 @@ from flows.common import (
     set_torch_threads,
     train_and_log,
 )
-from flows.harness import call_flow, flow_parent
+from flows.harness import flow_parent
 from flows.optimizer_surfaces import (
     compare_on_surface_task,
     describe_surface,
@@ -59,13 +59,6 @@ from lrpipe.experiments.surfaces import LR_GRID, SURFACES
 from lrpipe.plots.ratios import plot_update_ratio
 from lrpipe.plots.surfaces import optimizer_palette
 
-HELP = "compare optimizers on 2-D surfaces and on Fashion-MNIST, each at its own searched rate"
-EXAMPLES = """examples:
-  lrpipe optimizers                             # 8 optimizers, 4 surfaces, MLP on 10k examples
-  lrpipe optimizers --optimizers sgd,adam,rprop --surfaces rosenbrock --seeds 3
-  lrpipe optimizers --skip-real                 # the surfaces only (seconds)
-  lrpipe optimizers --skip-surfaces --set model.name=softmax --set data.subset=20000
-"""
 EXPERIMENT = "optimizers"
 DEFAULT_SEEDS = 3  # a band needs at least 2; 3 is the house minimum for a comparison
 DEFAULT_EPOCHS = 5  # epochs of each final run (passes over the subset)
@@ -351,40 +344,13 @@ def optimizer_compare(
             "rprop": out.get("rprop", pd.DataFrame()).to_dict("records")}
 
 
-def add_arguments(parser) -> None:
-    def names(text: str) -> list[str]:
-        return [x.strip() for x in text.split(",") if x.strip()]
-
-    parser.add_argument("--optimizers", type=names, help="comma-separated optimizers "
-                        f"(default {','.join(OPTIMIZERS)})")
-    parser.add_argument("--surfaces", type=names, help="comma-separated surfaces "
-                        f"(default {','.join(SURFACES)})")
-    parser.add_argument("--seeds", type=int, help=f"seeds per optimizer on real data, >= 2 "
-                        f"(default {DEFAULT_SEEDS})")
-    parser.add_argument("--epochs", type=int, help=f"epochs of each final run (default "
-                        f"{DEFAULT_EPOCHS})")
-    parser.add_argument("--rprop-epochs", type=int, help="epochs of the Rprop full- vs "
-                        f"mini-batch runs (default {RPROP_EPOCHS})")
-    parser.add_argument("--skip-surfaces", action="store_true", default=None,
-                        help="skip the 2-D surfaces")
-    parser.add_argument("--skip-real", action="store_true", default=None,
-                        help="skip the real-data comparison")
-
-
-def run(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,
-        rprop_epochs=RPROP_EPOCHS, skip_surfaces=False, skip_real=False, overrides=None,
-        runner="threads", workers=None) -> dict:
-    """Validate every input, then run the flow with the chosen task runner."""
-    check_runner(runner)
+def check(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,
+          rprop_epochs=RPROP_EPOCHS, skip_surfaces=False, skip_real=False,
+          overrides=None) -> tuple[dict, list[TrainConfig]]:
+    """Every input checked (``make_plan``): the flow's keyword arguments."""
     make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
               overrides)
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    return call_flow(optimizer_compare,
-                     optimizers=optimizers, surfaces=surfaces, seeds=seeds, epochs=epochs,
-                     rprop_epochs=rprop_epochs, skip_surfaces=skip_surfaces,
-                     skip_real=skip_real, overrides=overrides, runner=runner,
-                     workers=workers)
+    return {"optimizers": optimizers, "surfaces": surfaces, "seeds": seeds, "epochs": epochs,
+            "rprop_epochs": rprop_epochs, "skip_surfaces": skip_surfaces,
+            "skip_real": skip_real, "overrides": overrides}, []
 
-
-if __name__ == "__main__":
-    run()

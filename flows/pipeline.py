@@ -15,10 +15,9 @@ finished and resumes the one that was cut short, reusing its finished runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 from prefect import flow
@@ -26,76 +25,23 @@ from prefect import flow
 from flows import decay_compare as decay_flow
 from flows import lr_search as search_flow
 from flows import transfer as transfer_flow
-from flows.common import check_runner, check_workers, dataset_for, make_task_runner, preflight
-from flows.harness import call_flow, flow_parent
-from flows.lr_sweep import DEFAULT_EPOCHS, DEFAULT_LRS, lr_sweep, sweep_configs
+from flows.common import dataset_for, make_task_runner
+from flows.harness import flow_parent
+from flows.lr_sweep import lr_sweep
 from flows.report import publish_flow_report
 from lrpipe import tracking
-from lrpipe.engine.config import ConfigError, TrainConfig, check_number, is_plugin, merge
-
-HELP = "the whole pipeline: LR search, full training at the chosen rate, decay, transfer"
-EXAMPLES = """examples:
-  lrpipe pipeline                               # search, full training, decay, transfer
-  lrpipe pipeline --skip decay,transfer         # just the search and the full training
-  lrpipe pipeline --lrs 0.03,0.1,0.3 --epochs 3 # full training at these rates instead
-  lrpipe pipeline --config pipeline.yaml        # YAML: {search: {subset: 3000}, skip: [...]}
-"""
-EXPERIMENT = "pipeline"
-STAGES = ("search", "sweep", "decay", "transfer")
-SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
-
-
-# --- pure helpers -------------------------------------------------------------------------
-
-def check_skip(skip) -> list[str]:
-    """``skip`` as a list of stage names; an unknown name is a ConfigError listing STAGES."""
-    if isinstance(skip, str):
-        skip = [s for s in skip.split(",") if s.strip()]
-    for stage in skip or ():
-        if stage not in STAGES:
-            raise ConfigError(f"skip: got {stage!r}; allowed: {', '.join(STAGES)}")
-    return list(skip or ())
-
-
-def check_search_settings(search: Mapping | None, overrides: Mapping | None) -> dict:
-    """lr_search's settings (subset, seeds, ...) checked as lr_search.validate would, short
-    of loading data."""
-    search = dict(search or {})
-    for key in search:
-        if key not in SEARCH_KEYS:
-            raise ConfigError(f"search.{key}: unknown setting; allowed: {', '.join(SEARCH_KEYS)}")
-    defaults = {"subset": search_flow.DEFAULT_SUBSET, "seeds": search_flow.DEFAULT_SEEDS,
-                "range_steps": search_flow.DEFAULT_RANGE_STEPS,
-                "regret_epochs": search_flow.DEFAULT_REGRET_EPOCHS,
-                "grid_span": search_flow.DEFAULT_GRID_SPAN}
-    full = {**defaults, **search}
-    search_flow.search_configs(overrides, full["subset"], full["regret_epochs"])
-    search_flow.check_search(full["seeds"], full["range_steps"], full["grid_span"])
-    return search
-
-
-def full_training_rates(lrs: Sequence[float] | None, search: dict | None) -> list[float]:
-    """``lrs`` when given, else the search's neighbours (chosen rate, the coarse-grid rates
-    either side, the grid's best), else lr_sweep's default grid."""
-    if lrs:
-        return [float(x) for x in lrs]
-    if search is not None:
-        return list(search["neighbours"])
-    return list(DEFAULT_LRS)
-
-
-def sweep_regret(summary: list[dict], lr: float | None) -> dict | None:
-    """The chosen rate's full-training val loss against the best of the rates trained:
-    {lr, val_loss, best_lr, best_val_loss, regret}; None when ``lr`` was not trained."""
-    ok = [r for r in summary if r["status"] == "ok"]
-    mine = [r for r in ok if lr is not None and abs(r["lr"] / lr - 1) < 1e-9]
-    if not ok or not mine:
-        return None
-    best = min(ok, key=lambda r: r["val_loss"])
-    return {"lr": lr, "val_loss": mine[0]["val_loss"], "best_lr": best["lr"],
-            "best_val_loss": best["val_loss"],
-            "regret": mine[0]["val_loss"] / best["val_loss"] - 1.0}
-
+from lrpipe.engine.config import TrainConfig, check_number, is_plugin, merge
+from lrpipe.experiments.pipeline import (
+    DEFAULT_EPOCHS,
+    EXPERIMENT,
+    STAGES,
+    check_search_settings,
+    check_skip,
+    full_training_rates,
+    sweep_regret,
+)
+from lrpipe.experiments.sweep import sweep_configs
+from lrpipe.search import plan as search_plan
 
 # --- stages -------------------------------------------------------------------------------
 
@@ -241,30 +187,11 @@ def _sweep_answer(swept: dict, chosen: float | None, epochs: int) -> str:
             f"(chosen {check['regret']:+.1%})")
 
 
-def parse_skip(text: str) -> list[str]:
-    try:
-        return check_skip(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_arguments(parser) -> None:
-    from flows.cli import parse_lrs
-
-    parser.add_argument("--lrs", type=parse_lrs, help="full-training rates (default: the "
-                        "search's chosen rate and its neighbours)")
-    parser.add_argument("--epochs", type=int, help="full-training epochs (default "
-                        f"{DEFAULT_EPOCHS})")
-    parser.add_argument("--skip", type=parse_skip, help="comma-separated stages to leave out: "
-                        + ", ".join(STAGES))
-
-
-def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=None,
-             runner="threads", workers=None) -> tuple[list[str], dict]:
+def check(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None,
+          search=None) -> tuple[dict, list[TrainConfig]]:
     """The search's and the full training's checks, before anything is recorded (the later
-    stages validate their own settings when they start). Returns (skip, search settings)."""
-    check_runner(runner)
-    check_workers(workers)
+    stages validate their own settings when they start): the flow's keyword arguments and
+    the configs to preflight."""
     skip = check_skip(skip)
     check_number("epochs", epochs, low=1, integer=True)
     base = merge(TrainConfig(), {**(overrides or {}), "epochs": epochs})
@@ -276,25 +203,10 @@ def validate(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=No
     if "search" not in skip:
         search = check_search_settings(search, overrides)
         if "subset" not in search:  # the default follows the data: all of a smaller set
-            search["subset"] = min(search_flow.DEFAULT_SUBSET, len(dataset_for(base).train))
+            search["subset"] = min(search_plan.DEFAULT_SUBSET, len(dataset_for(base).train))
         cfgs.append(base.replace(**{"data.subset": search.get("subset",
-                                                              search_flow.DEFAULT_SUBSET)}))
+                                                              search_plan.DEFAULT_SUBSET)}))
     if "transfer" not in skip:  # its own settings, before the search spends minutes
         transfer_flow.validate(overrides=dict(overrides or {}))
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    preflight(cfgs)
-    return skip, dict(search or {})
-
-
-def run(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None, search=None,
-        runner="threads", workers=None) -> dict:
-    """Validate every input, then run the pipeline (process runners share one Prefect API,
-    started here if none is configured)."""
-    skip, search = validate(lrs, epochs, skip, overrides, search, runner, workers)
-    return call_flow(pipeline,
-                     lrs=None if lrs is None else list(lrs), epochs=epochs, skip=skip,
-                     overrides=overrides, search=search, runner=runner, workers=workers)
-
-
-if __name__ == "__main__":
-    run()
+    return {"lrs": None if lrs is None else list(lrs), "epochs": epochs, "skip": skip,
+            "overrides": overrides, "search": dict(search or {})}, cfgs

@@ -57,7 +57,8 @@ def publish_report(parent_run_id: str, experiment: str, markdown: str, key: str,
 
 
 def publish_flow_report(parent_run_id: str, experiment: str, title: str, answer: str,
-                        table, evidence=(), notes=(), key: str | None = None) -> dict:
+                        table, evidence=(), notes=(), key: str | None = None,
+                        tables=None) -> dict:
     """A flow's report from its answer and table, embedding every figure already logged on
     the parent run (``figures/*.png``) and linking the parent's page; then ``publish_report``."""
     url = tracking.run_url(parent_run_id, experiment)
@@ -65,5 +66,12 @@ def publish_flow_report(parent_run_id: str, experiment: str, title: str, answer:
     figures = [f.path for f in listed if f.path.endswith(".png")]
     markdown = build_report(title, answer, list(evidence), table, figures,
                             {"parent run (figures, tables, child runs)": url}, list(notes),
-                            run_url=url)
+                            run_url=url, tables=tables)
     return publish_report(parent_run_id, experiment, markdown, key or experiment)
+
+
+def where_to_click(parent_run_id: str, experiment: str, uri: str | None = None) -> str:
+    """The lines every flow ends with: its parent run in MLflow and its report."""
+    url = tracking.run_url(parent_run_id, experiment, uri=uri)
+    return (f"MLflow: {url}  (start the UI with `make ui`)\n"
+            f"Report: {url.split('?')[0]}/artifacts/{REPORT_PATH}?workflowType=machine_learning")

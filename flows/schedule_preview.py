@@ -29,7 +29,6 @@ from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_deca
 from lrpipe.experiments import decay
 from lrpipe.plots import decay as decay_plots
 
-HELP = "preview every decay schedule's rate against epoch (no training) and its total decay"
 EXPERIMENT = "lr-decay"
 SEARCH_EXPERIMENT = "lr-search"
 FALLBACK_LR = 0.1  # the MLP's best SGD rate on Fashion-MNIST in the lr-sweep
@@ -39,15 +38,6 @@ DEFAULT_FINAL_DECAY = 100.0  # peak/last rate: the usual ~100x target
 # training subset: about 0.85 s of CPU per epoch, so ~2 minutes on 2 quiet cores.
 DEFAULT_SUBSET = 20_000
 DEFAULT_OUT = "out/schedules.png"
-EXAMPLES = """examples:
-  lrpipe schedules                              # 8 epochs, 100x, rate from lr-search
-  lrpipe schedules --epochs 20 --final-decay 1000 --schedules cosine,step,plateau
-  lrpipe schedules --set batch_size=32 --out /tmp/schedules.png
-"""
-
-
-def parse_names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def check_names(field: str, names, allowed) -> list[str]:
@@ -190,32 +180,25 @@ def print_table(table: pd.DataFrame) -> None:
             print(f"warning: {warning}", flush=True)
 
 
-def add_schedule_arguments(parser) -> None:
-    """--schedules and --final-decay, shared with ``lrpipe decay``."""
-    parser.add_argument("--schedules", type=parse_names,
-                        help="comma-separated schedule names (default: all of constant, step, "
-                        "multistep, exponential, cosine, onecycle, warmup_cosine, "
-                        "inverse_time, plateau)")
-    parser.add_argument("--final-decay", dest="final_decay", type=float,
-                        help=f"peak/last rate of every schedule (default {DEFAULT_FINAL_DECAY:g})")
+def check(epochs=DEFAULT_EPOCHS, schedules=None, final_decay=DEFAULT_FINAL_DECAY, lr=None,
+          out=DEFAULT_OUT, overrides=None, experiment=EXPERIMENT) -> tuple[dict, list]:
+    """The preview's settings checked (names, budget, rate), before anything is written."""
+    base = base_config(epochs, overrides)
+    select_schedules(schedules, final_decay, base.epochs)
+    if lr is not None:
+        check_number("lr", lr, low=0.0, low_open=True)
+    steps_per_epoch(base, load=False)
+    return {"epochs": epochs, "schedules": schedules, "final_decay": final_decay, "lr": lr,
+            "out": out, "overrides": overrides, "experiment": experiment}, []
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, help=f"budget in epochs (default {DEFAULT_EPOCHS})")
-    add_schedule_arguments(parser)
-    parser.add_argument("--lr", type=float, help="base rate drawn (default: the latest "
-                        f"chosen_lr of experiment {SEARCH_EXPERIMENT}, else {FALLBACK_LR:g})")
-    parser.add_argument("--out", help=f"where the PNG goes (default {DEFAULT_OUT})")
-
-
-def run(epochs=DEFAULT_EPOCHS, schedules=None, final_decay=DEFAULT_FINAL_DECAY, lr=None,
-        out=DEFAULT_OUT, overrides=None, runner="threads", workers=None,
-        experiment=EXPERIMENT) -> dict:
-    """Validate, preview, print the decay table and where the figure went. ``runner`` and
-    ``workers`` (common to every command) are accepted and unused: nothing is fanned out."""
+def preview(epochs=DEFAULT_EPOCHS, schedules=None, final_decay=DEFAULT_FINAL_DECAY, lr=None,
+            out=DEFAULT_OUT, overrides=None, runner="threads", workers=None,
+            experiment=EXPERIMENT) -> dict:
+    """Preview, print the decay table and where the figure went. ``runner`` and ``workers``
+    (common to every command) are accepted and unused: nothing is fanned out."""
     del runner, workers
     start = time.perf_counter()
-    tracking.check_tracking_uri(tracking.tracking_uri())
     result = preview_schedules(epochs, schedules, final_decay, lr, out, overrides, experiment)
     print(f"schedule preview: lr={result['lr']:g} ({result['lr_source']}), "
           f"{result['epochs']} epochs x {result['steps_per_epoch']} updates")
@@ -227,4 +210,4 @@ def run(epochs=DEFAULT_EPOCHS, schedules=None, final_decay=DEFAULT_FINAL_DECAY, 
 
 
 if __name__ == "__main__":
-    run()
+    preview()

@@ -27,12 +27,9 @@ from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import TrainConfig, from_dict, to_dict
 from lrpipe.engine.many import trains_batched
 from lrpipe.search.choose import halving_search
+from lrpipe.search.plan import HALVING_OPTS, RANGE_OPTS
 from lrpipe.search.rangetest import range_test_config
 from lrpipe.search.seeds import member_cfgs, range_test_batched
-
-RANGE_OPTS = {"min_lr": 1e-5, "max_lr": 10.0}  # reference rates at the ramp's ends
-HALVING_OPTS = {"start_lr": 10.0, "factor": 0.5, "min_lr": 1e-5, "budget_epochs": 1}
-
 
 # --- what identifies a task, and its result rebuilt from a finished child -----------------
 

@@ -9,25 +9,14 @@ run): the previous one FINISHED, so nothing is resumed or served from a cache.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import os
 from typing import Any
 
 from flows import server
-from flows.common import check_runner, check_workers, make_task_runner
-from lrpipe import tracking
+from flows.common import make_task_runner
 from lrpipe.engine.config import ConfigError, check_number
 
-HELP = "serve the pipeline as a Prefect deployment re-run on a cron or interval schedule"
-EXAMPLES = """examples:
-  lrpipe schedule                               # every night at 03:00 (cron "0 3 * * *")
-  lrpipe schedule --cron "0 */6 * * *"          # every six hours
-  lrpipe schedule --interval 3600 --lrs 0.01,0.1,1 --epochs 3
-  make schedule CRON="30 2 * * 1-5"             # weekdays at 02:30
-Runs until Ctrl-C (the schedule is paused on exit). Watch it at http://127.0.0.1:4200.
-"""
 DEFAULT_CRON = "0 3 * * *"  # minute hour day-of-month month day-of-week: nightly at 03:00
 DEFAULT_NAME = "scheduled"
 CRON_ALLOWED = ("five fields: minute hour day-of-month month day-of-week, e.g. "
@@ -56,19 +45,17 @@ def check_schedule(cron: str | None, interval: float | None) -> dict[str, Any]:
     return {"cron": cron}
 
 
-FLOWS = {"pipeline": "flows.pipeline", "sweep": "flows.lr_sweep"}
+SERVABLE = ("pipeline", "sweep")  # the commands whose flows can be served on a schedule
 
 
 def target(which: str | None = None):
-    """(module, flow) for ``which`` (pipeline | sweep); default the pipeline if this checkout
-    has one, else the lr sweep."""
-    if which is None:
-        which = "pipeline" if importlib.util.find_spec(FLOWS["pipeline"]) else "sweep"
-    if which not in FLOWS or not importlib.util.find_spec(FLOWS[which]):
-        present = [k for k, v in FLOWS.items() if importlib.util.find_spec(v)]
-        raise ConfigError(f"flow: got {which!r}; allowed: {', '.join(present)}")
-    module = importlib.import_module(FLOWS[which])
-    return module, getattr(module, FLOWS[which].rsplit(".", 1)[1])
+    """(command name, Prefect flow) for ``which`` (pipeline, the default, or sweep)."""
+    from flows.commands import COMMANDS
+
+    which = "pipeline" if which is None else which
+    if which not in SERVABLE:
+        raise ConfigError(f"flow: got {which!r}; allowed: {', '.join(SERVABLE)}")
+    return which, COMMANDS[which].load("flow")
 
 
 def flow_parameters(flow, settings: dict) -> dict:
@@ -95,32 +82,27 @@ def api_for_schedules() -> str:
     return server.start()
 
 
-def add_arguments(parser) -> None:
-    from flows.cli import parse_lrs
-
-    parser.add_argument("--cron", help=f"cron schedule (default {DEFAULT_CRON!r}: 03:00 daily)")
-    parser.add_argument("--interval", type=float, help="seconds between runs, instead of --cron")
-    parser.add_argument("--name", help=f"deployment name (default {DEFAULT_NAME!r})")
-    parser.add_argument("--flow", help="pipeline (default, where present) | sweep")
-    parser.add_argument("--lrs", type=parse_lrs, help="learning rates passed to the flow")
-    parser.add_argument("--epochs", type=int, help="epochs passed to the flow")
-
-
-def run(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None,
-        runner="threads", workers=None, **flow_settings) -> None:
-    """Validate the schedule and the flow's settings, then serve until interrupted."""
+def check(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None,
+          runner="threads", workers=None, **flow_settings) -> tuple[dict, list]:
+    """The schedule, the flow it serves and that flow's settings (its own command's check:
+    data and optimizer too), before anything is served. Returns the deployment's settings."""
     schedule = check_schedule(cron, interval)
-    check_runner(runner)
-    check_workers(workers)
-    module, flow = target(flow)
-    params = flow_parameters(flow, {**flow_settings, "overrides": overrides, "runner": runner,
-                                    "workers": workers})
-    if hasattr(module, "validate"):  # the flow module's own checks, data and optimizer too
-        takes = inspect.signature(module.validate).parameters
-        module.validate(**{k: v for k, v in params.items() if k in takes})
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    url = api_for_schedules()
-    serve(flow, name, schedule, params, runner, workers, url)
+    which, served = target(flow)
+    params = flow_parameters(served, {**flow_settings, "overrides": overrides,
+                                      "runner": runner, "workers": workers})
+    from flows.commands import COMMANDS  # the served flow's own declaration
+
+    own = COMMANDS[which]
+    takes = inspect.signature(own.load("check")).parameters
+    _, configs = own.load("check")(**{k: v for k, v in params.items() if k in takes})
+    return {"which": which, "name": name, "schedule": schedule, "params": params}, configs
+
+
+def run(which: str, name: str, schedule: dict, params: dict, runner="threads",
+        workers=None) -> None:
+    """Serve the checked flow until interrupted."""
+    _, served = target(which)
+    serve(served, name, schedule, params, runner, workers, api_for_schedules())
 
 
 def serve(flow, name: str, schedule: dict, params: dict, runner: str, workers, url: str) -> None:

@@ -32,7 +32,7 @@ from flows.common import (
     epoch_printer,
     set_torch_threads,
 )
-from flows.harness import call_flow, flow_parent
+from flows.harness import flow_parent
 from flows.report import publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
 from lrpipe import procs, resume, runs, tracking
@@ -57,15 +57,6 @@ from lrpipe.experiments.transfer import (
 # Loading a registered model downloads its files; MLflow would draw a progress bar per task.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-HELP = "pretrain once (kept in the model registry), then fine-tune with per-layer learning rates"
-EXAMPLES = """examples:
-  lrpipe transfer                         # Fashion-MNIST: 5 tops -> the other 5 classes
-  lrpipe transfer --lr 0.003 --epochs 5 --seeds 5
-  lrpipe transfer --strategies uniform,head_mult,scratch --grid-seeds 0   # no grid
-  lrpipe transfer --lr-mult fc1=0.1,fc2=0.3,head=10   # adds a "custom" strategy
-  lrpipe transfer --set per_class=20 --set head_mults=[1,10,100]
-  lrpipe transfer --retrain               # pretrain again though a registered model matches
-"""
 EXPERIMENT = "transfer"
 CUSTOM = "custom"  # the strategy --lr-mult defines: uniform plus the given layer multipliers
 DEFAULT_SEEDS = 3
@@ -240,7 +231,7 @@ def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, na
         result = train(cfg, data, keep_model=True, on_epoch=both(
             tracking.epoch_logger(run_id), epoch_printer(name, cfg.epochs)))
         tracking.set_tags(run_id, {"status": result.status, "device": result.device})
-        if result.status != "ok":
+        if result.status == "diverged":
             raise ValueError(f"pretraining diverged in epoch {result.diverged_epoch}; "
                              f"allowed: a smaller pretrain_lr than {tc.pretrain_lr:g}")
         final = result.final()
@@ -396,42 +387,11 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
             "verdicts": verdicts, "run_ids": [r["run_id"] for r in results]}
 
 
-def add_arguments(parser) -> None:
-    from flows.cli import parse_set
-
-    def lr_mult(text: str) -> dict:
-        return dict(parse_set(part) for part in text.split(",") if part.strip())
-
-    parser.add_argument("--lr", type=float, help="fine-tuning base rate: every backbone "
-                        f"layer's rate (default {TransferConfig.base_lr:g})")
-    parser.add_argument("--epochs", type=int, help="fine-tuning epochs (default "
-                        f"{TransferConfig.finetune_epochs})")
-    parser.add_argument("--seeds", type=int, help=f"seeds per strategy (default {DEFAULT_SEEDS})")
-    parser.add_argument("--strategies", help=f"comma-separated, from {', '.join(STRATEGIES)}, "
-                        f"{CUSTOM} (default: all)")
-    parser.add_argument("--grid-seeds", type=int, help="seeds of the base rate x head "
-                        f"multiplier grid, 0 = no grid (default {DEFAULT_GRID_SEEDS})")
-    parser.add_argument("--lr-mult", type=lr_mult, metavar="LAYER=MULT,...",
-                        help="a custom strategy: these layers' multipliers of the base rate")
-    parser.add_argument("--model-name", help="registered model name (default "
-                        "lrpipe-pretrained-<model>)")
-    parser.add_argument("--retrain", action="store_true", default=None,
-                        help="pretrain even if a registered model matches the config")
-
-
-def run(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,
-        lr_mult=None, model_name=None, retrain=False, overrides=None, runner="threads",
-        workers=None) -> dict:
-    """Validate every input, then run the flow with the chosen task runner."""
-    check_runner(runner)
+def check(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,
+          lr_mult=None, model_name=None, retrain=False,
+          overrides=None) -> tuple[dict, list[TrainConfig]]:
+    """Every input checked (``validate``): the flow's keyword arguments."""
     validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
-    tracking.check_tracking_uri(tracking.tracking_uri())
-    return call_flow(transfer,
-                     lr=lr, epochs=epochs, seeds=seeds, overrides=overrides,
-                     strategies=strategies, grid_seeds=grid_seeds, lr_mult=lr_mult,
-                     model_name=model_name, retrain=bool(retrain), runner=runner,
-                     workers=workers)
-
-
-if __name__ == "__main__":
-    run()
+    return {"lr": lr, "epochs": epochs, "seeds": seeds, "overrides": overrides,
+            "strategies": strategies, "grid_seeds": grid_seeds, "lr_mult": lr_mult,
+            "model_name": model_name, "retrain": bool(retrain)}, []

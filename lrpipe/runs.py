@@ -104,3 +104,29 @@ def children_finished_here(parent_run_id: str | None) -> dict[str, str] | None:
     """config hash -> run id of the children finished under a watched parent; None if this
     process does not watch it."""
     return _CHILDREN_HERE.get((os.getpid(), parent_run_id))
+
+
+STATUS_NOTES = {
+    "ok": "trained to its last epoch",
+    "diverged": "DIVERGED in epoch {epoch}: stopped, its curves end at the last finite epoch",
+    "no_progress": "NO PROGRESS: trained to its last epoch but ended near its initial loss "
+                   "(chance level)",
+}
+
+
+def record_result(run_id: str, result, uri: str | None = None) -> None:
+    """What a finished training says of itself, logged the same way by every flow: the tags
+    ``status`` (ok | diverged | no_progress), ``device`` and ``diverged_epoch`` (empty when it
+    did not), NaN losses at the epoch it blew up, its step log (``train_loss_step``, when
+    ``log_every`` kept one), and the run's description in MLflow's UI saying the same."""
+    from lrpipe import tracking
+
+    status, epoch = result.status, result.diverged_epoch
+    tracking.set_tags(run_id, {
+        "status": status, "device": result.device,
+        "diverged_epoch": "" if epoch is None else epoch,
+        "mlflow.note.content": STATUS_NOTES.get(status, status).format(epoch=epoch)}, uri=uri)
+    if status == "diverged":
+        tracking.log_divergence(run_id, epoch, uri=uri)
+    if len(result.step_log):
+        tracking.log_step_losses(run_id, result.step_log, uri=uri)

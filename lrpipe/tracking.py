@@ -415,7 +415,7 @@ def run_history(run_id: str, uri: str | None = None) -> pd.DataFrame:
     """A run's metric histories as one row per step: column ``epoch`` (the step) and one
     column per metric, in train()'s column order; rebuilds a History from MLflow."""
     c = client(uri)
-    keys = list(retry_locked(c.get_run, run_id).data.metrics)
+    keys = [k for k in retry_locked(c.get_run, run_id).data.metrics if k != STEP_METRIC]
     columns = {key: {m.step: m.value for m in retry_locked(c.get_metric_history, run_id, key)}
                for key in keys}
     first = ("train_loss", "val_loss", "train_error", "val_error", "lr", "time_s")
@@ -424,3 +424,11 @@ def run_history(run_id: str, uri: str | None = None) -> pd.DataFrame:
     if "diverged" in history:  # the NaN mark log_divergence adds is not an evaluated epoch
         history = history[history["diverged"] != 1.0].drop(columns="diverged")
     return history.rename_axis("epoch").reset_index()
+
+
+def run_step_log(run_id: str, uri: str | None = None) -> pd.DataFrame:
+    """A run's step log (``log_step_losses``) back as rows: step, train_loss_smooth; empty
+    when it kept none."""
+    points = retry_locked(client(uri).get_metric_history, run_id, STEP_METRIC)
+    return pd.DataFrame({"step": [int(m.step) for m in points],
+                         "train_loss_smooth": [float(m.value) for m in points]})

@@ -4,12 +4,12 @@ flow starts, and leaves no MLflow run behind."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 
 from flows import cli
+from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
 from lrpipe.engine.data import DataUnavailable
@@ -105,7 +105,8 @@ def guarded(mlflow_store, monkeypatch):
 @pytest.mark.parametrize("changes, error, pattern", [c[1:] for c in SWEEP_CASES],
                          ids=[c[0] for c in SWEEP_CASES])
 def test_sweep_refuses_bad_settings(guarded, changes, error, pattern):
-    from flows.lr_sweep import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["sweep"].run
 
     settings = {**BASE, **with_overrides(), **changes}
     with pytest.raises(error, match=pattern):
@@ -116,7 +117,8 @@ def test_missing_data_folder_without_debian_files_or_download(guarded, tmp_path,
     import torchvision
 
     import lrpipe.engine.data
-    from flows.lr_sweep import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["sweep"].run
 
     def offline(self):
         raise RuntimeError("no network")
@@ -134,7 +136,8 @@ def test_missing_data_folder_without_debian_files_or_download(guarded, tmp_path,
     ("ftp://host/store", r"tracking_uri: got 'ftp://host/store'; allowed"),
 ], ids=["bare-folder", "sqlite-two-slashes", "unknown-scheme"])
 def test_malformed_tracking_uri(guarded, monkeypatch, uri, pattern):
-    from flows.lr_sweep import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["sweep"].run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(tracking.TrackingError, match=pattern):
@@ -142,7 +145,8 @@ def test_malformed_tracking_uri(guarded, monkeypatch, uri, pattern):
 
 
 def test_unwritable_mlruns(guarded, monkeypatch, tmp_path):
-    from flows.lr_sweep import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["sweep"].run
 
     blocker = tmp_path / "file-not-folder"  # unwritable even for root: a file in the way
     blocker.write_text("")
@@ -166,7 +170,8 @@ SCHEDULE_CASES = [
 @pytest.mark.parametrize("changes, pattern", [c[1:] for c in SCHEDULE_CASES],
                          ids=[c[0] for c in SCHEDULE_CASES])
 def test_schedule_refuses_bad_settings(guarded, changes, pattern):
-    from flows.serve import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["schedule"].run
 
     settings = {"flow": "sweep", "epochs": 1, "overrides": DIGITS, **changes}
     with pytest.raises(ConfigError, match=pattern):
@@ -174,13 +179,12 @@ def test_schedule_refuses_bad_settings(guarded, changes, pattern):
 
 
 def test_min_rate_above_max_rate():
-    """Range-test rates: through flows.lr_search.run where it takes them, else the library
-    check every range test goes through (lr_search's rates are fixed constants today)."""
-    lr_search = pytest.importorskip("flows.lr_search", reason="flows.lr_search not present")
-    if "min_lr" in inspect.signature(lr_search.run).parameters:
-        with pytest.raises(ConfigError, match=r"max_lr: got 0\.001; allowed"):
-            lr_search.run(min_lr=1.0, max_lr=1e-3, overrides=DIGITS)
-        return
+    """Range-test rates: the search command does not take them (they are fixed constants,
+    lrpipe.search.plan.RANGE_OPTS: giving one is an error naming it); the library check every
+    range test goes through refuses a ramp that goes down."""
+    with pytest.raises(ConfigError,
+                       match=r"max_lr: not a setting of `lrpipe search`; allowed: subset"):
+        COMMANDS["search"].run(min_lr=1.0, max_lr=1e-3, overrides=DIGITS)
     from lrpipe.search.rangetest import ramp
 
     with pytest.raises(ConfigError, match=r"max_lr: got 0\.001; allowed: a finite number > 1"):

@@ -236,7 +236,8 @@ def small_run(prefect_harness, _session_store):
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    from flows.batch_size import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["batch-size"].run
 
     try:
         return run(**SMALL, experiment="batch-size-test"), _session_store
@@ -268,7 +269,8 @@ def test_flow_parent_children_figure_and_summary(small_run):
 
 
 def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
-    from flows.batch_size import run
+    from flows.commands import COMMANDS
+    run = COMMANDS["batch-size"].run
 
     before = len(tracking.client(mlflow_store).search_runs(
         [e.experiment_id for e in tracking.client(mlflow_store).search_experiments()]))
@@ -296,13 +298,10 @@ def test_check_normalizes_and_preflights_one_config_per_cell():
 
 
 def test_command_line_flags():
-    import argparse
+    from flows.cli import build_parser
 
-    from flows.batch_size import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--batch-sizes", "64,256", "--optimizers", "sgd",
+    parser = build_parser()
+    args = parser.parse_args(["batch-size", "--batch-sizes", "64,256", "--optimizers", "sgd",
                               "--reference-rates", "sgd=0.02", "--grid", "0.5,2",
                               "--seeds", "0,1,2", "--reference-batch", "64"])
     assert args.batch_sizes == [64, 256] and args.reference_rates == {"sgd": 0.02}
@@ -310,4 +309,4 @@ def test_command_line_flags():
     for flag, text in (("--reference-rates", "sgd:0.1"), ("--grid", "a,b"),
                        ("--batch-sizes", "1.5")):
         with pytest.raises(SystemExit):
-            parser.parse_args([flag, text])
+            parser.parse_args(["batch-size", flag, text])

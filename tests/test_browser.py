@@ -21,6 +21,7 @@ from mlflow_browser import (
     wait_healthy,
 )
 
+from flows.commands import COMMANDS
 from lrpipe import report, tracking
 
 pytestmark = [pytest.mark.skipif(missing_browser() is not None, reason=str(missing_browser())),
@@ -51,7 +52,7 @@ def server(_session_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_sweep(server, prefect_harness, _session_store):
     """A finished 3-rate, 2-epoch digits sweep in the session's store."""
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:

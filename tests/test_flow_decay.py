@@ -14,6 +14,7 @@ import pytest
 from flows import decay_compare as dc
 from flows import decay_results as dr
 from flows import schedule_preview as sp
+from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError, TrainConfig
 
@@ -57,7 +58,9 @@ def test_bad_names_and_seeds_name_the_field_and_the_allowed_values():
         with pytest.raises(ConfigError, match="seeds"):
             dc.check_seeds(bad)
     assert dc.check_seeds([2, 0]) == (2, 0)
-    assert dc.parse_ints("0, 1,2") == [0, 1, 2] and sp.parse_names("a, b,") == ["a", "b"]
+    from flows.commands import parse_names, parse_seeds
+
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_names("a, b,") == ["a", "b"]
 
 
 def test_base_config_takes_a_fashion_subset_unless_told_otherwise():
@@ -173,7 +176,7 @@ def test_resolve_lr_given_found_or_fallback(monkeypatch):
 
 def test_schedule_preview_writes_a_png_and_logs_a_run(mlflow_store, tmp_path, capsys):
     out = tmp_path / "deep" / "schedules.png"
-    result = sp.run(epochs=4, lr=0.2, out=str(out), overrides=OVERRIDES)
+    result = COMMANDS["schedules"].run(epochs=4, lr=0.2, out=str(out), overrides=OVERRIDES)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     c = tracking.client(mlflow_store)
     run = c.get_run(result["run_id"])
@@ -192,7 +195,7 @@ def test_schedule_preview_writes_a_png_and_logs_a_run(mlflow_store, tmp_path, ca
 def test_schedule_preview_refuses_bad_names_before_writing(mlflow_store, tmp_path):
     out = tmp_path / "never.png"
     with pytest.raises(ConfigError, match="schedules.*allowed.*constant"):
-        sp.run(schedules=["cosine", "linear"], out=str(out), overrides=OVERRIDES)
+        COMMANDS["schedules"].run(schedules=["cosine", "linear"], out=str(out), overrides=OVERRIDES)
     assert not out.exists()
 
 
@@ -204,7 +207,7 @@ def decay(prefect_harness, _session_store):
     groups of 3 (one per worker), so every check below also holds for batched members."""
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
-        result = dc.run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
+        result = COMMANDS["decay"].run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
                         overrides={**OVERRIDES, "batching": "on"}, workers=2)
         return result, _session_store
     finally:
@@ -305,11 +308,11 @@ def test_bad_schedule_names_refused_before_any_run(prefect_harness, mlflow_store
     before = count()
     with pytest.raises(ConfigError, match=r"schedules: got \['cosine', 'bogus'\]; allowed: .*"
                        "constant, step"):
-        dc.run(lr=0.3, epochs=2, schedules=["cosine", "bogus"], overrides=OVERRIDES)
+        COMMANDS["decay"].run(lr=0.3, epochs=2, schedules=["cosine", "bogus"], overrides=OVERRIDES)
     with pytest.raises(ConfigError, match="seeds"):
-        dc.run(lr=0.3, epochs=2, seeds=[0, 0], overrides=OVERRIDES)
+        COMMANDS["decay"].run(lr=0.3, epochs=2, seeds=[0, 0], overrides=OVERRIDES)
     with pytest.raises(ConfigError, match="losses"):
-        dc.run(lr=0.3, epochs=2, losses=["hinge"], overrides=OVERRIDES)
+        COMMANDS["decay"].run(lr=0.3, epochs=2, losses=["hinge"], overrides=OVERRIDES)
     with pytest.raises(ConfigError, match="runner"):
-        dc.run(lr=0.3, epochs=2, overrides=OVERRIDES, runner="ray")
+        COMMANDS["decay"].run(lr=0.3, epochs=2, overrides=OVERRIDES, runner="ray")
     assert count() == before

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flows import optimizer_compare as oc
+from flows.commands import COMMANDS
 from flows.optimizer_surfaces import series_steps
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -177,8 +178,9 @@ def flow_run(prefect_harness, _session_store):
     train as one batched group (see the tag test)."""
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
-        result = oc.run(optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2,
-                        rprop_epochs=3, overrides={**DIGITS, "batching": "on"}, workers=1)
+        result = COMMANDS["optimizers"].run(
+            optimizers=OPTIMIZERS, surfaces=["saddle"], seeds=2, epochs=2, rprop_epochs=3,
+            overrides={**DIGITS, "batching": "on"}, workers=1)
         return result, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
@@ -259,11 +261,11 @@ def test_parent_holds_figures_gif_and_tables(flow_run):
 def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store):
     before = len(tracking.client(mlflow_store).search_experiments())
     with pytest.raises(ConfigError, match="optimizers"):
-        oc.run(optimizers=["sgd", "lbfgs"], overrides=DIGITS)
+        COMMANDS["optimizers"].run(optimizers=["sgd", "lbfgs"], overrides=DIGITS)
     with pytest.raises(ConfigError, match="seeds"):
-        oc.run(seeds=1, overrides=DIGITS)
+        COMMANDS["optimizers"].run(seeds=1, overrides=DIGITS)
     with pytest.raises(ConfigError, match="runner"):
-        oc.run(runner="ray", overrides=DIGITS)
+        COMMANDS["optimizers"].run(runner="ray", overrides=DIGITS)
     assert len(tracking.client(mlflow_store).search_experiments()) == before
 
 

@@ -3,6 +3,7 @@ temporary MLflow store."""
 
 import pytest
 
+from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
 
@@ -15,7 +16,7 @@ def sweep(prefect_harness, _session_store):
     import os
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     try:
         return run(lrs=[0.01, 0.3, 1e4], epochs=3, overrides=OVERRIDES, workers=2), _session_store
@@ -33,7 +34,9 @@ def test_parent_with_one_child_per_rate(sweep):
     assert sorted(float(r.data.params["optim.lr"]) for r in children) == [0.01, 0.3, 1e4]
     assert all(r.info.status == "FINISHED" for r in children)
     status = {float(r.data.params["optim.lr"]): r.data.tags["status"] for r in children}
-    assert status == {0.01: "ok", 0.3: "ok", 1e4: "diverged"}
+    # 0.01 ends near chance on this small digits set in 3 epochs: trained to the end, but
+    # marked no_progress (lrpipe.engine.loop), not ok
+    assert status == {0.01: "no_progress", 0.3: "ok", 1e4: "diverged"}
     assert all(r.info.run_name.startswith("lr=") for r in children)
 
 
@@ -48,7 +51,7 @@ def test_children_have_per_epoch_metrics(sweep):
             else:  # losses also get a NaN point where the run blew up
                 blew_up = [row["diverged_epoch"]] if key.endswith("_loss") else []
                 assert steps == [0, *blew_up]
-        if row["status"] == "ok":  # the rate each param group applied, every epoch
+        if row["status"] in ("ok", "no_progress"):  # the rate each param group applied, every epoch
             for group in ("fc1", "head"):
                 history = c.get_metric_history(row["run_id"], f"lr/{group}")
                 assert [m.step for m in history] == [0, 1, 2, 3]
@@ -68,7 +71,7 @@ def test_figures_on_the_parent_and_best_rate(sweep):
 
 
 def test_bad_rates_are_refused_before_any_run(prefect_harness, mlflow_store):
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     before = len(tracking.client(mlflow_store).search_experiments())
     with pytest.raises(ConfigError, match="lrs"):
@@ -83,14 +86,16 @@ def test_printed_links_open_the_flows_own_experiment(mlflow_store, capsys):
     (they once named the default ``lr-sweep`` experiment whatever ``experiment`` was)."""
     import pandas as pd
 
-    from flows.lr_sweep import print_summary
+    from flows.report import where_to_click
+    from lrpipe.experiments.sweep import summary_text
 
     parent = tracking.start_run("my-sweep", "parent")
     tracking.end_run(parent)
     summary = pd.DataFrame({"lr": [0.1], "status": ["ok"], "val_loss": [0.4],
                             "val_error": [0.1], "best_val_error": [0.1],
                             "diverged_epoch": [None], "run_id": ["x"]})
-    print_summary(summary, parent, 1.0, "my-sweep")
+    print(summary_text(summary, 1.0))
+    print(where_to_click(parent, "my-sweep"))
     out = capsys.readouterr().out
     own = tracking.experiment_id("my-sweep")
     assert f"MLflow: http://127.0.0.1:5000/#/experiments/{own}/runs/{parent}?" in out

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from flows.commands import COMMANDS
 from flows.transfer import (
     finetune_and_log,
     finetune_config,
@@ -217,7 +218,7 @@ def test_printed_link_opens_the_flows_own_experiment(mlflow_store, capsys):
     ({"runner": "ray"}, "runner"),
 ])
 def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store, settings, match):
-    from flows.transfer import run
+    run = COMMANDS["transfer"].run
 
     c = tracking.client(mlflow_store)
     before = len(c.search_experiments())
@@ -230,7 +231,7 @@ def test_bad_settings_are_refused_before_any_run(prefect_harness, mlflow_store, 
 
 @pytest.fixture(scope="module")
 def flows_run(prefect_harness, _session_store):
-    from flows.transfer import run
+    run = COMMANDS["transfer"].run
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:

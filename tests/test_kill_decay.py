@@ -15,6 +15,7 @@ import pytest
 from killing import all_runs, by_status, signal_group, start, wait_for_output
 
 from flows import decay_compare as dc
+from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import from_dict
 
@@ -85,7 +86,7 @@ def reference(api, tmp_path_factory):
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        result = dc.run(lr=LR, epochs=EPOCHS, seeds=SEEDS, schedules=list(SCHEDULES),
+        result = COMMANDS["decay"].run(lr=LR, epochs=EPOCHS, seeds=SEEDS, schedules=list(SCHEDULES),
                         overrides=SETS, workers=2)
     finally:
         if before is None:

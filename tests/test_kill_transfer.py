@@ -17,6 +17,7 @@ import yaml
 from killing import all_runs, by_status, signal_group, start, wait_for_output
 
 from flows import transfer as tr
+from flows.commands import COMMANDS
 from lrpipe import resume, tracking
 
 # Digits, 5 classes -> the other 5. Pretraining at batch 4 takes about a second, so a kill
@@ -99,7 +100,7 @@ def reference(api, tmp_path_factory):
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        result = tr.run(**settings())
+        result = COMMANDS["transfer"].run(**settings())
     finally:
         if before is None:
             del os.environ["MLFLOW_TRACKING_URI"]

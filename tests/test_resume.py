@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+from flows.commands import COMMANDS
 from lrpipe import procs, resume, tracking
 from lrpipe.engine.config import ConfigError
 
@@ -162,7 +163,7 @@ def test_cache_key_is_inputs_and_source_not_threads_and_needs_a_parent():
 def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harness, mlflow_store,
                                                                   monkeypatch):
     import flows.common
-    from flows.lr_sweep import run
+    run = COMMANDS["sweep"].run
 
     real, calls, faults = flows.common.train, [], []
 
@@ -207,8 +208,8 @@ def test_check_layer_names_builds_nothing_real():
 # One task per rate (batching declared off), so that rates finish one by one and the kill
 # lands between them; a batched group would finish its members all at once.
 SCRIPT = (
-    "import flows; from flows.lr_sweep import run; "
-    f"run(lrs={LRS!r}, epochs={EPOCHS}, overrides={NO_BATCHING!r}, workers=2, "
+    "import flows; from flows.commands import COMMANDS; "
+    f"COMMANDS['sweep'].run(lrs={LRS!r}, epochs={EPOCHS}, overrides={NO_BATCHING!r}, workers=2, "
     f"experiment={EXPERIMENT!r})"
 )
 
@@ -233,7 +234,8 @@ def killed_and_resumed(prefect_harness, _session_store, tmp_path_factory):
     """Kill a sweep after its first finished rate; resume it; then run it again in full."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.lr_sweep import run
+
+    run = COMMANDS["sweep"].run
 
     uri = _session_store
     log = tmp_path_factory.mktemp("resume") / "killed.log"

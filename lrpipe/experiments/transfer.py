@@ -357,7 +357,7 @@ def train_stages(
         first_loss = first_loss if first_loss is not None else float(hist["train_loss"].iloc[0])
         last_loss = float(hist["train_loss"].iloc[-1])
         offset, elapsed = int(hist["epoch"].iloc[-1]), float(hist["time_s"].iloc[-1])
-        if result.status != "ok":
+        if result.status == "diverged":  # the next stages would start from a blown-up model
             break
     if result is None:
         raise ValueError("plan: got no stages; allowed: at least one (epochs, lr_mult) stage")

@@ -1,0 +1,71 @@
+"""The pipeline's design: its stages, which of them run, and what the full training trains.
+
+``make sweep`` runs the pipeline: the learning-rate search, full training at the chosen rate and
+its neighbours, the decay comparison and the transfer experiment. Pure functions; the flow
+``flows.pipeline`` runs the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from lrpipe.engine.config import ConfigError
+from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS
+from lrpipe.search import plan as search_plan
+
+__all__ = ["DEFAULT_EPOCHS", "EXPERIMENT", "SEARCH_KEYS", "STAGES", "check_search_settings",
+           "check_skip", "full_training_rates", "sweep_regret"]
+
+EXPERIMENT = "pipeline"
+STAGES = ("search", "sweep", "decay", "transfer")
+SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
+
+
+def check_skip(skip) -> list[str]:
+    """``skip`` as a list of stage names; an unknown name is a ConfigError listing STAGES."""
+    if isinstance(skip, str):
+        skip = [s for s in skip.split(",") if s.strip()]
+    for stage in skip or ():
+        if stage not in STAGES:
+            raise ConfigError(f"skip: got {stage!r}; allowed: {', '.join(STAGES)}")
+    return list(skip or ())
+
+
+def check_search_settings(search: Mapping | None, overrides: Mapping | None) -> dict:
+    """lr_search's settings (subset, seeds, ...) checked as lr_search.validate would, short
+    of loading data."""
+    search = dict(search or {})
+    for key in search:
+        if key not in SEARCH_KEYS:
+            raise ConfigError(f"search.{key}: unknown setting; allowed: {', '.join(SEARCH_KEYS)}")
+    defaults = {"subset": search_plan.DEFAULT_SUBSET, "seeds": search_plan.DEFAULT_SEEDS,
+                "range_steps": search_plan.DEFAULT_RANGE_STEPS,
+                "regret_epochs": search_plan.DEFAULT_REGRET_EPOCHS,
+                "grid_span": search_plan.DEFAULT_GRID_SPAN}
+    full = {**defaults, **search}
+    search_plan.search_configs(overrides, full["subset"], full["regret_epochs"])
+    search_plan.check_search(full["seeds"], full["range_steps"], full["grid_span"])
+    return search
+
+
+def full_training_rates(lrs: Sequence[float] | None, search: dict | None) -> list[float]:
+    """``lrs`` when given, else the search's neighbours (chosen rate, the coarse-grid rates
+    either side, the grid's best), else lr_sweep's default grid."""
+    if lrs:
+        return [float(x) for x in lrs]
+    if search is not None:
+        return list(search["neighbours"])
+    return list(DEFAULT_LRS)
+
+
+def sweep_regret(summary: list[dict], lr: float | None) -> dict | None:
+    """The chosen rate's full-training val loss against the best of the rates trained:
+    {lr, val_loss, best_lr, best_val_loss, regret}; None when ``lr`` was not trained."""
+    ok = [r for r in summary if r["status"] == "ok"]
+    mine = [r for r in ok if lr is not None and abs(r["lr"] / lr - 1) < 1e-9]
+    if not ok or not mine:
+        return None
+    best = min(ok, key=lambda r: r["val_loss"])
+    return {"lr": lr, "val_loss": mine[0]["val_loss"], "best_lr": best["lr"],
+            "best_val_loss": best["val_loss"],
+            "regret": mine[0]["val_loss"] / best["val_loss"] - 1.0}
