@@ -139,7 +139,7 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)
     lr_trace: list[float] = field(default_factory=list, repr=False)  # base rate at every step
     # The smoothed batch loss every ``log_every`` steps (STEP_COLUMNS; empty when off).
-    step_log: pd.DataFrame = field(default_factory=lambda: empty_step_log(), repr=False)
+    step_log: pd.DataFrame = field(default_factory=empty_step_log, repr=False)
 
     def final(self) -> dict[str, float]:
         """Metrics of the last finite epoch (plus status), small enough to pass between tasks."""
@@ -225,7 +225,8 @@ def fit(
             steps_per_epoch); needed when ``log_every`` > 0.
     Returns:
         TrainResults in member order; ``time_s`` is the training wall time so far (evaluation
-        excluded); ``lr_trace`` the base rate at every update the member saw.
+        excluded); ``lr_trace`` the base rate at every update the member saw; status one of
+        STATUSES; ``step_log`` its smoothed batch losses (STEP_COLUMNS, empty when off).
     Raises:
         Stopped: ``should_stop`` said so; the rows emitted so far are all there is.
         ValueError: ``log_every`` > 0 without ``steps_per_epoch``.
