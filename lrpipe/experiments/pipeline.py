@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lrpipe.engine.config import ConfigError
-from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS
+from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS, landscape_rates
 from lrpipe.search import plan as search_plan
 
 __all__ = ["DEFAULT_EPOCHS", "EXPERIMENT", "SEARCH_KEYS", "STAGES", "check_search_settings",
@@ -49,10 +49,13 @@ def check_search_settings(search: Mapping | None, overrides: Mapping | None) -> 
 
 
 def full_training_rates(lrs: Sequence[float] | None, search: dict | None) -> list[float]:
-    """``lrs`` when given, else the search's neighbours (chosen rate, the coarse-grid rates
-    either side, the grid's best), else lr_sweep's default grid."""
+    """``lrs`` when given, else the landscape around the search's chosen rate
+    (``sweep.landscape_rates``: 2 decades below to 1.5 above, with the search's neighbours),
+    else lr_sweep's default grid."""
     if lrs:
         return [float(x) for x in lrs]
+    if search is not None and search.get("chosen_lr"):
+        return landscape_rates(search["chosen_lr"], search.get("neighbours", ()))
     if search is not None:
         return list(search["neighbours"])
     return list(DEFAULT_LRS)

@@ -69,3 +69,29 @@ def summary_text(summary: pd.DataFrame, seconds: float) -> str:
         lines.append(f"Best rate: lr={best['lr']:g}  validation loss {best['val_loss']:.4f}, "
                      f"validation accuracy {1 - best['val_error']:.4f}")
     return "\n".join(lines)
+
+
+# The pipeline's sweep stage draws the landscape around the chosen rate, as the article's
+# Figure 2 does: from clearly too small to a rate that blows up. Decades below and above the
+# chosen rate, half a decade apart: for the default MLP (chosen about 0.1) that is 0.001 to
+# 3.16, where 1 oscillates and 3.16 diverges (measured: bench/divergence_probe.py).
+LANDSCAPE_BELOW = 2.0  # decades below the chosen rate
+LANDSCAPE_ABOVE = 1.5  # decades above it
+LANDSCAPE_PER_DECADE = 2
+
+
+def landscape_rates(chosen: float, also: Sequence[float] = (),
+                    below: float = LANDSCAPE_BELOW, above: float = LANDSCAPE_ABOVE,
+                    per_decade: int = LANDSCAPE_PER_DECADE) -> list[float]:
+    """``chosen`` x 10^(k / per_decade) from ``below`` decades under it to ``above`` over it,
+    with the rates in ``also`` (the search's neighbours), sorted, each once (a rate within
+    1% of another is the same rate: the one already listed is kept, the chosen rate first).
+    Spans below + above decades (3.5 by default; the issue asks for at least two)."""
+    check_number("chosen", chosen, low=0.0, low_open=True)
+    lo, hi = round(-below * per_decade), round(above * per_decade)
+    steps = [chosen * 10 ** (k / per_decade) for k in range(lo, hi + 1) if k != 0]
+    out: list[float] = [float(chosen)]
+    for r in [float(x) for x in also] + steps:
+        if not any(abs(r / o - 1) < 0.01 for o in out):
+            out.append(r)
+    return sorted(out)
