@@ -211,7 +211,8 @@ def _final_panel(ax, final: pd.DataFrame, metric: str, chosen_lr: float | None) 
             ax.plot(lrs, np.full(len(lrs), TOP), ls="none", transform=top, clip_on=False,
                     label=status.replace("_", " ") + " (at the top)", **style)
     if chosen_lr is not None:
-        ax.axvline(chosen_lr, color="tab:green", lw=2, alpha=0.6, label=f"chosen lr={chosen_lr:.3g}")
+        ax.axvline(chosen_lr, color="tab:green", lw=2, alpha=0.6,
+                   label=f"chosen lr={chosen_lr:.3g}")
     ax.set_ylabel(f"final {METRIC_LABELS[metric]}")
 
 
