@@ -14,7 +14,6 @@ flag stay quick, and a flow module is imported only when its command runs.
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -100,8 +99,10 @@ class Command:
     direct: bool = False
 
     def load(self, which: str) -> Callable[..., Any]:
-        module, _, attr = getattr(self, which).partition(":")
-        return getattr(importlib.import_module(module), attr)
+        """The ``flow`` or ``check`` function, imported now (the one plug-in loader)."""
+        from lrpipe.engine.plugins import load_callable
+
+        return load_callable(getattr(self, which), f"{self.name}.{which}")
 
     def add_parser(self, sub) -> argparse.ArgumentParser:
         p = sub.add_parser(self.name, help=self.help, description=self.help, allow_abbrev=False,
