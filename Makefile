@@ -27,7 +27,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers bench server schedule test ui lint clean
+.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers batch-size bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -91,6 +91,9 @@ transfer: setup ## pretrain, then fine-tune with per-layer rates (ARGS=)
 
 optimizers: setup ## optimizers side by side on 2D surfaces and real data (ARGS=)
 	$(VENV)/bin/lrpipe optimizers $(ARGS)
+
+batch-size: setup ## the best rate against the batch size, with the linear and sqrt rules (ARGS=)
+	$(VENV)/bin/lrpipe batch-size $(ARGS)
 
 bench: setup ## speed ratios side by side, written to bench/results.md
 	$(PY) bench/bench.py $(ARGS)

@@ -100,3 +100,29 @@ def test_printed_links_open_the_flows_own_experiment(mlflow_store, capsys):
     own = tracking.experiment_id("my-sweep")
     assert f"MLflow: http://127.0.0.1:5000/#/experiments/{own}/runs/{parent}?" in out
     assert f"Report: http://127.0.0.1:5000/#/experiments/{own}/runs/{parent}/artifacts/" in out
+
+
+def test_step_log_on_request_is_logged_drawn_and_reused(prefect_harness, _session_store,
+                                                          monkeypatch):
+    """--set log_every=N: each child gets train_loss_step every N updates (step = update), the
+    sweep's figures draw it, and a re-run (resume) rebuilds it from MLflow."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _session_store)
+    settings = {"lrs": [0.3], "epochs": 2, "overrides": {**OVERRIDES, "log_every": 5},
+                "workers": 1, "experiment": "step-log"}
+    result = COMMANDS["sweep"].run(**settings)
+    run_id = result["summary"][0]["run_id"]
+    points = tracking.client(_session_store).get_metric_history(run_id, "train_loss_step")
+    steps = [m.step for m in points]
+    assert len(steps) >= 6 and steps == list(range(5, 5 * len(steps) + 1, 5))
+    assert all(m.value > 0 for m in points)
+    history = tracking.run_history(run_id, _session_store)
+    assert list(history["epoch"]) == [0, 1, 2]  # the step metric is not an epoch row
+    from flows.common import result_from_run
+    from lrpipe.engine.config import TrainConfig, merge
+
+    cfg = merge(TrainConfig(), {"epochs": 2, **settings["overrides"], "optim.lr": 0.3})
+    again = result_from_run(tracking.client(_session_store).get_run(run_id), cfg, "x",
+                            _session_store)
+    assert [r["step"] for r in again["steps"]] == [m.step for m in points]
+    epochs = [r["epoch"] for r in again["steps"]]
+    assert 0 < epochs[0] < 1 and epochs[-1] <= 2 and epochs == sorted(epochs)
