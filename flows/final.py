@@ -12,6 +12,7 @@ child is reused with the test metrics it logged (nothing is trained or tested ag
 
 from __future__ import annotations
 
+import re
 import time
 
 import pandas as pd
@@ -28,6 +29,7 @@ from flows.common import (
 )
 from flows.harness import flow_parent
 from flows.report import publish_flow_report
+from flows.schedule_preview import DEFAULT_EPOCHS as DECAY_EPOCHS  # decay_compare's budget
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import TrainConfig, from_dict, merge
 from lrpipe.engine.schedules import preview
@@ -41,13 +43,14 @@ from lrpipe.experiments.final import (
 )
 
 EXPERIMENT = "final"
-DECAY_EPOCHS = 8  # flows.decay_compare's default budget (epochs), which the pipeline runs
 TEST_KEYS = ("test_loss", "test_accuracy", "test_error")
 
 
 def model_name(cfg: TrainConfig) -> str:
-    """The registered model's name: ``lrpipe-final-<model>``."""
-    return f"lrpipe-final-{cfg.model.name}"
+    """The registered model's name: ``lrpipe-final-<model>`` (a plug-in model's spec with
+    every character the registry refuses as '-')."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name).strip("-")[:100]
+    return f"lrpipe-final-{slug}"
 
 
 def register_final(run_id: str, cfg: TrainConfig, model, data, tested: dict,

@@ -4,8 +4,14 @@
 2. sweep     ``flows.lr_sweep``: full training (default 5 epochs) at the chosen rate and at the
              rates around it that the regret step ran (or at ``lrs`` when given).
 3. decay     ``flows.decay_compare.decay_compare(lr=<chosen>, overrides=, runner=, workers=)``.
-4. transfer  ``flows.transfer.transfer(overrides=, runner=, workers=)``, at its own
+4. final     ``flows.final.final_training``: the chosen rate with decay's winning schedule
+             (constant when decay is skipped) and the constant twin, on the full training
+             data for ``final_epochs`` (default 2x decay's), each tested once on the test set
+             (Fashion-MNIST's t10k) after its training; the winner is registered.
+5. transfer  ``flows.transfer.transfer(overrides=, runner=, workers=)``, at its own
              fine-tuning rates; its settings are validated before the search starts.
+The report opens with the final model: rate, schedule, epochs, test accuracy and loss, and the
+constant-rate run's beside it.
 Each stage keeps its own parent run in its own experiment; a small run in the ``pipeline``
 experiment links them (tags ``stage.<name>``) and holds the summary. The pipeline's parent is
 resumable like every flow's (``flows.harness``): each finished stage records its result under
@@ -23,6 +29,7 @@ import pandas as pd
 from prefect import flow
 
 from flows import decay_compare as decay_flow
+from flows import final as final_flow
 from flows import lr_search as search_flow
 from flows import transfer as transfer_flow
 from flows.common import dataset_for, make_task_runner
@@ -31,12 +38,14 @@ from flows.lr_sweep import lr_sweep
 from flows.report import publish_flow_report
 from lrpipe import tracking
 from lrpipe.engine.config import TrainConfig, check_number, is_plugin, merge
+from lrpipe.experiments.final import final_epochs as check_final_epochs
 from lrpipe.experiments.pipeline import (
     DEFAULT_EPOCHS,
     EXPERIMENT,
     STAGES,
     check_search_settings,
     check_skip,
+    final_answer,
     full_training_rates,
     sweep_regret,
 )
@@ -89,41 +98,64 @@ def pipeline(
     search: dict | None = None,
     runner: str = "threads",
     workers: int | None = None,
+    final_epochs: int | None = None,
 ) -> dict:
-    """Search, full training at the chosen rate and its neighbours, decay, transfer.
+    """Search, full training at the chosen rate and its neighbours, decay, final, transfer.
 
     Args:
         lrs: full-training rates; default the search's neighbours (lr_sweep's grid when the
             search is skipped).
         epochs: full-training epochs (the search's regret runs use their own, shorter budget).
-        skip: stages to leave out (search, sweep, decay, transfer).
+        skip: stages to leave out (search, sweep, decay, final, transfer).
         search: lr_search settings (subset, seeds, range_steps, regret_epochs, grid_span).
+        final_epochs: the final training's budget (epochs; default 2x the decay comparison's).
     Returns:
-        chosen_lr and one record per stage (stage, status, answer, run_id, url, result).
+        chosen_lr, the final stage's result (None when it did not run) and one record per
+        stage (stage, status, answer, run_id, url, result).
     """
     skip = check_skip(skip)
     start = time.perf_counter()
     with flow_parent("pipeline", EXPERIMENT, "pipeline " + ",".join(
         s for s in STAGES if s not in skip), params={
             "lrs": lrs, "epochs": epochs, "skip": skip, "search": search, "runner": runner,
-            "overrides": tracking.to_json(overrides or {})}) as parent:
+            "overrides": tracking.to_json(overrides or {}),
+            # only when set: a killed run of the default settings resumes the same parent
+            **({} if final_epochs is None else {"final_epochs": final_epochs})}) as parent:
         records, chosen = _run_stages(lrs, epochs, skip, overrides, search, runner, workers,
-                                      parent)
+                                      parent, final_epochs)
+        final = next((r["result"] for r in records
+                      if r["stage"] == "final" and r["status"] == "done"), None)
         for r in records:
             r["url"] = stage_url(r.get("run_id"))
         tracking.set_tags(parent, {f"stage.{r['stage']}": r.get("run_id") or r["status"]
                                    for r in records})
         if chosen is not None:
             tracking.log_metrics(parent, {"chosen_lr": chosen}, step=0)
+        if final is not None:
+            _log_final(parent, final)
         text = print_pipeline(records, parent, time.perf_counter() - start)
         tracking.log_text(parent, text, "summary.txt")
         table = pd.DataFrame([{k: r.get(k, "") for k in ("stage", "status", "answer", "url")}
                               for r in records])
         publish_flow_report(parent, EXPERIMENT, "lrpipe pipeline",
-                            "no rate chosen" if chosen is None else f"chosen rate {chosen:.3g}",
-                            table, evidence=[f"{r['stage']}: {r.get('answer', '')}"
-                                             for r in records])
-    return {"parent_run_id": parent, "chosen_lr": chosen, "stages": records}
+                            final_answer(final, chosen), table,
+                            evidence=["no rate chosen" if chosen is None
+                                      else f"chosen rate {chosen:.3g}"]
+                            + [f"{r['stage']}: {r.get('answer', '')}" for r in records])
+    return {"parent_run_id": parent, "chosen_lr": chosen, "final": final, "stages": records}
+
+
+def _log_final(parent: str, final: dict) -> None:
+    """The final model's test metrics and registry URI on the pipeline's run."""
+    win, const = final["winner"], final["constant"]
+    tracking.set_tags(parent, {"final_model": final.get("model_uri") or "",
+                               "final_schedule": final["schedule"]})
+    metrics = {"final_epochs": final["epochs"]}
+    for prefix, result in (("final_", win), ("final_constant_", const)):
+        if result is not None and result["status"] != "diverged":
+            metrics.update({f"{prefix}test_accuracy": result["test_accuracy"],
+                            f"{prefix}test_loss": result["test_loss"]})
+    tracking.log_metrics(parent, metrics, step=0)
 
 
 def staged(parent: str, stage: str, run) -> dict:
@@ -138,7 +170,8 @@ def staged(parent: str, stage: str, run) -> dict:
     return result
 
 
-def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent):
+def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent,
+                final_epochs=None):
     """(stage records, chosen rate): each stage feeds the rate to the next."""
     records, found, chosen = [], None, None
     if "search" in skip:
@@ -157,22 +190,34 @@ def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent):
     else:
         swept = staged(parent, "sweep", lambda: _with_runner(lr_sweep, runner, workers)(
             lrs=full_training_rates(lrs, found), epochs=epochs, overrides=overrides,
-            runner=runner, workers=workers))
+            highlight=chosen, runner=runner, workers=workers))
         chosen = chosen if chosen is not None else swept["best_lr"]
         records.append({"stage": "sweep", "status": "done", "run_id": swept["parent_run_id"],
                         "answer": _sweep_answer(swept, chosen, epochs), "result": swept,
                         "check": sweep_regret(swept["summary"], chosen)})
     # Transfer does not get the chosen rate: its lr is the fine-tuning base rate of a momentum
     # optimizer on another network and task (a 10x head on top), another quantity.
+    done: dict[str, dict] = {}
     later = {"decay": lambda: _with_runner(decay_flow.decay_compare, runner, workers)(
                  lr=chosen, overrides=dict(overrides or {}), runner=runner, workers=workers),
+             "final": lambda: _with_runner(final_flow.final_training, runner, workers)(
+                 lr=chosen, best_schedule=done.get("decay", {}).get("best_schedule"),
+                 decay_epochs=decay_flow.DEFAULT_EPOCHS, epochs=final_epochs,
+                 overrides=dict(overrides or {}), runner=runner, workers=workers),
              "transfer": lambda: _with_runner(transfer_flow.transfer, runner, workers)(
                  overrides=dict(overrides or {}), runner=runner, workers=workers)}
     for stage, run in later.items():
         if stage in skip:
             records.append({"stage": stage, "status": "skipped", "answer": "--skip"})
             continue
-        result = staged(parent, stage, run)
+        if stage == "final" and chosen is None:
+            records.append({"stage": stage, "status": "skipped",
+                            "answer": "no rate chosen (search and sweep skipped)"})
+            continue
+        if stage == "final" and "decay" not in done:
+            print("pipeline: final: the decay comparison was skipped; the final training "
+                  "uses the constant rate", flush=True)
+        done[stage] = result = staged(parent, stage, run)
         records.append({"stage": stage, "status": "done", "run_id": result["parent_run_id"],
                         "answer": _answer(result), "result": result})
     return records, chosen
@@ -188,12 +233,13 @@ def _sweep_answer(swept: dict, chosen: float | None, epochs: int) -> str:
 
 
 def check(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None,
-          search=None) -> tuple[dict, list[TrainConfig]]:
+          search=None, final_epochs=None) -> tuple[dict, list[TrainConfig]]:
     """The search's and the full training's checks, before anything is recorded (the later
     stages validate their own settings when they start): the flow's keyword arguments and
     the configs to preflight."""
     skip = check_skip(skip)
     check_number("epochs", epochs, low=1, integer=True)
+    check_final_epochs(decay_flow.DEFAULT_EPOCHS, final_epochs)
     base = merge(TrainConfig(), {**(overrides or {}), "epochs": epochs})
     cfgs = [base] if lrs is None else sweep_configs(base, list(lrs))
     if "transfer" not in skip and (is_plugin(base.model.name) or is_plugin(base.data.dataset)):
@@ -209,4 +255,5 @@ def check(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None,
     if "transfer" not in skip:  # its own settings, before the search spends minutes
         transfer_flow.validate(overrides=dict(overrides or {}))
     return {"lrs": None if lrs is None else list(lrs), "epochs": epochs, "skip": skip,
-            "overrides": overrides, "search": dict(search or {})}, cfgs
+            "overrides": overrides, "search": dict(search or {}),
+            "final_epochs": final_epochs}, cfgs

@@ -143,7 +143,7 @@ def test_search_configs_cut_only_the_subset():
 
 def test_pipeline_helpers():
     assert pl.check_skip("decay,transfer") == ["decay", "transfer"]
-    with pytest.raises(ConfigError, match="skip.*search, sweep, decay, transfer"):
+    with pytest.raises(ConfigError, match="skip.*search, sweep, decay, final, transfer"):
         pl.check_skip(["decays"])
     with pytest.raises(ConfigError, match="search.epochs"):
         pl.check_search_settings({"epochs": 3}, OVERRIDES)
@@ -186,7 +186,7 @@ def piped(prefect_harness, _session_store):
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
-        result = COMMANDS["pipeline"].run(epochs=2, skip=["decay", "transfer"],
+        result = COMMANDS["pipeline"].run(epochs=2, skip=["decay", "final", "transfer"],
                         overrides={**OVERRIDES, "batching": "on"}, search=SEARCH, workers=2)
         return result, tracking.client(_session_store)
     finally:
@@ -262,7 +262,8 @@ def test_figures_and_answer_on_the_search_parent(piped):
 def test_pipeline_trains_the_chosen_rate_and_its_neighbours(piped):
     result, c = piped
     stages = {r["stage"]: r for r in result["stages"]}
-    assert [s["status"] for s in stages.values()] == ["done", "done", "skipped", "skipped"]
+    assert [s["status"] for s in stages.values()] == ["done", "done", "skipped", "skipped",
+                                                      "skipped"]
     found, swept = stages["search"]["result"], stages["sweep"]["result"]
     assert result["chosen_lr"] == found["chosen_lr"]
     trained = sorted(r["lr"] for r in swept["summary"])

@@ -12,7 +12,7 @@ from killing import all_runs, by_status, signal_group, start, wait_for_output
 from lrpipe import tracking
 
 SETTINGS = {"search": {"subset": 400, "seeds": [0, 1], "range_steps": 20, "regret_epochs": 1},
-            "skip": ["decay", "transfer"]}
+            "skip": ["decay", "final", "transfer"]}
 SETS = ["data.dataset=digits", "data.val_size=300", "batching=off", "model.hidden=[32]"]
 # Kill points: a line of the search stage, and the first finished full-training run.
 KILL_AT = {"search": r"\[1/\d+\] halving",

@@ -1,8 +1,9 @@
 """The pipeline's design: its stages, which of them run, and what the full training trains.
 
 ``make sweep`` runs the pipeline: the learning-rate search, full training at the chosen rate and
-its neighbours, the decay comparison and the transfer experiment. Pure functions; the flow
-``flows.pipeline`` runs the stages.
+its neighbours, the decay comparison, the final training (the chosen rate and the winning
+schedule on all the training data, tested once on the test set) and the transfer experiment.
+Pure functions; the flow ``flows.pipeline`` runs the stages.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS, landscape_rate
 from lrpipe.search import plan as search_plan
 
 __all__ = ["DEFAULT_EPOCHS", "EXPERIMENT", "SEARCH_KEYS", "STAGES", "check_search_settings",
-           "check_skip", "full_training_rates", "sweep_regret"]
+           "check_skip", "final_answer", "full_training_rates", "sweep_regret"]
 
 EXPERIMENT = "pipeline"
-STAGES = ("search", "sweep", "decay", "transfer")
+STAGES = ("search", "sweep", "decay", "final", "transfer")
 SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
 
 
@@ -72,3 +73,26 @@ def sweep_regret(summary: list[dict], lr: float | None) -> dict | None:
     return {"lr": lr, "val_loss": mine[0]["val_loss"], "best_lr": best["lr"],
             "best_val_loss": best["val_loss"],
             "regret": mine[0]["val_loss"] / best["val_loss"] - 1.0}
+
+
+def final_answer(final: dict | None, chosen: float | None) -> str:
+    """The line the pipeline's report opens with: the final model's rate, schedule (with its
+    total decay), epochs, test accuracy and loss, and the constant-rate run's beside it; or
+    why there is none."""
+    if final is None:
+        return ("no final model (final stage skipped)" if chosen is not None
+                else "no rate chosen, no final model")
+    decay = ("decay set by the selection loss" if final["total_decay"] is None
+             else f"total decay {final['total_decay']:.0f}x")
+    win, const = final["winner"], final["constant"]
+    if win["status"] == "diverged":
+        return (f"Final model: lr {final['lr']:.3g}, {final['schedule']}: DIVERGED in its "
+                f"{final['epochs']}-epoch training; not tested")
+    line = (f"Final model: lr {final['lr']:.3g}, {final['schedule']} schedule ({decay}), "
+            f"{final['epochs']} epochs, full training data: test accuracy "
+            f"{win['test_accuracy']:.4f} (test loss {win['test_loss']:.4f})")
+    if const is not None and const["run_id"] != win["run_id"]:
+        line += ("; constant rate at the same lr: " + (
+            "DIVERGED" if const["status"] == "diverged" else
+            f"test accuracy {const['test_accuracy']:.4f} (test loss {const['test_loss']:.4f})"))
+    return line
