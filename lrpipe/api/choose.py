@@ -40,7 +40,14 @@ from lrpipe.api.inputs import (
     model_optimizer,
     trainable_device,
 )
-from lrpipe.engine.config import ConfigError, TrainConfig, check_number
+from lrpipe.engine.config import (
+    DEFAULT_DIVERGE_FACTOR,
+    DEFAULT_NO_PROGRESS_ERROR_RATIO,
+    DEFAULT_NO_PROGRESS_RATIO,
+    ConfigError,
+    TrainConfig,
+    check_number,
+)
 from lrpipe.engine.loop import TrainResult, fit
 from lrpipe.engine.members import group_ratios
 from lrpipe.search.choose import (
@@ -135,6 +142,8 @@ class Trainer:
                                   itertools.islice(self.train.epoch(), per_epoch)),
                 epochs=epochs, train_eval=self.train_eval, val=self.val, loss="loss_fn",
                 diverge_factor=self.diverge_factor,
+                no_progress=(DEFAULT_NO_PROGRESS_RATIO,  # always a fresh model_fn(seed)
+                             DEFAULT_NO_PROGRESS_ERROR_RATIO),
                 on_epoch=None if on_epoch is None else lambda _, row: on_epoch(row))
         return result
 
@@ -203,7 +212,7 @@ def choose_lr(
     regret_epochs: int = 3,
     grid_span: float = 1.0,
     points_per_decade: int = 2,
-    diverge_factor: float = 10.0,
+    diverge_factor: float = DEFAULT_DIVERGE_FACTOR,
     track: bool | str = False,
 ) -> ChooseLRResult:
     """Choose a learning rate for your model with evidence: range test and halving search over

@@ -40,7 +40,7 @@ from lrpipe.api.inputs import (
     seeded_rng,
     trainable_device,
 )
-from lrpipe.engine.config import ConfigError, check_number
+from lrpipe.engine.config import DEFAULT_DIVERGE_FACTOR, ConfigError, check_number
 from lrpipe.engine.loop import TrainResult, clear_stop, request_stop, stop_requested
 from lrpipe.engine.members import group_ratios
 from lrpipe.report import sweep_finding
@@ -109,8 +109,12 @@ def rate_summary(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def worst_status(statuses: pd.Series) -> str:
-    """diverged if any of a rate's trainings diverged, else ok."""
-    return "diverged" if (statuses == "diverged").any() else "ok"
+    """diverged if any of a rate's trainings diverged, else no_progress if any ended near
+    chance, else ok."""
+    for status in ("diverged", "no_progress"):
+        if (statuses == status).any():
+            return status
+    return "ok"
 
 
 def seed_mean(history: pd.DataFrame) -> pd.DataFrame:
@@ -295,7 +299,7 @@ def sweep(
     seeds: int | Sequence[int] = (0,),
     batch_size: int | None = None,
     workers: int = 1,
-    diverge_factor: float = 10.0,
+    diverge_factor: float = DEFAULT_DIVERGE_FACTOR,
     experiment: str = EXPERIMENT,
     track: bool = True,
 ) -> SweepResult:
