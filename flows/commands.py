@@ -267,10 +267,11 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                 )),
         Command("optimizers", "compare optimizers on 2-D surfaces and on Fashion-MNIST, each at "
                 "its own searched rate", """examples:
-  lrpipe optimizers                             # 8 optimizers, 4 surfaces, MLP on 10k examples
+  lrpipe optimizers                             # 9 entries, 4 surfaces, MLP on 10k examples
   lrpipe optimizers --optimizers sgd,adam,rprop --surfaces rosenbrock --seeds 3
   lrpipe optimizers --skip-real                 # the surfaces only (seconds)
   lrpipe optimizers --skip-surfaces --set model.name=softmax --set data.subset=20000
+  lrpipe optimizers --skip-cost                 # all but the step-cost table (~110 s CPU)
 """, "flows.optimizer_compare:optimizer_compare", "flows.optimizer_compare:check", (
                     Option("--optimizers", parse_names, "comma-separated optimizers (default: "
                            "all)"),
@@ -282,6 +283,15 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     Option("--skip-surfaces", None, "skip the 2-D surfaces", flag_only=True),
                     Option("--skip-real", None, "skip the real-data comparison",
                            flag_only=True),
+                    Option("--skip-second-order", None, "skip Newton and L-BFGS (surfaces, "
+                           "full-batch L-BFGS on real data, the step-cost table)",
+                           flag_only=True),
+                    Option("--skip-cost", None, "skip the step-cost table of SGD, L-BFGS and "
+                           "Newton (about 110 s CPU at full scale)", flag_only=True),
+                    Option("--cost-scale", str, "full (softmax and MLPs up to 203k parameters, "
+                           "default) | small (two tiny MLPs: seconds)"),
+                    Option("--lbfgs-iterations", int, "full-batch L-BFGS iterations on real "
+                           "data (default 50)"),
                 )),
         Command("pipeline", "the whole pipeline: LR search, full training at the chosen rate, "
                 "decay, transfer", """examples:

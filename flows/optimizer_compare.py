@@ -9,7 +9,12 @@ Two parts under one parent run (experiment ``optimizers``):
 * Real data (Fashion-MNIST subset): one search task per optimizer (the same 8 short trainings
   for all, ``lrpipe.experiments.optimizers.search_rate``), then every optimizer at its own rate over
   several seeds, each a training child run; curves with bands, a final-error table and the
-  update/weight-ratio heatmap. Plus Rprop full-batch against mini-batch on the same subset.
+  update/weight-ratio heatmap. Gains enter twice: plain ``gains`` (momentum 0) and
+  ``gains_momentum`` (0.9; ``lrpipe.experiments.entries``). Plus Rprop full-batch against
+  mini-batch on the same subset at equal epochs AND at equal updates (three arms).
+* Second order (``flows.optimizer_second_order``, unless ``skip_second_order``): Newton and
+  L-BFGS beside the race on every surface, full-batch L-BFGS (softmax) against SGD at its
+  searched rate, and the step-cost table (unless ``skip_cost``).
 
 A re-run of a killed comparison resumes into its parent (``flows.harness``) and reuses every
 child that FINISHED: trainings by config hash (``train_and_log``), surface tasks and rate
@@ -24,6 +29,7 @@ import pandas as pd
 import torch
 from prefect import flow, task, unmapped
 
+from flows import optimizer_second_order as second
 from flows.batched import train_planned
 from flows.common import (
     check_runner,
@@ -44,10 +50,10 @@ from flows.optimizer_surfaces import (
 from flows.report import publish_flow_report
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
-    OPTIMIZERS,
     ConfigError,
     DataConfig,
     TrainConfig,
+    check_choice,
     check_number,
     from_dict,
     is_plugin,
@@ -55,6 +61,7 @@ from lrpipe.engine.config import (
     to_dict,
 )
 from lrpipe.experiments import optimizers as real
+from lrpipe.experiments.entries import ENTRY_NAMES, entry_config
 from lrpipe.experiments.surfaces import LR_GRID, SURFACES
 from lrpipe.plots.ratios import plot_update_ratio
 from lrpipe.plots.surfaces import optimizer_palette
@@ -64,8 +71,7 @@ DEFAULT_SEEDS = 3  # a band needs at least 2; 3 is the house minimum for a compa
 DEFAULT_EPOCHS = 5  # epochs of each final run (passes over the subset)
 DEFAULT_SUBSET = 10_000  # training examples: ~0.3 s CPU per MLP epoch
 RPROP_EPOCHS = 15  # full-batch Rprop takes one step per epoch: it needs more epochs
-RPROP_TITLE = ("Rprop: one full-batch step per epoch against mini-batch steps (sign-based steps "
-               "do not average over batches)")
+RPROP_TITLE = "Rprop: full batch vs mini-batch, at equal epochs and at equal updates"
 SEARCH_NOTE = ("Every optimizer's rate comes from the same search: 8 one-epoch trainings from "
                "the same initial weights and batch order (seed 0) at 1e-5, 1e-4, ..., 1 and "
                "then at the best decade's half-decade neighbours; the lowest validation loss "
@@ -73,10 +79,11 @@ SEARCH_NOTE = ("Every optimizer's rate comes from the same search: 8 one-epoch t
 
 
 def check_settings(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces,
-                   skip_real) -> tuple[list[str], list[str]]:
+                   skip_real, skip_second_order=False, skip_cost=False, cost_scale="full",
+                   lbfgs_iterations=second.LBFGS_ITERATIONS) -> tuple[list[str], list[str]]:
     """Validate the flow's own settings; return (optimizers, surfaces) as lists."""
     lists = {}
-    for name, value, allowed in (("optimizers", optimizers, OPTIMIZERS),
+    for name, value, allowed in (("optimizers", optimizers, ENTRY_NAMES),
                                  ("surfaces", surfaces, tuple(SURFACES))):
         if isinstance(value, str) or not hasattr(value, "__iter__") or len(value) == 0 or any(
                 v not in allowed for v in value) or len(set(value)) != len(value):
@@ -86,7 +93,10 @@ def check_settings(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfa
     check_number("seeds", seeds, low=2, integer=True)
     check_number("epochs", epochs, low=1, integer=True)
     check_number("rprop_epochs", rprop_epochs, low=1, integer=True)
-    for name, flag in (("skip_surfaces", skip_surfaces), ("skip_real", skip_real)):
+    check_number("lbfgs_iterations", lbfgs_iterations, low=1, integer=True)
+    check_choice("cost_scale", cost_scale, tuple(second.COST_SCALES))
+    for name, flag in (("skip_surfaces", skip_surfaces), ("skip_real", skip_real),
+                       ("skip_second_order", skip_second_order), ("skip_cost", skip_cost)):
         if not isinstance(flag, bool):
             raise ConfigError(f"{name}: got {flag!r}; allowed: true or false")
     if skip_surfaces and skip_real:
@@ -119,29 +129,31 @@ def search_key(cfg: TrainConfig) -> str:
                                            "decades": list(real.SEARCH_DECADES)})
 
 
-def reused_search(cfg: TrainConfig, parent_run_id: str) -> dict | None:
-    """The result of ``cfg``'s rate search rebuilt from its FINISHED child under
-    ``parent_run_id`` (``search.csv``, metric ``searched_lr``, tag ``reason``), or None."""
+def reused_search(cfg: TrainConfig, optimizer: str, parent_run_id: str) -> dict | None:
+    """The result of entry ``optimizer``'s rate search (``cfg``) rebuilt from its FINISHED
+    child under ``parent_run_id`` (``search.csv``, metric ``searched_lr``, tag ``reason``), or
+    None."""
     run = resume.finished_task(parent_run_id, search_key(cfg)) if parent_run_id else None
     table = None if run is None else resume.logged_table(run.info.run_id, "search.csv")
     if table is None:
         return None
-    return {"optimizer": cfg.optim.name, "lr": run.data.metrics.get("searched_lr"),
+    return {"optimizer": optimizer, "lr": run.data.metrics.get("searched_lr"),
             "reason": run.data.tags["reason"], "table": table, "reused": True}
 
 
 @task(name="search-rate", task_run_name="search {optimizer}")
 def search_rate_task(cfg_dict: dict, optimizer: str, parent_run_id: str, experiment: str,
                      threads: int = 1) -> dict:
-    """One optimizer's rate search (the same 8 short trainings for all) as one child run.
+    """One entry's rate search (the same 8 short trainings for all) as one child run.
     Under a resumed parent, a FINISHED child of the same search is reused (``reused`` True)."""
     torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict).replace(**{"optim.name": optimizer})
-    if (done := reused_search(cfg, parent_run_id)) is not None:
+    cfg = entry_config(from_dict(cfg_dict), optimizer)
+    if (done := reused_search(cfg, optimizer, parent_run_id)) is not None:
         return done
     run_id = tracking.start_run(
         experiment, f"search {optimizer} {cfg.model.name}", parent_run_id=parent_run_id,
-        params={"optimizer": optimizer, "decades": list(real.SEARCH_DECADES),
+        params={"optimizer": optimizer, "optim.name": cfg.optim.name,
+                "optim.momentum": cfg.optim.momentum, "decades": list(real.SEARCH_DECADES),
                 "search_epochs": 1, "seed": cfg.seed, "config_hash": cfg.hash()},
         tags={"optimizer": optimizer, "part": "search", resume.TASK_TAG: search_key(cfg),
               **procs.process_tags()})
@@ -189,43 +201,61 @@ def log_real(parent: str, searches: list[dict], history: pd.DataFrame) -> pd.Dat
 
 
 def log_rprop(parent: str, history: pd.DataFrame) -> pd.DataFrame:
+    """The three Rprop arms against epochs (equal epochs) and updates (equal updates), their
+    table (with epochs and updates reached) and the claim in words (``rprop_claim``)."""
     for metric in ("val_loss", "val_error"):
-        fig = real.plot_metric_bands(history, metric, by="batch", title=RPROP_TITLE)
-        tracking.log_figure(parent, fig, f"rprop_batch_{metric}")
-    table = real.final_table(history, by="batch")
+        for x, suffix in (("epoch", ""), ("updates", "_by_updates")):
+            fig = real.plot_metric_bands(history, metric, by="batch", title=RPROP_TITLE, x=x)
+            tracking.log_figure(parent, fig, f"rprop_batch_{metric}{suffix}")
+    table = real.rprop_table(history)
     tracking.log_table(parent, table, "rprop_batches.csv")
+    tracking.log_text(parent, real.rprop_claim(table), "rprop_claim.txt")
     return table
 
 
 def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending,
                  workers: int) -> dict:
-    """Collect the searches, train every optimizer at its rate (an optimizer's seeds batched
-    into one task per worker where measured to pay), collect Rprop; log all."""
+    """Collect the searches, train every entry at its rate (an optimizer's seeds batched
+    into one task per worker where measured to pay), collect Rprop; log all. Then full-batch
+    L-BFGS against SGD at its searched rate (needs ``sgd`` among the entries)."""
     base = plan["base"]
     searches = collect(pending["search"], "optimizers-search", describe_search)
     rates = {s["optimizer"]: s["lr"] for s in searches if s["lr"] is not None}
+    lbfgs = (second.lbfgs_task.submit(to_dict(second.lbfgs_config(base)), rates["sgd"],
+                                      plan["lbfgs_iterations"], threads)
+             if not plan["skip_second_order"] and "sgd" in rates else None)
     runs = real.compare_runs(base, rates, plan["seeds"])
     finals = train_planned([r.cfg for r in runs], parent, experiment, [r.name for r in runs],
                            threads=threads, workers=workers, tags=[r.tags for r in runs],
                            label="optimizers-train") if runs else []
     rprop = collect(pending["rprop"], "optimizers-rprop", describe_result)
+    n_train = len(dataset_for(base).train)
     table = log_real(parent, searches, real.history_frame(runs, finals, "optimizer"))
-    rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch"))
-                   if rprop else pd.DataFrame())
-    data = (f"{base.data.dataset}, {len(dataset_for(base).train)} training examples, "
-            f"{base.model.name}, {base.epochs} epochs, {plan['seeds']} seeds")
-    return {"searches": searches, "real": table, "rprop": rprop_table, "data": data}
+    rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch",
+                                                        n_train)) if rprop else pd.DataFrame())
+    out = {"searches": searches, "real": table, "rprop": rprop_table,
+           "data": (f"{base.data.dataset}, {n_train} training examples, {base.model.name}, "
+                    f"{base.epochs} epochs, {plan['seeds']} seeds")}
+    if lbfgs is not None:
+        out["full_batch"] = lbfgs.result()
+        second.log_full_batch(parent, out["full_batch"])
+    return out
 
 
 def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
-    """Queue the surface tasks, the searches and the Rprop runs at once (the pool stays busy
-    while the parent draws the surface figures)."""
+    """Queue the surface tasks (first- and second-order), the searches, the Rprop runs and the
+    step costs at once (the pool stays busy while the parent draws the surface figures)."""
     opts, pending = plan["optimizers"], {"search": [], "rprop": [], "rprop_runs": []}
     if not plan["skip_surfaces"]:
         pairs = [(s, o) for s in plan["surfaces"] for o in opts]
         pending["surfaces"] = compare_on_surface_task.map(
             [s for s, _ in pairs], [o for _, o in pairs], unmapped(parent),
             unmapped(experiment), unmapped(threads))
+        if not plan["skip_second_order"]:
+            pending["second_order"] = second.second_order_task.map(plan["surfaces"],
+                                                                   unmapped(threads))
+    if not plan["skip_second_order"] and not plan["skip_cost"]:
+        pending["cost"] = second.step_cost_task.submit(plan["cost_scale"], threads)
     if not plan["skip_real"]:
         base = plan["base"]
         n_train = len(dataset_for(base).train)  # loads the data once, before the workers do
@@ -239,7 +269,34 @@ def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
     return pending
 
 
+def compare_surfaces(pending: dict, parent: str) -> dict:
+    """The first-order race per surface; beside it, Newton and L-BFGS (``race``)."""
+    results = collect(pending["surfaces"], "optimizers-surfaces", describe_surface)
+    out = {"surfaces": log_surfaces(parent, results)}
+    if "second_order" in pending:
+        races = []
+        for paths in collect(pending["second_order"], "optimizers-second-order"):
+            name = paths["surface"].iloc[0]
+            first = [r["paths"] for r in results if r["surface"] == name and len(r["paths"])]
+            races.append(second.log_race(parent, name, pd.concat(first, ignore_index=True)
+                                         if first else paths.iloc[:0], paths))
+        out["race"] = pd.concat(races, ignore_index=True)
+    return out
+
+
 # --- the flow ---
+
+def second_order_lines(out: dict) -> list[str]:
+    """One sentence each on the race, full-batch L-BFGS and the step cost (those that ran)."""
+    lines = []
+    if not out.get("race", pd.DataFrame()).empty:
+        lines.append(second.race_sentence(out["race"]))
+    if not out.get("full_batch", pd.DataFrame()).empty:
+        lines.append(second.full_batch_sentence(out["full_batch"]))
+    if not out.get("cost", pd.DataFrame()).empty:
+        lines.append(second.cost_sentence(out["cost"]))
+    return lines
+
 
 def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> None:
     print(f"\noptimizer_compare: done in {seconds:.0f} s")
@@ -251,7 +308,7 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
     if "searches" in out:
         print(f"\nReal data: {out['data']}. {SEARCH_NOTE}")
         for s in out["searches"]:
-            print(f"  {s['optimizer']:<9} {s['reason']}")
+            print(f"  {s['optimizer']:<14} {s['reason']}")
     if not out.get("real", pd.DataFrame()).empty:
         print("\nFinal validation error at each optimizer's own rate (mean ± std over seeds):")
         print(out["real"][["optimizer", "lr", "val_error", "val_loss_mean", "diverged"]]
@@ -260,39 +317,58 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
         print(f"Best on real data: {best['optimizer']} at lr {best['lr']:.3g}, validation "
               f"error {best['val_error']}")
     if not out.get("rprop", pd.DataFrame()).empty:
-        print("\nRprop full-batch against mini-batch (same subset, rate and seeds; sign-based "
-              "steps do not average over mini-batches):")
-        print(out["rprop"][["batch", "val_error", "val_loss_mean", "diverged"]]
-              .to_string(index=False, float_format="%.4g"))
+        print("\nRprop full batch against mini-batch (same subset, rate and seeds):")
+        print(out["rprop"][["batch", "epochs", "updates", "val_error", "val_loss_mean",
+                            "diverged"]].to_string(index=False, float_format="%.4g"))
+        print(real.rprop_claim(out["rprop"]))
+    for line in second_order_lines(out):
+        print(f"\n{line}")
     print(f"MLflow: {tracking.run_url(parent, experiment)}  (start the UI with `make ui`)")
 
 
 def report_optimizers(out: dict, parent: str, experiment: str) -> None:
     """The flow's report: the real-data winner (or the surfaces' table) and the evidence."""
-    real = out.get("real", pd.DataFrame())
-    if not real.empty:
-        best = real.iloc[0]
+    real_table = out.get("real", pd.DataFrame())
+    if not real_table.empty:
+        best = real_table.iloc[0]
         answer = (f"Best on real data: {best['optimizer']} at its own rate {best['lr']:.3g} "
                   f"(validation error {best['val_error']})")
-        table = real
+        table = real_table
     else:
         answer, table = "Tuned rate and final distance to the minimum per surface", \
             out["surfaces"]
     evidence = [f"{s['optimizer']}: {s['reason']}" for s in out.get("searches", [])]
+    if not out.get("rprop", pd.DataFrame()).empty:
+        evidence.append(real.rprop_claim(out["rprop"]))
+    tables = {"Rprop: full batch vs mini-batch": out["rprop"]} if not out.get(
+        "rprop", pd.DataFrame()).empty else {}
+    if not out.get("race", pd.DataFrame()).empty:
+        tables["Second order beside the race (no rate; evals = gradient evaluations)"] = \
+            out["race"]
     publish_flow_report(parent, experiment, "Optimizers side by side", answer, table,
-                        evidence=[SEARCH_NOTE, *evidence])
+                        evidence=[SEARCH_NOTE, *evidence, *second_order_lines(out)],
+                        tables=tables)
 
 
-def make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
-              overrides) -> dict:
+SETTINGS = ("optimizers", "surfaces", "seeds", "epochs", "rprop_epochs", "skip_surfaces",
+            "skip_real", "skip_second_order", "skip_cost", "cost_scale", "lbfgs_iterations")
+
+
+def make_plan(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,
+              rprop_epochs=RPROP_EPOCHS, skip_surfaces=False, skip_real=False,
+              skip_second_order=False, skip_cost=False, cost_scale="full",
+              lbfgs_iterations=second.LBFGS_ITERATIONS, overrides=None) -> dict:
     """Every setting validated and normalized, before anything is recorded."""
-    optimizers = list(OPTIMIZERS) if optimizers is None else optimizers
+    optimizers = list(ENTRY_NAMES) if optimizers is None else optimizers
     surfaces = list(SURFACES) if surfaces is None else surfaces
     opts, surfs = check_settings(optimizers, surfaces, seeds, epochs, rprop_epochs,
-                                 skip_surfaces, skip_real)
+                                 skip_surfaces, skip_real, skip_second_order, skip_cost,
+                                 cost_scale, lbfgs_iterations)
     return {"optimizers": opts, "surfaces": surfs, "seeds": seeds, "epochs": epochs,
             "rprop_epochs": rprop_epochs, "skip_surfaces": skip_surfaces,
-            "skip_real": skip_real, "base": base_config(epochs, overrides)}
+            "skip_real": skip_real, "skip_second_order": skip_second_order,
+            "skip_cost": skip_cost, "cost_scale": cost_scale,
+            "lbfgs_iterations": lbfgs_iterations, "base": base_config(epochs, overrides)}
 
 
 def _params(plan: dict) -> dict:
@@ -310,47 +386,57 @@ def optimizer_compare(
     rprop_epochs: int = RPROP_EPOCHS,
     skip_surfaces: bool = False,
     skip_real: bool = False,
+    skip_second_order: bool = False,
+    skip_cost: bool = False,
+    cost_scale: str = "full",
+    lbfgs_iterations: int = second.LBFGS_ITERATIONS,
     overrides: dict | None = None,
     runner: str = "threads",
     workers: int | None = None,
     experiment: str = EXPERIMENT,
 ) -> dict:
-    """Compare ``optimizers`` on ``surfaces`` and on real data (see the module docstring).
+    """Compare ``optimizers`` (comparison entries) on ``surfaces`` and on real data (see the
+    module docstring).
 
-    Returns the parent run id, the surface summary, the search reasons, the final-error table
-    and the Rprop batch table (records).
+    Returns the parent run id, the surface summary, the search reasons, the final-error table,
+    the Rprop arms' table, and (unless skipped) the second-order race, the full-batch L-BFGS
+    history and the step-cost table (records).
     """
     check_runner(runner)
     plan = make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces,
-                     skip_real, overrides)
+                     skip_real, skip_second_order, skip_cost, cost_scale, lbfgs_iterations,
+                     overrides)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
     with flow_parent("optimizer-compare", experiment, f"optimizers {len(plan['optimizers'])} x "
                                 f"{plan['base'].model.name}", params=_params(plan),
                                 tags={"mlflow.note.content": SEARCH_NOTE}) as parent:
         pending = submit_all(plan, parent, experiment, threads)
-        out = {"surfaces": log_surfaces(parent, collect(
-            pending["surfaces"], "optimizers-surfaces", describe_surface))
-            if "surfaces" in pending else pd.DataFrame()}
+        out = (compare_surfaces(pending, parent) if "surfaces" in pending
+               else {"surfaces": pd.DataFrame()})
         if not plan["skip_real"]:
             out.update(compare_real(plan, parent, experiment, threads, pending,
                                     parallel_tasks(runner, workers)))
+        if "cost" in pending:
+            out["cost"] = pending["cost"].result()
+            second.log_costs(parent, out["cost"])
         report_optimizers(out, parent, experiment)
     print_summary(out, parent, experiment, time.perf_counter() - start)
+    records = {k: out.get(k, pd.DataFrame()).to_dict("records")
+               for k in ("real", "rprop", "race", "full_batch", "cost")}
     return {"parent_run_id": parent, "surfaces": out["surfaces"].to_dict("records"),
             "searches": [{k: s[k] for k in ("optimizer", "lr", "reason")}
-                         for s in out.get("searches", [])],
-            "real": out.get("real", pd.DataFrame()).to_dict("records"),
-            "rprop": out.get("rprop", pd.DataFrame()).to_dict("records")}
+                         for s in out.get("searches", [])], **records}
 
 
 def check(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,
           rprop_epochs=RPROP_EPOCHS, skip_surfaces=False, skip_real=False,
+          skip_second_order=False, skip_cost=False, cost_scale="full",
+          lbfgs_iterations=second.LBFGS_ITERATIONS,
           overrides=None) -> tuple[dict, list[TrainConfig]]:
     """Every input checked (``make_plan``): the flow's keyword arguments."""
-    make_plan(optimizers, surfaces, seeds, epochs, rprop_epochs, skip_surfaces, skip_real,
-              overrides)
-    return {"optimizers": optimizers, "surfaces": surfaces, "seeds": seeds, "epochs": epochs,
-            "rprop_epochs": rprop_epochs, "skip_surfaces": skip_surfaces,
-            "skip_real": skip_real, "overrides": overrides}, []
-
+    settings = dict(zip(SETTINGS, (optimizers, surfaces, seeds, epochs, rprop_epochs,
+                                   skip_surfaces, skip_real, skip_second_order, skip_cost,
+                                   cost_scale, lbfgs_iterations), strict=True))
+    make_plan(**settings, overrides=overrides)
+    return {**settings, "overrides": overrides}, []

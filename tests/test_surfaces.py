@@ -12,6 +12,7 @@ from PIL import Image
 
 from lrpipe.engine.config import OptimConfig
 from lrpipe.engine.optim import OPTIMIZER_FACTORIES
+from lrpipe.experiments.entries import ENTRY_NAMES, entry_fields
 from lrpipe.experiments.surfaces import (
     SURFACES,
     compare_on_surface,
@@ -85,9 +86,10 @@ def test_surfaces_are_batched_elementwise():
 
 
 def _lone_run(surface, name, lr, steps):
-    """The real optimizer, from lrpipe's factory, on one nn.Parameter, with autograd."""
+    """The entry's real optimizer, from lrpipe's factory, on one nn.Parameter, with autograd."""
     p = torch.nn.Parameter(torch.tensor(surface.start, dtype=F64))
-    opt = OPTIMIZER_FACTORIES[name]([{"params": [p], "lr": lr}], OptimConfig(name=name, lr=lr))
+    cfg = OptimConfig(**{**entry_fields(name), "lr": lr})
+    opt = OPTIMIZER_FACTORIES[cfg.name]([{"params": [p], "lr": lr}], cfg)
     path = [p.detach().clone()]
     for _ in range(steps):
         opt.zero_grad()
@@ -97,7 +99,7 @@ def _lone_run(surface, name, lr, steps):
     return torch.stack(path)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZER_FACTORIES))
+@pytest.mark.parametrize("name", ENTRY_NAMES)
 def test_batched_grid_matches_lone_runs_of_the_real_optimizer(name):
     surface, lrs, steps = SURFACES["rosenbrock"], [1e-4, 3e-4, 1e-3], 60
     paths = run_grid(surface, name, lrs, steps)
@@ -150,6 +152,23 @@ def test_tuned_adam_and_momentum_reach_the_rosenbrock_minimum():
     assert (summary["final_distance"] < 0.1).all() and summary["success"].all()
     assert (summary["steps_to_success"] <= surface.steps).all()
     assert paths.groupby("optimizer")["lr"].nunique().eq(1).all()
+
+
+def test_gains_enter_with_and_without_momentum():
+    """Issue 27 item 6: the race's one "gains" entry had momentum 0.9, so it credited momentum
+    to the gains. Plain gains (momentum 0) stop short of Rosenbrock's minimum after the budget;
+    the same gains with momentum 0.9 reach it to ~1e-9."""
+    assert set(OPTIMIZER_FACTORIES) < set(ENTRY_NAMES)
+    assert entry_fields("gains") == {"name": "gains", "momentum": 0.0}
+    assert entry_fields("gains_momentum") == {"name": "gains", "momentum": 0.9}
+    surface = SURFACES["rosenbrock"]
+    paths = compare_on_surface(surface, ["gains", "gains_momentum"])
+    summary = summarize_paths(paths, surface.success_radius).set_index("optimizer")
+    assert summary.loc["gains", "final_distance"] > 1e-2
+    assert summary.loc["gains_momentum", "final_distance"] < 1e-6
+    plain = run_optimizer(surface, "gains", 1e-3, steps=30)
+    with_momentum = run_optimizer(surface, "gains_momentum", 1e-3, steps=30)
+    assert not plain[["x", "y"]].equals(with_momentum[["x", "y"]])
 
 
 def test_the_saddle_traps_plain_descent_longer_than_adam():

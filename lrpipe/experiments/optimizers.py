@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from lrpipe.engine.config import TrainConfig, check_number, merge
 from lrpipe.engine.data import Dataset
 from lrpipe.engine.train import TrainResult, train
+from lrpipe.experiments.entries import entry_config
 
 SEARCH_DECADES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFINE = 10**0.5  # the refinement steps half a decade either side of the best decade
@@ -52,14 +53,15 @@ def _rung(cfg: TrainConfig, data: Dataset, lr: float, stage: str, epochs: int,
     result = train_fn(cfg.replace(**{"optim.lr": lr, "epochs": epochs,
                                      "eval_train_size": SEARCH_EVAL_TRAIN}), data)
     last = result.history.iloc[-1]
-    ok = result.status == "ok" and math.isfinite(float(last["val_loss"]))
+    # a finite run that ends no_progress (too small a rate) still ranks by its loss
+    ok = result.status != "diverged" and math.isfinite(float(last["val_loss"]))
     return dict(lr=lr, stage=stage, val_loss=float(last["val_loss"]) if ok else math.nan,
                 val_error=float(last["val_error"]) if ok else math.nan,
-                status="ok" if ok else "diverged")
+                status=result.status if ok else "diverged")
 
 
 def _best(rows: list[dict]) -> dict | None:
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] != "diverged"]
     return min(ok, key=lambda r: r["val_loss"]) if ok else None
 
 
@@ -71,7 +73,8 @@ def search_rate(cfg: TrainConfig, data: Dataset, *, decades: Sequence[float] = S
 
     Every rung keeps ``cfg``'s seed (same initial weights, same batch order) and evaluates a
     fixed 1,000-example training subset (only the validation loss decides). A rung that
-    diverged, or ended with a non-finite validation loss, cannot be chosen. ``train_fn``
+    diverged, or ended with a non-finite validation loss, cannot be chosen (status
+    ``diverged``); one that ended ``no_progress`` keeps that status and ranks by its loss. ``train_fn``
     replaces ``lrpipe.engine.train.train`` in tests.
     """
     check_number("epochs", epochs, low=1, integer=True)
@@ -104,43 +107,125 @@ class Run(NamedTuple):
 
 
 def compare_runs(base: TrainConfig, rates: Mapping[str, float], seeds: int) -> list[Run]:
-    """Every optimizer at its own rate on ``base``, seeds 0..seeds-1, named
-    ``adam lr=0.001 mlp seed=0``."""
+    """Every comparison entry (``entries.ENTRY_NAMES``: ``gains`` is momentum 0,
+    ``gains_momentum`` 0.9) at its own rate on ``base``, seeds 0..seeds-1, named
+    ``adam lr=0.001 mlp seed=0``, tagged ``optimizer`` = the entry."""
     check_number("seeds", seeds, low=1, integer=True)
     runs = []
     for opt, lr in rates.items():
         for seed in range(seeds):
-            cfg = merge(base, {"optim.name": opt, "optim.lr": lr, "seed": seed})
+            cfg = merge(entry_config(base, opt), {"optim.lr": lr, "seed": seed})
             runs.append(Run(cfg, f"{opt} lr={lr:.3g} {cfg.model.name} seed={seed}",
                             {"optimizer": opt, "part": "compare"}))
     return runs
 
 
+def updates_per_epoch(n_train: int, batch_size: int) -> int:
+    """Updates in one pass over ``n_train`` examples in batches of ``batch_size`` (the last
+    batch may be short)."""
+    return -(-n_train // batch_size)
+
+
 def rprop_batch_runs(base: TrainConfig, n_train: int, epochs: int, seeds: int,
                      lr: float = RPROP_LR) -> list[Run]:
-    """Rprop on ``base``'s data with one batch of all ``n_train`` examples (full batch: one
-    step per epoch) and with ``base.batch_size``: same rate, epochs and seeds 0..seeds-1.
-    Tag ``batch``: ``full-batch (n)`` or ``mini-batch (b)``."""
+    """Rprop, same rate and seeds 0..seeds-1, in three arms (issue 27 item 5: 15 full-batch
+    updates against 1,185 mini-batch ones confounds the batch with the number of updates):
+
+    * ``mini-batch``: ``base.batch_size``, ``epochs`` epochs (epochs x U updates, U =
+      ``updates_per_epoch``);
+    * ``full-batch, equal epochs``: one batch of all ``n_train`` examples, ``epochs`` epochs
+      (``epochs`` updates: the same passes over the data);
+    * ``full-batch, equal updates``: the same one batch for epochs x U epochs (as many
+      updates as the mini-batch arm, U times its passes).
+
+    Tag ``batch`` names the arm: ``mini-batch (64)``, ``full-batch (1200), equal epochs``,
+    ``full-batch (1200), equal updates``. ``n_train`` must exceed ``base.batch_size`` (else
+    the arms coincide).
+    """
     check_number("seeds", seeds, low=1, integer=True)
+    check_number("epochs", epochs, low=1, integer=True)
+    if not isinstance(n_train, int) or n_train <= base.batch_size:
+        raise ValueError(f"n_train: got {n_train!r}; allowed: an integer > batch_size "
+                         f"{base.batch_size}")
+    per_epoch = updates_per_epoch(n_train, base.batch_size)
+    arms = ((f"mini-batch ({base.batch_size})", base.batch_size, epochs),
+            (f"full-batch ({n_train}), equal epochs", n_train, epochs),
+            (f"full-batch ({n_train}), equal updates", n_train, epochs * per_epoch))
     runs = []
-    for label, batch in (("full-batch", n_train), ("mini-batch", base.batch_size)):
+    for label, batch, arm_epochs in arms:
         for seed in range(seeds):
             cfg = merge(base, {"optim.name": "rprop", "optim.lr": lr, "seed": seed,
-                               "batch_size": batch, "epochs": epochs})
-            runs.append(Run(cfg, f"rprop lr={lr:g} {cfg.model.name} batch={batch} seed={seed}",
-                            {"optimizer": "rprop", "part": "rprop-batch",
-                             "batch": f"{label} ({batch})"}))
+                               "batch_size": batch, "epochs": arm_epochs})
+            runs.append(Run(cfg, f"rprop lr={lr:g} {cfg.model.name} batch={batch} "
+                                 f"epochs={arm_epochs} seed={seed}",
+                            {"optimizer": "rprop", "part": "rprop-batch", "batch": label}))
     return runs
 
 
-def history_frame(runs: Sequence[Run], results: Sequence[Mapping], key: str) -> pd.DataFrame:
+def _lower(a: float, b: float) -> str:
+    return "lower" if a < b else "higher" if a > b else "the same"
+
+
+def rprop_claim(table: pd.DataFrame) -> str:
+    """What the Rprop arms show, in words, from ``final_table(history, by="batch")`` plus
+    ``epochs`` and ``updates`` columns: each full-batch arm's final validation error and loss
+    against the mini-batch arm's, and at which matched budget (equal epochs, equal updates)
+    mini-batches hurt Rprop on both, on error only, on loss only, or not at all."""
+    require_columns(table, ("batch", "val_error_mean", "val_loss_mean", "epochs", "updates"),
+                    "table")
+    rows = {("mini-batch" if b.startswith("mini-batch") else b.split(", ")[-1]): r
+            for b, r in zip(table["batch"], table.itertuples(), strict=True)}
+    mini = rows.get("mini-batch")
+    if mini is None or len(rows) < 2:
+        return "Rprop: too few arms finished to compare"
+    parts, verdict = [], {"both": [], "error only": [], "loss only": [], "neither": []}
+    for key in ("equal epochs", "equal updates"):
+        if key not in rows:
+            continue
+        full = rows[key]
+        err, loss = (full.val_error_mean < mini.val_error_mean,
+                     full.val_loss_mean < mini.val_loss_mean)
+        verdict["both" if err and loss else "error only" if err else "loss only" if loss
+                else "neither"].append(key)
+        parts.append(f"full-batch at {key} ({int(full.updates):,} updates, {int(full.epochs)} "
+                     f"epochs): error {full.val_error_mean:.4f} "
+                     f"({_lower(full.val_error_mean, mini.val_error_mean)}), loss "
+                     f"{full.val_loss_mean:.4g} "
+                     f"({_lower(full.val_loss_mean, mini.val_loss_mean)})")
+    said = {"both": "on validation error and loss", "error only": "on validation error only "
+            "(the loss favours mini-batches)", "loss only": "on validation loss only (the error "
+            "favours mini-batches)", "neither": "not at all"}
+    claims = [f"{said[k]} at {' and '.join(v)}" for k, v in verdict.items() if v]
+    return (f"Rprop mini-batch ({int(mini.updates):,} updates, {int(mini.epochs)} epochs): "
+            f"error {mini.val_error_mean:.4f}, loss {mini.val_loss_mean:.4g}; "
+            + "; ".join(parts) + ". Mini-batches hurt Rprop " + "; ".join(claims) + ".")
+
+
+def history_frame(runs: Sequence[Run], results: Sequence[Mapping], key: str,
+                  n_train: int | None = None) -> pd.DataFrame:
     """The ``history`` rows of every result with its run's tag ``key`` (optimizer, batch) as
-    a first column; ``results`` are in ``runs``' order."""
+    a first column; ``results`` are in ``runs``' order. With ``n_train`` (the training
+    examples) a column ``updates`` = epoch x ``updates_per_epoch(n_train, batch_size)``."""
     if len(runs) != len(results):
         raise ValueError(f"results: got {len(results)} for {len(runs)} runs; allowed: one "
                          "result per run, in order")
-    return pd.DataFrame([{key: run.tags[key], **row} for run, result in
-                         zip(runs, results, strict=True) for row in result["history"]])
+    frame = pd.DataFrame([{key: run.tags[key], **row} for run, result in
+                          zip(runs, results, strict=True) for row in result["history"]])
+    if n_train is not None:
+        per_epoch = [updates_per_epoch(n_train, run.cfg.batch_size) for run, result in
+                     zip(runs, results, strict=True) for _ in result["history"]]
+        frame["updates"] = frame["epoch"] * pd.Series(per_epoch, index=frame.index)
+    return frame
+
+
+def rprop_table(df: pd.DataFrame) -> pd.DataFrame:
+    """``final_table(df, by="batch")`` of the Rprop arms with the ``epochs`` and ``updates``
+    each arm's runs reached (their maximum over seeds; ``df`` from ``history_frame`` with
+    ``n_train``)."""
+    require_columns(df, ("batch", "epoch", "updates"), "df")
+    reached = final_rows(df, "batch").groupby("batch", sort=False).agg(
+        epochs=("epoch", "max"), updates=("updates", "max")).reset_index()
+    return final_table(df, by="batch").merge(reached, on="batch", how="left")
 
 
 def require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -177,13 +262,20 @@ def final_table(df: pd.DataFrame, by: str = "optimizer") -> pd.DataFrame:
     return table.sort_values(["diverged", "val_error_mean"], kind="stable").reset_index()
 
 
-def metric_bands(df: pd.DataFrame, metric: str, by: str = "optimizer") -> pd.DataFrame:
-    """Mean, min, max and count over seeds of ``metric`` per (``by``, epoch); ``by`` values
-    in order of appearance. A diverged run stops counting after its last finite epoch."""
-    require_columns(df, (by, "seed", "epoch", metric), "df")
-    stats = df.groupby([by, "epoch"], sort=False)[metric].agg(["mean", "min", "max", "count"])
+X_AXES = {"epoch": "epoch", "updates": "updates (optimizer steps)"}
+
+
+def metric_bands(df: pd.DataFrame, metric: str, by: str = "optimizer",
+                 x: str = "epoch") -> pd.DataFrame:
+    """Mean, min, max and count over seeds of ``metric`` per (``by``, ``x``: epoch or
+    updates); ``by`` values in order of appearance. A diverged run stops counting after its
+    last finite epoch."""
+    if x not in X_AXES:
+        raise ValueError(f"x: got {x!r}; allowed: {', '.join(X_AXES)}")
+    require_columns(df, (by, "seed", x, metric), "df")
+    stats = df.groupby([by, x], sort=False)[metric].agg(["mean", "min", "max", "count"])
     return stats.rename(columns={"count": "n"}).reset_index().sort_values(
-        [by, "epoch"], key=lambda s: s.map({v: i for i, v in enumerate(pd.unique(df[by]))})
+        [by, x], key=lambda s: s.map({v: i for i, v in enumerate(pd.unique(df[by]))})
         if s.name == by else s, kind="stable", ignore_index=True)
 
 
@@ -206,30 +298,34 @@ LABELS = {"val_loss": "validation cross-entropy", "val_error": "validation error
 
 def plot_metric_bands(df: pd.DataFrame, metric: str = "val_loss", by: str = "optimizer",
                       ax: Axes | None = None, palette: dict | None = None,
-                      title: str | None = None) -> Figure:
-    """``metric`` against epoch: the mean over seeds per ``by`` value, shaded min..max.
+                      title: str | None = None, x: str = "epoch") -> Figure:
+    """``metric`` against ``x`` (epoch, or updates on a symlog axis): the mean over seeds per
+    ``by`` value, shaded min..max.
 
     The legend gives each group's final mean and how many of its runs diverged (they stop at
     their last finite epoch). Loss axes are logarithmic. ``palette``: colour per group value;
     ``title``: a first title line (the second says what the band is).
     """
-    stats = metric_bands(df, metric, by)
+    stats = metric_bands(df, metric, by, x)
     diverged = final_rows(df, by).groupby(by)["status"].apply(
         lambda s: int((s == "diverged").sum())) if "status" in df else None
     fig, ax = _axes(ax)
     colours = _palette(list(pd.unique(stats[by])), palette)
     for name, rows in stats.groupby(by, sort=False):
         note = f", {diverged[name]} diverged" if diverged is not None and diverged[name] else ""
-        ax.plot(rows["epoch"], rows["mean"], "-o", ms=3, color=colours[name],
+        ax.plot(rows[x], rows["mean"], "-o", ms=3, color=colours[name],
                 label=f"{name}: {rows['mean'].iloc[-1]:.4g}{note}")
-        ax.fill_between(rows["epoch"], rows["min"], rows["max"], color=colours[name], alpha=0.2)
+        ax.fill_between(rows[x], rows["min"], rows["max"], color=colours[name], alpha=0.2)
     if "loss" in metric:
         ax.set_yscale("log")
     what = f"{LABELS.get(metric, metric)}: mean over seeds, band = min..max"
-    ax.set(xlabel="epoch", ylabel=LABELS.get(metric, metric),
+    ax.set(xlabel=X_AXES[x], ylabel=LABELS.get(metric, metric),
            title=what if title is None else f"{title}\n{what}")
     ax.legend(title=f"{by}: final mean", fontsize=7, ncol=2 if len(colours) > 4 else 1)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    if x == "updates":
+        ax.set_xscale("symlog", linthresh=1.0)  # update 0 (the start) stays on the axis
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     return fig
 
 
@@ -246,9 +342,9 @@ def plot_rate_search(table: pd.DataFrame, ax: Axes | None = None,
     colours = _palette(list(pd.unique(table["optimizer"])), palette)
     top = float(np.nanmax(table["val_loss"])) if table["val_loss"].notna().any() else 1.0
     for name, rows in table.sort_values("lr").groupby("optimizer", sort=False):
-        ok = rows[rows["status"] == "ok"]
+        ok = rows[rows["status"] != "diverged"]
         ax.plot(ok["lr"], ok["val_loss"], "-o", ms=3, color=colours[name], label=name)
-        bad = rows[rows["status"] != "ok"]
+        bad = rows[rows["status"] == "diverged"]
         ax.plot(bad["lr"], [top * 1.5] * len(bad), "x", color=colours[name], ms=7)
         win = rows[rows["chosen"].astype(bool)]
         ax.plot(win["lr"], win["val_loss"], "*", ms=14, color=colours[name], mec="black")

@@ -4,10 +4,11 @@ A ``Surface`` is a pure torch function of points ``(..., 2) -> (...)`` with a ha
 gradient, a start point, its global minima (all of value 0, so a loss is also the gap to the
 optimum and plots on a log axis) and what counts as success: ending within ``success_radius``
 of a minimum. The optimizers are the real torch.optim ones, built through lrpipe's
-``OPTIMIZER_FACTORIES`` with a default ``OptimConfig``, so a surface sees the same settings
-(momentum 0.9, Adam's betas, ...) as a training run.
+``OPTIMIZER_FACTORIES`` with a default ``OptimConfig`` plus the fields of the comparison's
+entry (``lrpipe.experiments.entries``: ``gains`` has momentum 0, ``gains_momentum`` 0.9), so a
+surface sees the same settings (momentum 0.9, Adam's betas, ...) as a training run.
 
-Every rate of a grid runs at once, as a batch of points: the surfaces and all eight optimizers
+Every rate of a grid runs at once, as a batch of points: the surfaces and all the optimizers
 act elementwise, so row k of a ``(K, 2)`` tensor moves exactly as a lone point would.
 """
 
@@ -23,8 +24,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lrpipe.engine.config import OPTIMIZERS, OptimConfig, check_choice, check_number
+from lrpipe.engine.config import OptimConfig, check_choice, check_number
 from lrpipe.engine.optim import OPTIMIZER_FACTORIES
+from lrpipe.experiments.entries import ENTRY_NAMES, entry_fields
 
 Point = tuple[float, float]
 # Three rates per decade from 1e-5 to 10: every optimizer gets the same 19 tries.
@@ -199,20 +201,22 @@ def get_surface(name: str) -> Surface:
 def _check_run(surface: Surface, optimizer_name: str, steps: int | None) -> int:
     if not isinstance(surface, Surface):
         raise ValueError(f"surface: got {surface!r}; allowed: a Surface (see SURFACES)")
-    check_choice("optimizer_name", optimizer_name, OPTIMIZERS)
+    entry_fields(optimizer_name, "optimizer_name")
     steps = surface.steps if steps is None else steps
     check_number("steps", steps, low=1, integer=True)
     return steps
 
 
 def _make_optimizer(name: str, param: Tensor) -> torch.optim.Optimizer:
-    """lrpipe's optimizer ``name`` at rate 1 over one tensor (default OptimConfig otherwise)."""
+    """The comparison entry ``name``'s optimizer at rate 1 over one tensor (a default
+    OptimConfig plus the entry's fields)."""
     groups = [{"name": "points", "params": [param], "lr": 1.0, "lr_mult": 1.0}]
-    return OPTIMIZER_FACTORIES[name](groups, OptimConfig(name=name, lr=1.0))
+    cfg = OptimConfig(**{**entry_fields(name, "optimizer_name"), "lr": 1.0})
+    return OPTIMIZER_FACTORIES[cfg.name](groups, cfg)
 
 
 def _stepper(name: str, points: Tensor, lrs: Tensor) -> Callable[[Tensor], None]:
-    """A function ``step(grad)`` that moves row k of ``points`` as optimizer ``name`` at lrs[k].
+    """A function ``step(grad)`` that moves row k of ``points`` as entry ``name`` at lrs[k].
 
     Rprop's rate is only its initial step size (later sizes are clamped to absolute bounds), so
     it moves the points itself, its per-weight step sizes seeded with each row's rate after a
@@ -221,7 +225,7 @@ def _stepper(name: str, points: Tensor, lrs: Tensor) -> Callable[[Tensor], None]
     runs at rate 1 on a zeroed shadow tensor and row k moves by lrs[k] x the shadow's move.
     Tests check both against lone runs of the real optimizer.
     """
-    if name == "rprop":
+    if entry_fields(name, "optimizer_name")["name"] == "rprop":
         param = torch.nn.Parameter(points)  # shares storage: moving it moves the points
         opt = _make_optimizer(name, param)
         param.grad = torch.zeros_like(points)
@@ -330,10 +334,13 @@ def _tune(surface: Surface, optimizer_name: str, steps: int | None,
     return best, table, paths
 
 
-def compare_on_surface(surface: Surface, optimizer_names: Sequence[str] = OPTIMIZERS,
+def compare_on_surface(surface: Surface, optimizer_names: Sequence[str] = ENTRY_NAMES,
                        steps: int | None = None,
                        grid: Sequence[float] | None = None) -> pd.DataFrame:
     """Every optimizer's path at its own tuned rate, in one long-form table.
+
+    ``optimizer_names``: comparison entries (``entries.ENTRY_NAMES``: the engine's optimizers,
+    with gains split into ``gains`` and ``gains_momentum``).
 
     Returns columns surface, optimizer, lr (the tuned rate), step, x, y, loss, distance,
     diverged. An optimizer whose every grid rate diverged has no rows (see ``tune_lr``).
