@@ -30,7 +30,8 @@ from lrpipe.engine.config import TrainConfig, merge, to_dict
 
 OPTIMIZERS = ["sgd", "adam", "rprop"]
 SETTINGS = {"optimizers": OPTIMIZERS, "surfaces": ["saddle"], "seeds": 2, "epochs": 2,
-            "rprop_epochs": 3}  # not 2: Rprop's mini-batch arm must not share a config
+            "rprop_epochs": 3,  # not 2: Rprop's mini-batch arm must not share a config
+            "cost_scale": "small", "lbfgs_iterations": 4}  # the second-order part: seconds
 SETS = ["data.dataset=digits", "data.val_size=300", "data.subset=400", "batching=off",
         "model.hidden=[32]"]
 # Kill points, each a line of the command's output: the first surface task finished; the
@@ -43,7 +44,8 @@ KILL_AT = {"surfaces": r"\[1/3\] optimizers-surfaces",
 DONE_AT = {"surfaces": "surface", "training": "search"}
 # The answer: the parent's tables (each optimizer's tuned rate per surface, its searched rate,
 # the real-data ranking with errors over seeds, Rprop full- vs mini-batch) and its metrics.
-ANSWER_TABLES = ("surfaces/saddle.csv", "search.csv", "real_summary.csv", "rprop_batches.csv")
+ANSWER_TABLES = ("surfaces/saddle.csv", "search.csv", "real_summary.csv", "rprop_batches.csv",
+                 "surfaces/saddle_race.csv")
 
 
 # --- each task reuses its finished child (in-process, seconds) ----------------------------
@@ -179,7 +181,8 @@ def reference(config, api_url, tmp_path_factory) -> dict:
     parent = _parent(all_runs(uri))
     kids = _children(parent, uri)
     assert {k.info.status for k in kids} == {"FINISHED"}
-    assert _parts(kids) == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 4}
+    # three Rprop arms (mini-batch, full batch at equal epochs, at equal updates) x 2 seeds
+    assert _parts(kids) == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6}
     return {"answer": _answer(parent, uri), "tasks": sorted(map(_task, kids))}
 
 
