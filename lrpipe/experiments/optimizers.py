@@ -74,8 +74,8 @@ def search_rate(cfg: TrainConfig, data: Dataset, *, decades: Sequence[float] = S
     Every rung keeps ``cfg``'s seed (same initial weights, same batch order) and evaluates a
     fixed 1,000-example training subset (only the validation loss decides). A rung that
     diverged, or ended with a non-finite validation loss, cannot be chosen (status
-    ``diverged``); one that ended ``no_progress`` keeps that status and ranks by its loss. ``train_fn``
-    replaces ``lrpipe.engine.train.train`` in tests.
+    ``diverged``); one that ended ``no_progress`` keeps that status and ranks by its loss.
+    ``train_fn`` replaces ``lrpipe.engine.train.train`` in tests.
     """
     check_number("epochs", epochs, low=1, integer=True)
     if len(decades) == 0 or len(set(decades)) != len(decades):
