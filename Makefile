@@ -27,7 +27,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers batch-size bench server schedule test ui lint clean
+.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers batch-size article bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -91,6 +91,13 @@ transfer: setup ## pretrain, then fine-tune with per-layer rates (ARGS=)
 
 optimizers: setup ## optimizers side by side on 2D surfaces and real data (ARGS=)
 	$(VENV)/bin/lrpipe optimizers $(ARGS)
+
+# The article's Figure 2: the single-layer softmax net on Fashion-MNIST at rates from too small to
+# diverging (0.5, 1 and 10 oscillate but stay finite; 100 diverges), cross-entropy and error.
+ARTICLE_ARGS := --set model.name=softmax --lrs 0.001,0.01,0.1,0.5,1,10,100 --epochs 5
+
+article: setup ## the article's figure: softmax net, rates from too small to diverging
+	$(VENV)/bin/lrpipe sweep $(ARTICLE_ARGS)
 
 batch-size: setup ## the best rate against the batch size, with the linear and sqrt rules (ARGS=)
 	$(VENV)/bin/lrpipe batch-size $(ARGS)

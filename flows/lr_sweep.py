@@ -86,7 +86,7 @@ def lr_sweep(
             summary, tracking.run_url(parent, experiment),
             lambda r: tracking.run_url(r, experiment),
             [f"figures/{n}.png" for n in figures]), key="lr-sweep")
-    print(summary_text(summary, time.perf_counter() - start))
+    print(summary_text(final_metrics(summary), time.perf_counter() - start))
     print(where_to_click(parent, experiment), flush=True)
     return {"parent_run_id": parent, "summary": summary.to_dict("records"),
             "best_lr": None if best is None else float(best["lr"])}

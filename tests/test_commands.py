@@ -95,3 +95,20 @@ def test_flag_parsers_name_the_field():
     assert parse_skip("decay,transfer") == ["decay", "transfer"]
     with pytest.raises(Exception, match="^skip: got 'everything'; allowed: search"):
         parse_skip("everything")
+
+
+def test_make_article_is_a_valid_sweep_from_too_small_to_diverging():
+    """README: `make article` sweeps the softmax net from 0.001 to 100 (five decades)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from flows.cli import build_parser, settings_from
+
+    text = (Path(__file__).parents[1] / "Makefile").read_text()
+    args = shlex.split(re.search(r"^ARTICLE_ARGS := (.*)$", text, re.M).group(1))
+    settings = settings_from(build_parser().parse_args(["sweep", *args]))
+    _, cfgs = sweep.check(**{k: v for k, v in settings.items() if k != "sets"})
+    assert {c.model.name for c in cfgs} == {"softmax"}
+    lrs = [c.optim.lr for c in cfgs]
+    assert min(lrs) == 0.001 and max(lrs) == 100 and max(lrs) / min(lrs) >= 100

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lrpipe.engine.config import OPTIMIZERS  # noqa: E402
+from lrpipe.experiments.entries import ENTRY_NAMES  # noqa: E402
 from lrpipe.experiments.surfaces import DTYPE, Surface  # noqa: E402
 
 GRID_POINTS = 200  # contour resolution per axis
@@ -31,8 +31,9 @@ FLOOR = 1e-16  # loss axes stop at 1e-16 x the largest loss: float64's precision
 
 
 def optimizer_palette() -> dict[str, tuple]:
-    """A fixed colour per optimizer name, the same in every figure."""
-    return dict(zip(OPTIMIZERS, sns.color_palette("tab10", len(OPTIMIZERS)), strict=True))
+    """A fixed colour per entry of the race (the optimizers, gains with and without
+    momentum), the same in every figure."""
+    return dict(zip(ENTRY_NAMES, sns.color_palette("tab10", len(ENTRY_NAMES)), strict=True))
 
 
 def _axes(ax, figsize=(6.4, 5.0)):
