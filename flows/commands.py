@@ -296,7 +296,7 @@ split (data.subset), validation on the usual 10,000 held-out examples.
         Command("pipeline", "the whole pipeline: LR search, full training at the chosen rate, "
                 "decay, transfer", """examples:
   lrpipe pipeline                               # search, full training, decay, transfer
-  lrpipe pipeline --skip decay,transfer         # just the search and the full training
+  lrpipe pipeline --skip decay,final,transfer   # just the search and the sweep
   lrpipe pipeline --lrs 0.03,0.1,0.3 --epochs 3 # full training at these rates instead
   lrpipe pipeline --config pipeline.yaml        # YAML: {search: {subset: 3000}, skip: [...]}
 """, "flows.pipeline:pipeline", "flows.pipeline:check", (
@@ -306,6 +306,8 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                            f"full-training epochs (default {pipe.DEFAULT_EPOCHS})"),
                     Option("--skip", parse_skip, "comma-separated stages to leave out: "
                            + ", ".join(pipe.STAGES)),
+                    Option("--final-epochs", int, "epochs of the final model's training "
+                           "(default: twice the decay comparison's, 16)"),
                 )),
         Command("batch-size", "the best learning rate against the batch size, with the linear "
                 "and square-root rules", """examples:

@@ -3,6 +3,7 @@ then run again: it resumes into the same pipeline parent, skips the stages that 
 resumes the one cut short (reusing its finished runs), leaves nothing RUNNING, and ends with
 the answer an uninterrupted run gives."""
 
+import math
 import signal
 
 import pytest
@@ -30,11 +31,16 @@ def _experiment_runs(runs, name_prefix):
     return [r for r in runs if r.info.run_name.startswith(name_prefix)]
 
 
+def _loss(value: float) -> float | str:
+    """A run's final validation loss, comparable: NaN (a diverged rate) as the word."""
+    return round(value, 6) if math.isfinite(value) else "nan"
+
+
 def _answer(runs) -> dict:
     """The pipeline's answer as MLflow holds it: chosen rate and the full-training summary."""
     (parent,) = [r for r in runs if r.info.run_name.startswith("pipeline ")]
     sweep = [r for r in runs if r.data.tags.get("sweep") and r.info.status == "FINISHED"]
-    finals = sorted((float(r.data.params["optim.lr"]), round(r.data.metrics["val_loss"], 6))
+    finals = sorted((float(r.data.params["optim.lr"]), _loss(r.data.metrics["val_loss"]))
                     for r in sweep)
     return {"chosen_lr": parent.data.metrics.get("chosen_lr"), "sweep": finals}
 
