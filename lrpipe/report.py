@@ -105,13 +105,14 @@ def percent(fraction, signed: bool = True) -> str:
 
 
 def final_metrics(summary: pd.DataFrame, columns=("val_loss", "val_error")) -> pd.DataFrame:
-    """``summary`` with the final ``columns`` NaN where the run did not finish ``ok`` and
-    ``diverged_epoch`` as a nullable integer: the one convention for a stopped run's final
-    metrics, for CSVs, MLflow metrics and every table."""
+    """``summary`` with the final ``columns`` NaN where the run diverged (stopped: it has no
+    final value, only a stale last finite one) and ``diverged_epoch`` as a nullable integer:
+    the one convention for a stopped run's final metrics, for CSVs, MLflow metrics and every
+    table. A ``no_progress`` run trained to its last epoch: its final values are real, kept."""
     out = summary.copy()
     for column in columns:
         if column in out:
-            out[column] = out[column].where(out["status"] == "ok")
+            out[column] = out[column].where(out["status"] != "diverged")
     if "diverged_epoch" in out:
         epochs = pd.to_numeric(out["diverged_epoch"], errors="coerce")
         out["diverged_epoch"] = epochs.round().astype("Int64")
@@ -339,7 +340,7 @@ def sweep_table(summary: pd.DataFrame, run_url_fn: Callable[[str], str],
     rows = []
     for _, r in summary.sort_values("lr").iterrows():
         link = f"[lr={r['lr']:g}]({run_url_fn(r['run_id'])})"
-        trained = r["status"] == "ok"
+        trained = r["status"] != "diverged"  # no_progress trained to the end: its value is real
         rows.append({
             "rate": f"**{link}** (chosen)" if best_lr is not None and r["lr"] == best_lr
             else link,
@@ -391,7 +392,7 @@ def sweep_terminal(summary: pd.DataFrame, parent_url: str) -> str:
                                                       "best_val_error", "diverged_epoch"]]
     # As in sweep_table: a stopped run has no final loss; the cell says why.
     table = table.astype({"val_loss": object})
-    stopped = table["status"] != "ok"
+    stopped = table["status"] == "diverged"
     table.loc[stopped, "val_loss"] = table.loc[stopped, "status"].map(_stopped_cell)
     links = sweep_links(summary, parent_url)
     short = {k: v for k, v in links.items() if "/#/metric?" not in v}  # terminal: short URLs

@@ -70,7 +70,7 @@ def grid_display(grid: pd.DataFrame) -> pd.DataFrame:
     convention for a run that diverged: 'diverged' for its final metrics, the epoch that blew
     up as an integer."""
     table = final_metrics(grid.sort_values("lr"))
-    stopped = table["status"] != "ok"
+    stopped = table["status"] == "diverged"
 
     def cells(column: str) -> list:
         return [DIVERGED_CELL if s else f"{v:.4f}"
