@@ -269,14 +269,15 @@ def candidate_grid(
 
 
 def _per_rate(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per rate: mean val_loss over its runs, inf if any run diverged or is non-finite."""
+    """One row per rate: mean val_loss over its runs, inf if any run diverged or is non-finite
+    (a no_progress run trained to its last epoch: its loss is real and ranks it)."""
     missing = {"lr", "val_loss", "status"} - set(results.columns)
     if missing:
         raise ValueError(f"results: missing columns {sorted(missing)}; allowed: a table with "
                          "lr, val_loss, status")
     if results.empty:
         raise ValueError("results: got no rows; allowed: one or more finished runs")
-    ok = (results["status"] == "ok") & np.isfinite(results["val_loss"].astype(float))
+    ok = (results["status"] != "diverged") & np.isfinite(results["val_loss"].astype(float))
     table = results.assign(ok=ok).groupby("lr", sort=True).agg(
         val_loss=("val_loss", "mean"), ok=("ok", "all"))
     table.loc[~table["ok"], "val_loss"] = math.inf
@@ -287,7 +288,7 @@ def regret_table(results: pd.DataFrame, candidates: Mapping[str, float]) -> pd.D
     """Each candidate's full-training val loss against the best rate of the grid.
 
     Args:
-        results: one row per run: lr, val_loss, status ("ok" | "diverged"); several runs
+        results: one row per run: lr, val_loss, status (ok | no_progress | diverged); several runs
             (seeds) of a rate are averaged; a rate with any diverged run counts as inf.
         candidates: name -> rate; every rate must be one of the results' rates.
     Returns:
