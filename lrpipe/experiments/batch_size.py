@@ -33,6 +33,7 @@ from lrpipe.engine.config import (
     check_number,
     merge,
 )
+from lrpipe.experiments.decay import require_columns
 
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)  # examples per update
 DEFAULT_OPTIMIZERS = ("sgd", "adam")
@@ -213,15 +214,6 @@ def results_table(cfgs: Sequence[TrainConfig], finals: Sequence[Mapping]) -> pd.
 # --- the analysis ---
 
 
-def _check_results(results: pd.DataFrame) -> None:
-    missing = [c for c in RESULT_COLUMNS if c not in results.columns]
-    if missing:
-        raise ValueError(f"results: missing columns {missing}; required: "
-                         f"{', '.join(RESULT_COLUMNS)} (results_table)")
-    if results.empty:
-        raise ValueError("results: no rows; required: one row per run")
-
-
 def rate_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds of the final validation loss, per (optimizer, batch size,
     rate).
@@ -232,7 +224,7 @@ def rate_summary(results: pd.DataFrame) -> pd.DataFrame:
         DataFrame(optimizer, batch_size, lr, n_seeds, n_diverged, val_loss_mean, val_loss_std),
         sorted; std over seeds with ddof 1 (NaN for one seed or an infinite mean).
     """
-    _check_results(results)
+    require_columns(results, RESULT_COLUMNS, "results")  # results_table's columns
     df = results.copy()
     bad = (df["status"] != "ok") | ~np.isfinite(df["val_loss"].astype(float))
     df["loss"] = df["val_loss"].astype(float).where(~bad, math.inf)
