@@ -228,9 +228,24 @@ def read_text(run_id: str, path: str, uri: str | None = None) -> str | None:
         return Path(retry_locked(client(uri).download_artifacts, run_id, path, tmp)).read_text()
 
 
-def run_url(run_id: str, experiment: str, uri: str | None = None,
-            ui: str = "http://127.0.0.1:5000") -> str:
-    """Where the run opens in the MLflow UI (runs view, not the GenAI one)."""
+def ui_url(uri: str | None = None) -> str:
+    """The MLflow UI's address, where every link starts: ``LRPIPE_UI_URL`` if set; else the
+    tracking server when ``uri`` (default ``tracking_uri()``) is http(s); else ``make ui``'s
+    http://127.0.0.1:$LRPIPE_UI_PORT (default 5000). TrackingError names a bad setting."""
+    given, uri = os.environ.get("LRPIPE_UI_URL"), uri or tracking_uri()
+    if given and (not given.startswith(("http://", "https://")) or {"?", "#"} & set(given)):
+        raise TrackingError(f"LRPIPE_UI_URL: got {given!r}; allowed: http(s)://host:port[/path]")
+    if given or uri.startswith(("http://", "https://")):
+        return (given or uri.split("?")[0].split("#")[0]).rstrip("/")
+    port = os.environ.get("LRPIPE_UI_PORT") or "5000"
+    if not port.isdigit() or int(port) not in range(1, 65536):
+        raise TrackingError(f"LRPIPE_UI_PORT: got {port!r}; allowed: an integer port 1-65535")
+    return f"http://127.0.0.1:{int(port)}"
+
+
+def run_url(run_id: str, experiment: str, uri: str | None = None, ui: str | None = None) -> str:
+    """Where the run opens in the MLflow UI (runs view, not the GenAI one); ``ui``: ui_url."""
+    ui = ui_url(uri) if ui is None else ui.rstrip("/")
     exp = experiment_id(experiment, uri)
     return f"{ui}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
