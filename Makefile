@@ -27,7 +27,7 @@ ARGS ?=
 SWEEP_FLAGS := $(if $(LRS),--lrs $(LRS)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers batch-size article bench server schedule test ui lint clean
+.PHONY: server-stop screenshots help lock setup data sweep grid search decay schedules transfer optimizers batch-size dropout losses article bench server schedule test ui lint clean
 
 help: ## list the targets
 	@echo "lrpipe: a learning-rate laboratory for PyTorch"
@@ -101,6 +101,12 @@ article: setup ## the article's figure: softmax net, rates from too small to div
 
 batch-size: setup ## the best rate against the batch size, with the linear and sqrt rules (ARGS=)
 	$(VENV)/bin/lrpipe batch-size $(ARGS)
+
+dropout: setup ## dropout against the train/validation gap, with and without, over a rate grid (ARGS=)
+	$(VENV)/bin/lrpipe dropout $(ARGS)
+
+losses: setup ## cross-entropy against squared error, each at its own searched rate (ARGS=)
+	$(VENV)/bin/lrpipe losses $(ARGS)
 
 bench: setup ## speed ratios side by side, written to bench/results.md
 	$(PY) bench/bench.py $(ARGS)
