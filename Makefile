@@ -111,14 +111,17 @@ losses: setup ## cross-entropy against squared error, each at its own searched r
 bench: setup ## speed ratios side by side, written to bench/results.md
 	$(PY) bench/bench.py $(ARGS)
 
-server: $(STAMP) ## start a persistent Prefect server on 127.0.0.1:4200 (for schedules)
-	$(PY) -m flows.server start
+# Ports: PORT=... on the command line, else LRPIPE_UI_PORT (MLflow UI, default 5000; reports and
+# printed links read it too) or PREFECT_SERVER_API_PORT (Prefect, default 4200).
+server: $(STAMP) ## start a persistent Prefect server on 127.0.0.1:4200 or PORT= (for schedules)
+	$(PY) -m flows.server start $(if $(PORT),--port $(PORT))
 
-server-stop: $(STAMP) ## stop the Prefect server that `make server` started
-	$(PY) -m flows.server stop
+server-stop: $(STAMP) ## stop the Prefect server that `make server` started (PORT= as given)
+	$(PY) -m flows.server stop $(if $(PORT),--port $(PORT))
 
-schedule: setup ## serve the pipeline on a cron schedule (CRON="0 3 * * *")
-	$(VENV)/bin/lrpipe schedule $(if $(CRON),--cron "$(CRON)") $(ARGS)
+schedule: setup ## serve the pipeline on a cron schedule (CRON="0 3 * * *"; Prefect on PORT=)
+	$(if $(PORT),PREFECT_API_URL=http://127.0.0.1:$(PORT)/api) \
+		$(VENV)/bin/lrpipe schedule $(if $(CRON),--cron "$(CRON)") $(ARGS)
 
 test: setup ## run the test suite (installs Debian's Chromium for the browser test)
 	@bash tests/browser_setup.sh
@@ -128,9 +131,13 @@ screenshots: setup ## regenerate docs/*.png from the newest sweep in mlruns/
 	@bash tests/browser_setup.sh
 	$(PY) docs/screenshots.py
 
-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000 --workers 1
+ui: UI_PORT = $(or $(PORT),$(LRPIPE_UI_PORT),5000)
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, or PORT= (LRPIPE_UI_PORT=... for links too)
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"
+	@$(if $(filter $(UI_PORT),$(or $(LRPIPE_UI_PORT),5000)),true,echo "Reports link to \
+	port $(or $(LRPIPE_UI_PORT),5000): export LRPIPE_UI_PORT=$(UI_PORT) for the flows you run")
+	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port $(UI_PORT) \
+		--workers 1
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check lrpipe flows tests

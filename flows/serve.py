@@ -2,9 +2,11 @@
 
 The served flow is ``flows.pipeline.pipeline`` where that module exists, else
 ``flows.lr_sweep.lr_sweep``. Schedules need a persistent Prefect server (the ephemeral API
-cannot schedule): the one at ``PREFECT_API_URL`` if set, else ``python -m flows.server``'s on
-127.0.0.1:4200, started here if needed. Each scheduled run is a new sweep (a new MLflow parent
-run): the previous one FINISHED, so nothing is resumed or served from a cache.
+cannot schedule): the one at ``PREFECT_API_URL`` if set (one on this machine is started here on
+its port if it does not answer), else ``python -m flows.server``'s on 127.0.0.1 at
+``PREFECT_SERVER_API_PORT`` (default 4200), started here if needed (``make schedule PORT=4277``).
+Each scheduled run is a new sweep (a new MLflow parent run): the previous one FINISHED, so
+nothing is resumed or served from a cache.
 """
 
 from __future__ import annotations
@@ -72,14 +74,18 @@ def flow_parameters(flow, settings: dict) -> dict:
 
 
 def api_for_schedules() -> str:
-    """PREFECT_API_URL if it answers; else the local server, started if needed."""
+    """PREFECT_API_URL if it answers, started here on its port if it is a local one that does
+    not; unset: the local server on ``server.default_port()``, started if needed."""
     url = os.environ.get("PREFECT_API_URL")
-    if url:
-        if not server.healthy(url):
-            raise ConfigError(f"PREFECT_API_URL: {url} does not answer; allowed: a running "
-                              "Prefect server (`make server`), or unset to start one here")
+    if not url:
+        return server.start()
+    if server.healthy(url):
         return url
-    return server.start()
+    if server.local_port(url) is not None:
+        return server.start(port=server.local_port(url))
+    raise ConfigError(f"PREFECT_API_URL: {url} does not answer; allowed: a running Prefect "
+                      "server, one on this machine (http://127.0.0.1:<port>/api, started "
+                      "here), or unset to start one on $PREFECT_SERVER_API_PORT (default 4200)")
 
 
 def check(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None,
@@ -108,12 +114,15 @@ def run(which: str, name: str, schedule: dict, params: dict, runner="threads",
 def serve(flow, name: str, schedule: dict, params: dict, runner: str, workers, url: str) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from lrpipe import tracking
+
     ui = url.rstrip("/").removesuffix("/api")
     when = f"cron {schedule['cron']!r}" if "cron" in schedule else \
         f"every {schedule['interval']:g} s"
     print(f"Serving flow {flow.name!r} as deployment '{flow.name}/{name}', {when}.\n"
           f"  Deployment and its runs: {ui}/deployments  (flow runs: {ui}/runs)\n"
-          f"  MLflow: each run is a new parent run; start the UI with `make ui`.\n"
+          f"  MLflow: each run is a new parent run; start the UI with `make ui` "
+          f"({tracking.ui_url()}).\n"
           "  Ctrl-C stops serving and pauses the schedule.", flush=True)
     os.environ["PREFECT_API_URL"] = url  # for the flow-run processes the runner spawns
     served = flow.with_options(task_runner=make_task_runner(runner, workers))
