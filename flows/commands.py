@@ -174,7 +174,8 @@ def declarations() -> dict[str, Command]:
     from lrpipe.experiments.transfer import STRATEGIES, TransferConfig
     from lrpipe.search import plan as search
 
-    chosen = ("default: the chosen_lr of the newest lr-search run, else 0.1")
+    chosen = ("default: the chosen_lr of the newest lr-search run for the same dataset, model, "
+              "optimizer, loss and batch size")
     schedule_names = ("constant, step, multistep, exponential, cosine, onecycle, "
                       "warmup_cosine, inverse_time, plateau")
     schedules = Option("--schedules", parse_names,
@@ -238,7 +239,8 @@ split (data.subset), validation on the usual 10,000 held-out examples.
 """, "flows.schedule_preview:preview", "flows.schedule_preview:check", (
                     Option("--epochs", int, "budget in epochs (default 8)"),
                     schedules, final_decay,
-                    Option("--lr", float, f"base rate drawn ({chosen})"),
+                    Option("--lr", float, f"base rate drawn ({chosen}; else 0.1, "
+                                                          "labelled not searched)"),
                     Option("--out", str, "where the PNG goes (default out/schedules.png)"),
                 ), direct=True),
         Command("transfer", "pretrain once (kept in the model registry), then fine-tune with "

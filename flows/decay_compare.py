@@ -46,6 +46,7 @@ from flows.schedule_preview import (
     check_names,
     decay_table,
     print_table,
+    latest_chosen_lr,
     resolve_lr,
     select_schedules,
     steps_per_epoch,
@@ -64,6 +65,7 @@ from lrpipe.engine.config import (
 from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
 from lrpipe.plots import decay as decay_plots
+from lrpipe.search.plan import searched_identity
 
 DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band
 DEFAULT_LOSSES = ("cross_entropy", "mse")
@@ -97,6 +99,8 @@ class DecayPlan:
     final_decay: float
     steps_per_epoch: int
     decays: pd.DataFrame
+    loss_rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    loss_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
@@ -106,11 +110,29 @@ def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=Non
     selected = select_schedules(schedules, final_decay, base.epochs)
     seeds = check_seeds(seeds)
     losses = tuple(check_names("losses", losses, LOSSES))
-    rate, source = resolve_lr(lr)
+    rate, source = resolve_lr(lr, base, overrides)
     base = merge(base, {"optim.lr": rate})
     spe = steps_per_epoch(base)
+    rates = {loss: loss_source(base, loss, given=lr is not None) for loss in losses}
     return DecayPlan(base, source, selected, seeds, losses, float(final_decay), spe,
-                     decay_table(selected, base.epochs, spe))
+                     decay_table(selected, base.epochs, spe),
+                     {k: v[0] for k, v in rates.items()}, {k: v[1] for k, v in rates.items()})
+
+
+def loss_source(base: TrainConfig, loss: str, given: bool) -> tuple[float, str]:
+    """(rate, where it came from) for training ``base`` with ``loss``: ``base``'s own rate for
+    its loss; for another, the rate a search chose for that loss when there is one (and the
+    base rate was not given), else ``loss_rate``'s fixed ratio, labelled as not searched."""
+    if loss == base.loss:
+        return base.optim.lr, "the chosen rate"
+    if not given:
+        found = latest_chosen_lr(identity=searched_identity(base.replace(loss=loss)))
+        if found is not None:
+            return found[0], f"searched for {loss}: lr-search run {found[1]}"
+    scale = LOSS_LR_SCALE[loss] / LOSS_LR_SCALE[base.loss]
+    return loss_rate(base, loss), (f"{scale:g}x the {base.loss} rate, not searched (the fair "
+                                   f"comparison, each loss at its own searched rate: `lrpipe "
+                                   f"losses`)")
 
 
 def loss_rate(base: TrainConfig, loss: str) -> float:
@@ -122,7 +144,7 @@ def loss_rate(base: TrainConfig, loss: str) -> float:
 def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
     """One training per schedule in ``names`` x seed: config dict, run name, tags, decay."""
     planned = plan.decays.set_index("schedule")
-    optim = dataclasses.replace(plan.base.optim, lr=loss_rate(plan.base, loss))
+    optim = dataclasses.replace(plan.base.optim, lr=plan.loss_rates.get(loss, loss_rate(plan.base, loss)))
     specs = []
     for name in names:
         for seed in plan.seeds:
@@ -262,7 +284,8 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     runs = [train_stage(plan, run_specs(plan, [best], loss), parent, experiment, threads, workers,
                         f"lr-decay-{loss.replace('_', '-')}") for loss in extra]
     both = pd.concat([history[history["schedule"] == best], *runs], ignore_index=True)
-    rates = {loss: loss_rate(plan.base, loss) for loss in both["loss"].unique()}
+    rates = {loss: plan.loss_rates.get(loss, loss_rate(plan.base, loss))
+             for loss in both["loss"].unique()}
     table = loss_table(both)
     table.insert(1, "lr", table["loss"].map(rates))
     tracking.log_table(parent, table, "loss_choice.csv")
@@ -315,7 +338,9 @@ def decay_compare(
             f"Best schedule: {best['schedule']} (final validation loss "
             f"{best['final_val_loss_mean']:.4f}, error {best['final_val_error_mean']:.4f}, "
             f"mean over {len(plan.seeds)} seeds) at lr={plan.base.optim.lr:g}", ranking,
-            evidence=[f"rate from: {plan.lr_source}"] + ([] if vs is None else [
+            evidence=[f"rate from: {plan.lr_source}"] + [
+                f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
+                for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
             notes=[w for w in plan.decays["warning"] if w])
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)

@@ -49,10 +49,14 @@ from lrpipe.search.plan import (
     HALVING_OPTS,
     POINTS_PER_DECADE,
     RANGE_OPTS,
+    SEARCHED_FOR_TAG,
+    SEARCHED_TAG,
     check_search,
+    describe_searched,
     grid_plan,
     search_configs,
     search_report,
+    searched_identity,
     summarize_evidence,
 )
 from lrpipe.search.report import regret_display, search_notes, search_tables
@@ -134,7 +138,9 @@ def lr_search(
                                     "regret_epochs": regret_epochs, "grid_span": grid_span,
                                     "points_per_decade": POINTS_PER_DECADE, "runner": runner,
                                     "range_opts": RANGE_OPTS, "halving_opts": HALVING_OPTS,
-                                    "base_config": tracking.to_json(to_dict(base))}) as parent:
+                                    "base_config": tracking.to_json(to_dict(base))},
+                     tags={SEARCHED_TAG: searched_identity(base),
+                           SEARCHED_FOR_TAG: describe_searched(base)}) as parent:
         curves, halvings = explore_subset(sub, seeds, parent, experiment, range_steps, runner,
                                           threads)
         evidence = summarize_evidence(curves, halvings)

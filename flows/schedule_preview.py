@@ -28,6 +28,7 @@ from lrpipe.engine.config import (
 from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_decay
 from lrpipe.experiments import decay
 from lrpipe.plots import decay as decay_plots
+from lrpipe.search.plan import SEARCHED_TAG, describe_searched, search_command, searched_identity
 
 EXPERIMENT = "lr-decay"
 SEARCH_EXPERIMENT = "lr-search"
@@ -102,9 +103,11 @@ def decay_table(schedules: dict[str, ScheduleConfig], epochs: int, spe: int) -> 
     return pd.DataFrame(rows)
 
 
-def latest_chosen_lr(experiment: str = SEARCH_EXPERIMENT) -> tuple[float, str] | None:
+def latest_chosen_lr(experiment: str = SEARCH_EXPERIMENT,
+                     identity: str | None = None) -> tuple[float, str] | None:
     """The ``chosen_lr`` (metric, else tag) of the newest finished parent run of ``experiment``
-    and that run's id; None when there is none."""
+    whose ``searched_identity`` tag is ``identity`` (any parent when None), and that run's id;
+    None when there is none."""
     c = tracking.client()
     exp = tracking.retry_locked(c.get_experiment_by_name, experiment)
     if exp is None:
@@ -114,6 +117,8 @@ def latest_chosen_lr(experiment: str = SEARCH_EXPERIMENT) -> tuple[float, str] |
                                  order_by=["attributes.start_time DESC"])
     for run in runs:
         if tracking.PARENT_TAG in run.data.tags:
+            continue
+        if identity is not None and run.data.tags.get(SEARCHED_TAG) != identity:
             continue
         value = run.data.metrics.get("chosen_lr", run.data.tags.get("chosen_lr"))
         try:
@@ -125,16 +130,25 @@ def latest_chosen_lr(experiment: str = SEARCH_EXPERIMENT) -> tuple[float, str] |
     return None
 
 
-def resolve_lr(lr: float | None) -> tuple[float, str]:
-    """(rate, where it came from): ``lr`` if given, else lr-search's latest choice, else 0.1."""
+def resolve_lr(lr: float | None, base: TrainConfig, overrides: dict | None = None, *,
+               required: bool = True) -> tuple[float, str]:
+    """(rate, where it came from): ``lr`` if given, else the newest ``lr-search`` choice made
+    for ``base``'s searched part (``lrpipe.search.plan.searched_identity``: same dataset,
+    model, optimizer, loss and batch size). With none, a ConfigError saying which search to
+    run; or, when not ``required`` (a preview that trains nothing), ``FALLBACK_LR`` labelled
+    as not searched."""
     if lr is not None:
         check_number("lr", lr, low=0.0, low_open=True)
         return float(lr), "given"
-    found = latest_chosen_lr()
-    if found is None:
-        return FALLBACK_LR, f"fallback: no chosen_lr in experiment {SEARCH_EXPERIMENT!r}"
-    return found[0], f"{SEARCH_EXPERIMENT} run {found[1]}"
-
+    found = latest_chosen_lr(identity=searched_identity(base))
+    if found is not None:
+        return found[0], f"{SEARCH_EXPERIMENT} run {found[1]} ({describe_searched(base)})"
+    if not required:
+        return FALLBACK_LR, (f"fallback, not searched: no {SEARCH_EXPERIMENT} run for "
+                             f"{describe_searched(base)}")
+    raise ConfigError(f"lr: no finished {SEARCH_EXPERIMENT} run searched "
+                      f"{describe_searched(base)}; run `{search_command(base, overrides)}` "
+                      f"first, or give the rate (--lr)")
 
 
 def preview_schedules(epochs: int = DEFAULT_EPOCHS, schedules=None,
@@ -152,7 +166,7 @@ def preview_schedules(epochs: int = DEFAULT_EPOCHS, schedules=None,
     """
     base = base_config(epochs, overrides)
     selected = select_schedules(schedules, final_decay, base.epochs)
-    rate, source = resolve_lr(lr)
+    rate, source = resolve_lr(lr, base, overrides, required=False)
     spe = steps_per_epoch(base, load=False)  # the preview needs no images
     table = decay_table(selected, base.epochs, spe)
     path = Path(out)

@@ -17,6 +17,7 @@ from flows import schedule_preview as sp
 from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError, TrainConfig
+from lrpipe.search.plan import SEARCHED_TAG, describe_searched, searched_identity
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64, "device": "cpu"}
@@ -161,15 +162,56 @@ def test_latest_chosen_lr_reads_the_newest_finished_parent(mlflow_store):
     assert sp.latest_chosen_lr(name) == (0.02, new)
 
 
-def test_resolve_lr_given_found_or_fallback(monkeypatch):
-    assert sp.resolve_lr(0.3) == (0.3, "given")
+def _search_parent(cfg, lr: float) -> str:
+    run = tracking.start_run(sp.SEARCH_EXPERIMENT, "a search", tags={
+        SEARCHED_TAG: searched_identity(cfg), "chosen_lr": f"{lr}"})
+    tracking.end_run(run)
+    time.sleep(0.01)
+    return run
+
+
+def test_a_rate_comes_only_from_a_search_of_the_same_setup(mlflow_store):
+    """Issue 27, finding 4: after a softmax search, the MLP must not take the softmax rate."""
+    mlp = TrainConfig().replace(batch_size=77)  # a batch size no other test searches
+    softmax = mlp.replace(**{"model.name": "softmax"})
+    assert sp.resolve_lr(0.3, mlp) == (0.3, "given")
     with pytest.raises(ConfigError, match="lr"):
-        sp.resolve_lr(-1.0)
-    monkeypatch.setattr(sp, "latest_chosen_lr", lambda: None)
-    rate, source = sp.resolve_lr(None)
-    assert rate == sp.FALLBACK_LR == 0.1 and "fallback" in source
-    monkeypatch.setattr(sp, "latest_chosen_lr", lambda: (0.05, "abc"))
-    assert sp.resolve_lr(None) == (0.05, "lr-search run abc")
+        sp.resolve_lr(-1.0, mlp)
+    with pytest.raises(ConfigError, match=r"^lr: no finished lr-search run searched mlp \[256\] "
+                       r"· sgd · cross_entropy · fashion_mnist · batch 77; run `lrpipe search "
+                       r"--set batch_size=77` first"):
+        sp.resolve_lr(None, mlp, {"batch_size": 77})
+    _search_parent(softmax, 0.5)
+    with pytest.raises(ConfigError, match="no finished lr-search run searched mlp"):
+        sp.resolve_lr(None, mlp)
+    rate, source = sp.resolve_lr(None, mlp, required=False)
+    assert rate == sp.FALLBACK_LR and source.startswith("fallback, not searched")
+    run = _search_parent(mlp, 0.05)
+    assert sp.resolve_lr(None, mlp) == (0.05, f"lr-search run {run} ({describe_searched(mlp)})")
+    assert sp.resolve_lr(None, softmax)[0] == 0.5
+    # what is not searched does not split searches: epochs, seed, schedule, subset, the rate
+    other = mlp.replace(epochs=9, seed=4, **{"data.subset": 100, "optim.lr": 3.0,
+                                             "schedule.name": "cosine"})
+    assert sp.resolve_lr(None, other)[0] == 0.05
+    # the decay stage's second loss: its own search when there is one, else the fixed ratio
+    rate, source = dc.loss_source(mlp, "mse", given=False)
+    assert rate == pytest.approx(0.025) and "not searched" in source and "lrpipe losses" in source
+    mse = _search_parent(mlp.replace(loss="mse"), 0.03)
+    assert dc.loss_source(mlp, "mse", given=False) == (0.03, f"searched for mse: lr-search run {mse}")
+    assert dc.loss_source(mlp, "mse", given=True)[0] == pytest.approx(0.025)
+
+
+def test_searched_identity_covers_what_the_rate_depends_on():
+    base = TrainConfig()
+    same = {searched_identity(base.replace(**c)) for c in (
+        {}, {"epochs": 2}, {"seed": 3}, {"data.subset": 1000}, {"data.val_size": 500},
+        {"optim.lr": 7.0}, {"schedule.name": "step"})}
+    assert same == {searched_identity(base)}
+    differ = [{"model.name": "softmax"}, {"model.hidden": (64,)}, {"model.dropout": 0.5},
+              {"optim.name": "adam"}, {"optim.momentum": 0.5}, {"optim.weight_decay": 1e-4},
+              {"loss": "mse"}, {"batch_size": 64}, {"data.dataset": "digits"}]
+    ids = {searched_identity(base.replace(**c)) for c in differ}
+    assert len(ids) == len(differ) and searched_identity(base) not in ids
 
 
 # --- schedule preview -----------------------------------------------------------------------

@@ -9,6 +9,9 @@ flow ``flows.lr_search`` runs and logs what this module plans.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -128,3 +131,47 @@ def search_report(evidence: dict, halvings: list[dict], grid: pd.DataFrame,
               "Grid:", grid.drop(columns=["run_id", "name"]).to_string(
                   index=False, float_format="%.4g")]
     return "\n".join(lines)
+
+
+# --- which search a rate may come from ------------------------------------------------------
+
+SEARCHED_TAG = "searched_identity"  # on a search's parent: the identity of what it searched
+SEARCHED_FOR_TAG = "searched_for"  # the same, in words
+
+
+def searched_part(cfg: TrainConfig) -> dict:
+    """What a searched rate depends on: the dataset (and its class selection), the model, the
+    optimizer without its rate, the loss and the batch size. Not the subset, the validation
+    split, the epochs, the seed or the schedule: the search varies those itself."""
+    optim = {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k != "lr"}
+    return {"dataset": cfg.data.dataset, "classes": cfg.data.classes,
+            "model": dataclasses.asdict(cfg.model), "optim": optim, "loss": cfg.loss,
+            "batch_size": cfg.batch_size}
+
+
+def searched_identity(cfg: TrainConfig) -> str:
+    """16 hex digits naming ``searched_part(cfg)``: equal for every config one search serves."""
+    text = json.dumps(searched_part(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def describe_searched(cfg: TrainConfig) -> str:
+    """``searched_part`` in words: ``mlp [256] · momentum 0.9 · cross_entropy ·
+    fashion_mnist · batch 128``."""
+    model = cfg.model.name + (f" {list(cfg.model.hidden)}" if cfg.model.name == "mlp" else "")
+    if cfg.model.dropout:
+        model += f" dropout {cfg.model.dropout:g}"
+    optim = cfg.optim.name
+    if cfg.optim.name in ("momentum", "nesterov", "gains"):
+        optim += f" momentum {cfg.optim.momentum:g}"
+    if cfg.optim.weight_decay:
+        optim += f" weight_decay {cfg.optim.weight_decay:g}"
+    data = cfg.data.dataset + (f" classes {list(cfg.data.classes)}" if cfg.data.classes else "")
+    return f"{model} · {optim} · {cfg.loss} · {data} · batch {cfg.batch_size}"
+
+
+def search_command(cfg: TrainConfig, overrides: Mapping | None = None) -> str:
+    """The command that runs the search ``cfg``'s rate should come from."""
+    sets = " ".join(f"--set {k}={v}" for k, v in sorted((overrides or {}).items())
+                    if not k.startswith(("optim.lr", "epochs", "seed", "schedule")))
+    return "lrpipe search" + (f" {sets}" if sets else "")
