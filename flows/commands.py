@@ -169,6 +169,8 @@ def declarations() -> dict[str, Command]:
     """Every command, by name, in the order ``lrpipe --help`` lists them."""
     from lrpipe.experiments import batch_size as bs
     from lrpipe.experiments import dropout as do
+    from lrpipe.experiments import losses as lo
+    from lrpipe.experiments import dropout as do
     from lrpipe.experiments import pipeline as pipe
     from lrpipe.experiments import sweep
     from lrpipe.experiments.transfer import STRATEGIES, TransferConfig
@@ -354,6 +356,43 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     Option("--seeds", parse_seeds, "comma-separated seeds per (arm, rate) "
                            f"(default {_seeds_text(do.DEFAULT_SEEDS)})"),
                     Option("--epochs", int, f"epochs of every run (default {do.DEFAULT_EPOCHS})"),
+                )),
+        Command("dropout", "dropout against the train/validation gap: with and without, "
+                "at a small rate grid, over seeds", """examples:
+  lrpipe dropout                                # MLP, SGD, 5,000 examples, rate from lr-search
+  lrpipe dropout --lr 0.1 --dropout 0.3 --epochs 30
+  lrpipe dropout --grid 0.1,0.316,1,3.16,10 --seeds 0,1,2,3
+""", "flows.dropout:dropout_compare", "flows.dropout:check", (
+                    Option("--lr", float, f"the chosen rate, the grid's centre ({chosen})"),
+                    Option("--dropout", float, "the dropout arm's probability (default "
+                           f"{do.DEFAULT_DROPOUT:g}; the other arm has none)"),
+                    Option("--grid", lambda t: _numbers(t, float, "grid", "0.316,1,3.16"),
+                           "rates per arm as multiples of the chosen rate, 1 included (default "
+                           f"{','.join(f'{g:.3g}' for g in do.DEFAULT_GRID)})"),
+                    Option("--seeds", parse_seeds, "comma-separated seeds per (arm, rate) "
+                           f"(default {_seeds_text(do.DEFAULT_SEEDS)})"),
+                    Option("--epochs", int, f"epochs of every run (default {do.DEFAULT_EPOCHS})"),
+                )),
+        Command("losses", "cross-entropy against squared error, each at its own searched "
+                "rate (same search, same budget), over fresh seeds", """examples:
+  lrpipe losses                                 # MLP, SGD, Fashion-MNIST: 2 searches, 6 runs
+  lrpipe losses --subset 2000 --regret-epochs 2 --seeds 10,11,12,13
+  lrpipe losses --set model.name=softmax --epochs 3
+""", "flows.losses:loss_compare", "flows.losses:check", (
+                    Option("--subset", int, "training examples of each search's range test "
+                           f"and halving rungs (default {search.DEFAULT_SUBSET})"),
+                    Option("--search-seeds", parse_seeds, "comma-separated seeds of each search "
+                           f"(default {_seeds_text(search.DEFAULT_SEEDS)})"),
+                    Option("--range-steps", int, "range-test updates per seed (default "
+                           f"{search.DEFAULT_RANGE_STEPS})"),
+                    Option("--regret-epochs", int, "epochs of each search's full-data regret "
+                           f"runs (default {search.DEFAULT_REGRET_EPOCHS})"),
+                    Option("--grid-span", float, "decades of regret grid around the candidates "
+                           f"(default {search.DEFAULT_GRID_SPAN:g})"),
+                    Option("--seeds", parse_seeds, "comma-separated comparison seeds, none of "
+                           f"the search's (default {_seeds_text(lo.DEFAULT_SEEDS)})"),
+                    Option("--epochs", int, "epochs of each comparison run (default "
+                           f"{lo.DEFAULT_EPOCHS})"),
                 )),
         Command("schedule", "serve the pipeline as a Prefect deployment re-run on a cron or "
                 "interval schedule", """examples:
