@@ -108,12 +108,6 @@ dropout: setup ## dropout against the train/validation gap, with and without, ov
 losses: setup ## cross-entropy against squared error, each at its own searched rate (ARGS=)
 	$(VENV)/bin/lrpipe losses $(ARGS)
 
-dropout: setup ## dropout against the train/validation gap, with and without, over a rate grid (ARGS=)
-	$(VENV)/bin/lrpipe dropout $(ARGS)
-
-losses: setup ## cross-entropy against squared error, each at its own searched rate (ARGS=)
-	$(VENV)/bin/lrpipe losses $(ARGS)
-
 bench: setup ## speed ratios side by side, written to bench/results.md
 	$(PY) bench/bench.py $(ARGS)
 

@@ -170,7 +170,6 @@ def declarations() -> dict[str, Command]:
     from lrpipe.experiments import batch_size as bs
     from lrpipe.experiments import dropout as do
     from lrpipe.experiments import losses as lo
-    from lrpipe.experiments import dropout as do
     from lrpipe.experiments import pipeline as pipe
     from lrpipe.experiments import sweep
     from lrpipe.experiments.transfer import STRATEGIES, TransferConfig
@@ -340,22 +339,6 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     Option("--grid", lambda t: _numbers(t, float, "grid", "0.25,0.5,1,2,4"),
                            "rates per batch size, as multiples of the square-root rule's rate "
                            f"(default {','.join(f'{g:g}' for g in bs.DEFAULT_GRID)})"),
-                )),
-        Command("dropout", "dropout against the train/validation gap: with and without, "
-                "at a small rate grid, over seeds", """examples:
-  lrpipe dropout                                # MLP, SGD, 5,000 examples, rate from lr-search
-  lrpipe dropout --lr 0.1 --dropout 0.3 --epochs 30
-  lrpipe dropout --grid 0.1,0.316,1,3.16,10 --seeds 0,1,2,3
-""", "flows.dropout:dropout_compare", "flows.dropout:check", (
-                    Option("--lr", float, f"the chosen rate, the grid's centre ({chosen})"),
-                    Option("--dropout", float, "the dropout arm's probability (default "
-                           f"{do.DEFAULT_DROPOUT:g}; the other arm has none)"),
-                    Option("--grid", lambda t: _numbers(t, float, "grid", "0.316,1,3.16"),
-                           "rates per arm as multiples of the chosen rate, 1 included (default "
-                           f"{','.join(f'{g:.3g}' for g in do.DEFAULT_GRID)})"),
-                    Option("--seeds", parse_seeds, "comma-separated seeds per (arm, rate) "
-                           f"(default {_seeds_text(do.DEFAULT_SEEDS)})"),
-                    Option("--epochs", int, f"epochs of every run (default {do.DEFAULT_EPOCHS})"),
                 )),
         Command("dropout", "dropout against the train/validation gap: with and without, "
                 "at a small rate grid, over seeds", """examples:
