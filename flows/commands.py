@@ -40,6 +40,12 @@ def parse_seeds(text: str) -> list[int]:
     return _numbers(text, int, "seeds", "0,1,2")
 
 
+def parse_fresh_seeds(text: str) -> list[int]:
+    """``100,101,102`` -> [100, 101, 102]; ``none`` -> [] (no confirmation)."""
+    return [] if text.strip().lower() == "none" else _numbers(text, int, "confirm_seeds",
+                                                             "100,101,102 or none")
+
+
 def parse_names(text: str) -> list[str]:
     """``cosine,step`` -> ["cosine", "step"] (checked against the allowed names later)."""
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -213,6 +219,9 @@ def declarations() -> dict[str, Command]:
                            f"and grid rate (default {search.DEFAULT_REGRET_EPOCHS})"),
                     Option("--grid-span", float, "decades of grid around the candidates "
                            f"(default {search.DEFAULT_GRID_SPAN:g})"),
+                    Option("--confirm-seeds", parse_fresh_seeds, "fresh seeds on which the "
+                           "chosen rate and its closest rival train again, out of sample "
+                           f"(default {_seeds_text(search.DEFAULT_CONFIRM_SEEDS)}; none: skip)"),
                 )),
         Command("decay", "train every decay schedule at the chosen rate over 3 seeds and rank "
                 "them", """examples:

@@ -45,8 +45,8 @@ from flows.schedule_preview import (
     base_config,
     check_names,
     decay_table,
-    print_table,
     latest_chosen_lr,
+    print_table,
     resolve_lr,
     select_schedules,
     steps_per_epoch,
@@ -144,7 +144,8 @@ def loss_rate(base: TrainConfig, loss: str) -> float:
 def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
     """One training per schedule in ``names`` x seed: config dict, run name, tags, decay."""
     planned = plan.decays.set_index("schedule")
-    optim = dataclasses.replace(plan.base.optim, lr=plan.loss_rates.get(loss, loss_rate(plan.base, loss)))
+    rate = plan.loss_rates.get(loss, loss_rate(plan.base, loss))
+    optim = dataclasses.replace(plan.base.optim, lr=rate)
     specs = []
     for name in names:
         for seed in plan.seeds:
@@ -293,6 +294,26 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     return table
 
 
+def rate_set_by(plan: DecayPlan, name: str) -> str:
+    """What moves a schedule's rate: ``selection loss`` for plateau (it steps when the
+    validation loss, the selection split that ranks it, stalls), else ``its plan``."""
+    return "selection loss" if plan.schedules[name].name == "plateau" else "its plan"
+
+
+def selection_notes(plan: DecayPlan, ranking: pd.DataFrame) -> list[str]:
+    """The ranking's labels: every figure is measured on the selection split by the runs that
+    rank (in-sample); plateau's rate also looked at that split while training."""
+    notes = [f"In-sample: the ranking's figures are the selection (validation) split's, on the "
+             f"seeds that rank ({', '.join(map(str, plan.seeds))}); the test set is scored only "
+             f"for the final model (`make sweep`'s final stage)."]
+    seen = ranking.loc[ranking["rate_set_by"] == "selection loss", "schedule"].tolist()
+    if seen:
+        notes.append(f"{', '.join(seen)} cut the rate when the selection loss stalled: it saw "
+                     "the split it is ranked on while training, the fixed-plan schedules did "
+                     "not; its rank is marked `rate_set_by = selection loss`.")
+    return notes
+
+
 @flow(name="lr-decay")
 def decay_compare(
     lr: float | None = None,
@@ -321,6 +342,7 @@ def decay_compare(
         history = train_stage(plan, run_specs(plan, plan.schedules, plan.base.loss), parent,
                               experiment, threads, tasks, "lr-decay")
         ranking = rank_schedules(history, plan.decays)
+        ranking["rate_set_by"] = ranking["schedule"].map(lambda n: rate_set_by(plan, n))
         tracking.log_table(parent, ranking, "ranking.csv")
         for name, fig in parent_figures(plan, history, ranking).items():
             tracking.log_figure(parent, fig, name)
@@ -342,7 +364,7 @@ def decay_compare(
                 f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
                 for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
-            notes=[w for w in plan.decays["warning"] if w])
+            notes=[w for w in plan.decays["warning"] if w] + selection_notes(plan, ranking))
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)
     return {"parent_run_id": parent, "lr": plan.base.optim.lr, "lr_source": plan.lr_source,
             "best_schedule": best["schedule"], "ranking": ranking.to_dict("records"),

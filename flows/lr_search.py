@@ -35,10 +35,17 @@ from flows.report import publish_flow_report, where_to_click
 from flows.search_tasks import explore_subset
 from lrpipe import runs, tracking
 from lrpipe.engine.config import TrainConfig, to_dict
+from lrpipe.experiments.confirm import (
+    check_fresh_seeds,
+    confirmation_line,
+    summarize_arms,
+    verdict,
+)
 from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
 from lrpipe.report import final_metrics
 from lrpipe.search.choose import chosen_band, decide_rate, neighbour_rates, regret_table
 from lrpipe.search.plan import (
+    DEFAULT_CONFIRM_SEEDS,
     DEFAULT_GRID_SPAN,
     DEFAULT_RANGE_STEPS,
     DEFAULT_REGRET_EPOCHS,
@@ -52,8 +59,10 @@ from lrpipe.search.plan import (
     SEARCHED_FOR_TAG,
     SEARCHED_TAG,
     check_search,
+    confirm_plan,
     describe_searched,
     grid_plan,
+    rival_rate,
     search_configs,
     search_report,
     searched_identity,
@@ -107,6 +116,41 @@ def log_parent(parent: str, evidence: dict, curves: pd.DataFrame, halvings: list
                                choice["chosen_by"], "reason": choice["reason"][:5000]})
 
 
+def confirm_choice(base: TrainConfig, grid: pd.DataFrame, lr: float, seeds: Sequence[int],
+                   parent: str, experiment: str, runner: str, threads: int,
+                   workers: int | None) -> dict | None:
+    """The chosen rate and its closest rival (``rival_rate``) on the fresh ``seeds`` at the
+    regret budget; logged as ``confirm.csv``, metrics ``confirmed_val_loss*`` and the tag
+    ``confirm_verdict``. None when there are no seeds or no rival."""
+    rival = rival_rate(grid, lr)
+    if not seeds or rival is None:
+        return None
+    cfgs, names, tags = confirm_plan(base, lr, rival, seeds, runs.training_run_name)
+    with task_resources(runner):
+        results = train_planned(cfgs, parent, experiment, names, threads=threads,
+                                workers=parallel_tasks(runner, workers), tags=tags,
+                                uri=tracking.tracking_uri(), label="confirm")
+    table = final_metrics(pd.DataFrame(results))
+    table["arm"] = [c.optim.lr for c in cfgs]
+    table["seed"] = [c.seed for c in cfgs]
+    summary = summarize_arms(table, "val_loss", lr, rival)
+    result = verdict(summary)
+    line = confirmation_line(summary.assign(arm=[f"lr {lr:.3g}", f"lr {rival:.3g}"]), result,
+                             f"The chosen rate against the closest rival ({base.epochs} epochs)",
+                             seeds, "validation loss")
+    tracking.log_table(parent, summary, "confirm.csv")
+    chosen = summary.iloc[0]
+    tracking.log_metrics(parent, {k: float(v) for k, v in {
+        "confirmed_val_loss": chosen["mean"], "confirmed_val_loss_lo": chosen["lo"],
+        "confirmed_val_loss_hi": chosen["hi"], "confirm_margin": result["margin"]}.items()
+        if math.isfinite(float(v))}, step=0)
+    tracking.set_tags(parent, {"confirm_verdict": result["verdict"],
+                               "confirm_rival": f"{rival:.4g}"})
+    return {"rival": rival, "seeds": list(seeds), **result, "line": line,
+            "chosen_mean": float(chosen["mean"]), "chosen_lo": float(chosen["lo"]),
+            "chosen_hi": float(chosen["hi"]), "summary": summary}
+
+
 @flow(name="lr-search")
 def lr_search(
     subset: int = DEFAULT_SUBSET,
@@ -118,8 +162,11 @@ def lr_search(
     runner: str = "threads",
     workers: int | None = None,
     experiment: str = EXPERIMENT,
+    confirm_seeds: Sequence[int] = DEFAULT_CONFIRM_SEEDS,
 ) -> dict:
-    """Range test + halving search on a subset over seeds, then a regret check on full data.
+    """Range test + halving search on a subset over seeds, then a regret check on full data,
+    then the chosen rate and its closest rival again on fresh seeds (``confirm_seeds``; empty:
+    no confirmation).
 
     Returns:
         parent_run_id, chosen_lr, band (lo, hi), chosen_by, reason, candidates (name -> rate),
@@ -130,6 +177,7 @@ def lr_search(
     check_runner(runner)
     base, sub = search_configs(overrides, subset, regret_epochs)
     seeds = check_search(seeds, range_steps, grid_span)
+    confirm_seeds = check_fresh_seeds(confirm_seeds, [*seeds, base.seed])
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
     with flow_parent("lr-search", experiment, f"search {base.optim.name} {base.model.name} "
@@ -138,7 +186,9 @@ def lr_search(
                                     "regret_epochs": regret_epochs, "grid_span": grid_span,
                                     "points_per_decade": POINTS_PER_DECADE, "runner": runner,
                                     "range_opts": RANGE_OPTS, "halving_opts": HALVING_OPTS,
-                                    "base_config": tracking.to_json(to_dict(base))},
+                                    "base_config": tracking.to_json(to_dict(base)),
+                                    **({"confirm_seeds": list(confirm_seeds)} if confirm_seeds
+                                       else {})},
                      tags={SEARCHED_TAG: searched_identity(base),
                            SEARCHED_FOR_TAG: describe_searched(base)}) as parent:
         curves, halvings = explore_subset(sub, seeds, parent, experiment, range_steps, runner,
@@ -151,13 +201,19 @@ def lr_search(
         choice = {"lr": lr, "chosen_by": chosen_by, "reason": reason,
                   "band": chosen_band(lr, evidence["candidates"], evidence["bands"])}
         log_parent(parent, evidence, curves, halvings, grid, regret, choice)
+        confirmation = confirm_choice(base, grid, lr, confirm_seeds, parent, experiment, runner,
+                                      threads, workers)
         report = search_report(evidence, halvings, grid, regret, choice, regret_epochs)
+        if confirmation is not None:
+            report += "\n" + confirmation["line"] + "\n"
         tracking.log_text(parent, report, "report.txt")
         lo, hi = choice["band"]
         publish_flow_report(
             parent, experiment, "Learning-rate search",
             f"Chosen rate: {choice['lr']:.3g} (band {lo:.3g}..{hi:.3g}, chosen by "
-            f"{choice['chosen_by']})", regret_display(regret), evidence=[choice["reason"]],
+            f"{choice['chosen_by']})", regret_display(regret), evidence=[
+                f"in-sample (the runs that chose, selection split): {choice['reason']}"] + (
+                [] if confirmation is None else [confirmation["line"]]),
             notes=search_notes(regret, grid, choice["lr"]),
             tables=search_tables(evidence["bands"], evidence["cross_check"], regret, grid))
     print(f"\nlr_search: {base.data.dataset} subset of {subset}, seeds "
@@ -170,5 +226,7 @@ def lr_search(
             "candidates": evidence["candidates"], "bands": evidence["bands"],
             "grid": grid["lr"].tolist(), "grid_results": grid.to_dict("records"),
             "regret": regret.to_dict("records"), "best_grid_lr": best,
+            "confirmation": None if confirmation is None else {
+                k: v for k, v in confirmation.items() if k != "summary"},
             "neighbours": neighbour_rates(grid["lr"].tolist(),
                                           list(evidence["candidates"].values()), lr, best)}

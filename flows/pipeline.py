@@ -184,7 +184,7 @@ def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent,
         lo, hi = found["band"]
         records.append({"stage": "search", "status": "done", "run_id": found["parent_run_id"],
                         "answer": f"lr {chosen:.3g} (band {lo:.3g}..{hi:.3g}, chosen by "
-                                  f"{found['chosen_by']})", "result": found})
+                                  f"{found['chosen_by']}){_confirmed(found)}", "result": found})
     if "sweep" in skip:
         records.append({"stage": "sweep", "status": "skipped", "answer": "--skip"})
     else:
@@ -221,6 +221,15 @@ def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent,
         records.append({"stage": stage, "status": "done", "run_id": result["parent_run_id"],
                         "answer": _answer(result), "result": result})
     return records, chosen
+
+
+def _confirmed(found: dict) -> str:
+    """The search's out-of-sample verdict, for its stage line."""
+    conf = found.get("confirmation")
+    if not conf:
+        return ""
+    return (f"; on fresh seeds against lr {conf['rival']:.3g}: {conf['verdict']} "
+            f"(margin {conf['margin']:+.1%}, seed band {conf['band']:.1%})")
 
 
 def _sweep_answer(swept: dict, chosen: float | None, epochs: int) -> str:

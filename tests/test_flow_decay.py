@@ -197,7 +197,8 @@ def test_a_rate_comes_only_from_a_search_of_the_same_setup(mlflow_store):
     rate, source = dc.loss_source(mlp, "mse", given=False)
     assert rate == pytest.approx(0.025) and "not searched" in source and "lrpipe losses" in source
     mse = _search_parent(mlp.replace(loss="mse"), 0.03)
-    assert dc.loss_source(mlp, "mse", given=False) == (0.03, f"searched for mse: lr-search run {mse}")
+    assert dc.loss_source(mlp, "mse", given=False) == (
+        0.03, f"searched for mse: lr-search run {mse}")
     assert dc.loss_source(mlp, "mse", given=True)[0] == pytest.approx(0.025)
 
 
@@ -322,6 +323,23 @@ def test_figures_and_ranking_on_the_parent(decay):
     assert result["best_schedule"] == ranking["schedule"].iloc[0]
     assert c.get_run(result["parent_run_id"]).data.tags["best_schedule"] == \
         result["best_schedule"]
+    assert set(ranking["rate_set_by"]) == {"its plan"}  # no plateau among SCHEDULES
+    with open(c.download_artifacts(result["parent_run_id"], "report.md")) as f:
+        assert "In-sample: the ranking's figures are the selection (validation) split's" \
+            in f.read()
+
+
+def test_plateau_is_marked_as_stepping_on_the_split_that_ranks_it():
+    """Issue 27, finding 8: plateau decays on the selection split, and the ranking says so."""
+    plan = dc.make_plan(0.3, 4, (0, 1), ["cosine", "plateau"], overrides=OVERRIDES)
+    assert dc.rate_set_by(plan, "plateau") == "selection loss"
+    assert dc.rate_set_by(plan, "cosine") == "its plan"
+    ranking = pd.DataFrame({"schedule": ["plateau", "cosine"],
+                            "rate_set_by": ["selection loss", "its plan"]})
+    notes = dc.selection_notes(plan, ranking)
+    assert notes[0].startswith("In-sample") and "seeds that rank (0, 1)" in notes[0]
+    assert notes[1].startswith("plateau cut the rate when the selection loss stalled")
+    assert len(dc.selection_notes(plan, ranking.iloc[[1]])) == 1
 
 
 def test_loss_choice_trains_the_best_schedule_with_mse(decay):

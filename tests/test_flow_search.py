@@ -21,7 +21,8 @@ from lrpipe.search.suggest import log_median
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
              "batch_size": 64}
-SEARCH = {"subset": 600, "seeds": [0, 1, 2], "range_steps": 30, "regret_epochs": 1}
+SEARCH = {"subset": 600, "seeds": [0, 1, 2], "range_steps": 30, "regret_epochs": 1,
+          "confirm_seeds": [100, 101]}
 
 
 # --- pure helpers -------------------------------------------------------------------------
@@ -256,7 +257,24 @@ def test_figures_and_answer_on_the_search_parent(piped):
     assert run.data.metrics["chosen_lr"] == pytest.approx(lr)
     assert run.data.tags["reason"] == found["reason"]
     with open(c.download_artifacts(parent, "report.txt")) as f:
-        assert f.read().startswith("Chosen rate")
+        text = f.read()
+    assert text.startswith("Chosen rate")
+    # issue 27, finding 2: the choice is re-run on fresh seeds against its closest rival, and
+    # the report states the out-of-sample figure with its band and a verdict
+    confirm = found["confirmation"]
+    assert confirm["seeds"] == [100, 101] and confirm["rival"] != lr
+    assert confirm["verdict"] in ("confirmed", "tie", "not confirmed")
+    assert confirm["chosen_lo"] <= confirm["chosen_mean"] <= confirm["chosen_hi"]
+    assert "out of sample (fresh seeds 100, 101" in text and confirm["text"] in text
+    assert run.data.tags["confirm_verdict"] == confirm["verdict"]
+    kids = [r for r in _children(c, parent) if r.data.tags["role"].startswith("confirm_")]
+    assert sorted((r.data.tags["role"], int(r.data.params["seed"])) for r in kids) == [
+        ("confirm_chosen", 100), ("confirm_chosen", 101), ("confirm_rival", 100),
+        ("confirm_rival", 101)]
+    assert all(r.info.status == "FINISHED" for r in kids)
+    with open(c.download_artifacts(parent, "report.md")) as f:
+        md = f.read()
+    assert "in-sample (the runs that chose" in md and "out of sample" in md
 
 
 def test_pipeline_trains_the_chosen_rate_and_its_neighbours(piped):

@@ -27,7 +27,8 @@ from lrpipe.engine.config import TrainConfig, merge, to_dict
 
 EXPERIMENT = "lr-search"  # the flow's default experiment: the command names no other
 SEEDS = [0, 1, 2]
-SETTINGS = {"subset": 400, "seeds": SEEDS, "range_steps": 20, "regret_epochs": 1}
+SETTINGS = {"subset": 400, "seeds": SEEDS, "range_steps": 20, "regret_epochs": 1,
+            "confirm_seeds": [100, 101]}
 SETS = ["data.dataset=digits", "data.val_size=300", "batching=off", "model.hidden=[32]"]
 # Kill points: a line of the command's output and how many times it must have appeared, and
 # the roles of the children certainly FINISHED by then. The first range test collected (seen
@@ -39,7 +40,7 @@ SETS = ["data.dataset=digits", "data.val_size=300", "batching=off", "model.hidde
 # (after the first regret run) passed when this was written; it is left out.
 KILL_AT = {"range-test": (r"\[1/3\] range-test", 1), "regret-grid": (r"^  lr=.* epoch +0/1 ", 3)}
 DONE_AT = {"range-test": {"range_test"}, "regret-grid": {"range_test", "halving"}}
-ANSWER_TAGS = ("chosen_by", "chosen_lr", "reason")
+ANSWER_TAGS = ("chosen_by", "chosen_lr", "reason", "confirm_verdict", "confirm_rival")
 
 
 # --- each task reuses its finished child (in-process, seconds) ----------------------------

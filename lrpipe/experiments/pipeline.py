@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lrpipe.engine.config import ConfigError
+from lrpipe.experiments.confirm import check_fresh_seeds
 from lrpipe.experiments.sweep import DEFAULT_EPOCHS, DEFAULT_LRS, landscape_rates
 from lrpipe.search import plan as search_plan
 
@@ -19,7 +20,7 @@ __all__ = ["DEFAULT_EPOCHS", "EXPERIMENT", "SEARCH_KEYS", "STAGES", "check_searc
 
 EXPERIMENT = "pipeline"
 STAGES = ("search", "sweep", "decay", "final", "transfer")
-SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span")
+SEARCH_KEYS = ("subset", "seeds", "range_steps", "regret_epochs", "grid_span", "confirm_seeds")
 
 
 def check_skip(skip) -> list[str]:
@@ -44,8 +45,10 @@ def check_search_settings(search: Mapping | None, overrides: Mapping | None) -> 
                 "regret_epochs": search_plan.DEFAULT_REGRET_EPOCHS,
                 "grid_span": search_plan.DEFAULT_GRID_SPAN}
     full = {**defaults, **search}
-    search_plan.search_configs(overrides, full["subset"], full["regret_epochs"])
-    search_plan.check_search(full["seeds"], full["range_steps"], full["grid_span"])
+    seeds = search_plan.check_search(full["seeds"], full["range_steps"], full["grid_span"])
+    base, _ = search_plan.search_configs(overrides, full["subset"], full["regret_epochs"])
+    check_fresh_seeds(full.get("confirm_seeds", search_plan.DEFAULT_CONFIRM_SEEDS),
+                      [*seeds, base.seed])
     return search
 
 

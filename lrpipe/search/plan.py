@@ -15,9 +15,11 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge
+from lrpipe.experiments.confirm import check_fresh_seeds
 from lrpipe.search.choose import RTOL, candidate_grid, candidate_rates, cross_check, log_median_band
 from lrpipe.search.rangetest import suggest_band
 from lrpipe.search.suggest import RULES
@@ -27,6 +29,7 @@ DEFAULT_SUBSET = 5000  # training examples the range test and halving rungs see 
 DEFAULT_SEEDS = (0, 1, 2)  # halving answers 0.156 / 0.039 / 0.078 for these: report a band
 DEFAULT_RANGE_STEPS = 100  # range-test updates (about 2.5 epochs of 5000 at batch 128)
 DEFAULT_REGRET_EPOCHS = 3  # epochs of full-data training per candidate and grid rate
+DEFAULT_CONFIRM_SEEDS = (100, 101, 102)  # used by no search, sweep or default config
 DEFAULT_GRID_SPAN = 1.0  # decades of grid below the lowest and above the highest candidate
 POINTS_PER_DECADE = 2  # coarse grid: 0.01, 0.0316, 0.1, 0.316, ...
 RANGE_OPTS = {"min_lr": 1e-5, "max_lr": 10.0}  # reference rates at the ramp's ends
@@ -60,13 +63,15 @@ def check_search(seeds, range_steps, grid_span) -> list[int]:
 def check(subset: int = DEFAULT_SUBSET, seeds: Sequence[int] = DEFAULT_SEEDS,
           range_steps: int = DEFAULT_RANGE_STEPS, regret_epochs: int = DEFAULT_REGRET_EPOCHS,
           grid_span: float = DEFAULT_GRID_SPAN, overrides: Mapping | None = None,
-          experiment: str = EXPERIMENT) -> tuple[dict, list[TrainConfig]]:
+          experiment: str = EXPERIMENT,
+          confirm_seeds: Sequence[int] = DEFAULT_CONFIRM_SEEDS) -> tuple[dict, list[TrainConfig]]:
     """The flow's keyword arguments and the configs to preflight, or a ConfigError."""
     base, sub = search_configs(overrides, subset, regret_epochs)
     seeds = check_search(seeds, range_steps, grid_span)
+    confirm_seeds = check_fresh_seeds(confirm_seeds, [*seeds, base.seed])
     return {"subset": subset, "seeds": seeds, "range_steps": range_steps,
             "regret_epochs": regret_epochs, "grid_span": grid_span, "overrides": overrides,
-            "experiment": experiment}, [base, sub]
+            "experiment": experiment, "confirm_seeds": list(confirm_seeds)}, [base, sub]
 
 
 def summarize_evidence(curves: pd.DataFrame, halvings: list[dict]) -> dict:
@@ -175,3 +180,31 @@ def search_command(cfg: TrainConfig, overrides: Mapping | None = None) -> str:
     sets = " ".join(f"--set {k}={v}" for k, v in sorted((overrides or {}).items())
                     if not k.startswith(("optim.lr", "epochs", "seed", "schedule")))
     return "lrpipe search" + (f" {sets}" if sets else "")
+
+
+# --- the chosen rate, confirmed on fresh seeds ------------------------------------------------
+
+
+
+def rival_rate(grid: pd.DataFrame, chosen: float) -> float | None:
+    """The rate the choice had to beat: of the regret runs' rates other than ``chosen``, the
+    one with the lowest mean validation (selection) loss among those that finished; None when
+    there is no such rate."""
+    ok = grid[(grid["status"] != "diverged") & np.isfinite(grid["val_loss"].astype(float))]
+    per_rate = ok.groupby("lr")["val_loss"].mean()
+    per_rate = per_rate[[not math.isclose(lr, chosen, rel_tol=RTOL) for lr in per_rate.index]]
+    return None if per_rate.empty else float(per_rate.idxmin())
+
+
+def confirm_plan(base: TrainConfig, chosen: float, rival: float, seeds: Sequence[int],
+                 name: callable) -> tuple[list[TrainConfig], list[str], list[dict]]:
+    """The confirmation runs: the chosen and the rival rate on each fresh seed, at the regret
+    runs' budget: (configs, run names, tags)."""
+    cfgs, names, tags = [], [], []
+    for role, lr in (("chosen", chosen), ("rival", rival)):
+        for seed in seeds:
+            cfg = base.replace(**{"optim.lr": lr, "seed": seed})
+            cfgs.append(cfg)
+            names.append(f"{name(cfg)} (confirm {role})")
+            tags.append({"role": f"confirm_{role}"})
+    return cfgs, names, tags

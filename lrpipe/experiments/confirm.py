@@ -1,0 +1,121 @@
+"""Out-of-sample confirmation: an answer re-run on seeds that did not choose it.
+
+A choice made on some runs (the search's candidates, a schedule ranking, a strategy race) is
+in-sample on those runs: its margin is measured on the noise that picked it. Confirmation
+trains the chosen arm and its closest rival again on fresh seeds and states the chosen arm's
+figure with its band (min..max over the fresh seeds), the margin to the rival, and one verdict:
+
+- ``confirmed``: the chosen arm's mean is the lower, by more than the seed band;
+- ``tie``: the margin is inside the band (either way): the data cannot tell them apart;
+- ``not confirmed``: the rival's mean is the lower, by more than the band.
+
+The band is the wider of the two arms' relative spreads, (max - min) / mean over the fresh
+seeds: the margin must exceed what a change of seed alone moves the figure by. A diverged or
+non-finite run counts as infinitely bad for its arm. Pure functions, tested without Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from lrpipe.engine.config import ConfigError, check_number
+
+VERDICTS = ("confirmed", "tie", "not confirmed")
+SUMMARY_COLUMNS = ("arm", "role", "n", "mean", "lo", "hi", "spread", "diverged")
+
+
+def check_fresh_seeds(seeds: Sequence[int], used: Sequence[int], field: str = "confirm_seeds"
+                      ) -> tuple[int, ...]:
+    """``seeds`` as a tuple of distinct integers >= 0, none of them in ``used`` (the seeds that
+    made the choice); an empty tuple turns the confirmation off."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ConfigError(f"{field}: got {seeds!r}; allowed: a list of integers >= 0, none of "
+                          f"{sorted(set(used))} (the seeds the choice was made on), or empty")
+    seeds = tuple(seeds)
+    for s in seeds:
+        check_number(field, s, low=0, integer=True)
+    overlap = sorted(set(seeds) & set(used))
+    if overlap or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{field}: got {list(seeds)}; allowed: distinct integers >= 0, none of "
+                          f"{sorted(set(used))} (the seeds the choice was made on)")
+    if len(seeds) == 1:
+        raise ConfigError(f"{field}: got {list(seeds)}; allowed: at least 2 seeds (a band needs "
+                          "two), or empty to skip the confirmation")
+    return seeds
+
+
+def summarize_arms(runs: pd.DataFrame, value: str, chosen, rival) -> pd.DataFrame:
+    """Per arm (``chosen`` then ``rival``): n, mean, lo, hi, spread ((hi - lo) / mean) and
+    diverged (runs that did not finish) of ``value``; ``runs`` has columns arm, status, value.
+    An arm with a diverged or non-finite run has mean, lo and hi inf."""
+    missing = {"arm", "status", value} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs: missing columns {sorted(missing)}; allowed: arm, status, "
+                         f"{value}")
+    rows = []
+    for arm, role in ((chosen, "chosen"), (rival, "rival")):
+        mine = runs[runs["arm"] == arm]
+        if mine.empty:
+            raise ValueError(f"runs: no run of arm {arm!r}; allowed: runs of both arms")
+        vals = mine[value].astype(float).to_numpy()
+        bad = int(((mine["status"] == "diverged") | ~np.isfinite(vals)).sum())
+        if bad:
+            mean = lo = hi = math.inf
+            spread = math.inf
+        else:
+            mean, lo, hi = float(vals.mean()), float(vals.min()), float(vals.max())
+            spread = (hi - lo) / abs(mean) if mean else math.inf
+        rows.append({"arm": arm, "role": role, "n": len(mine), "mean": mean, "lo": lo,
+                     "hi": hi, "spread": spread, "diverged": bad})
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def verdict(summary: pd.DataFrame) -> dict:
+    """{verdict, margin, band, text} from ``summarize_arms``' two rows (lower is better).
+
+    margin: the rival's mean / the chosen arm's mean - 1 (positive: the chosen arm is better);
+    band: the wider relative spread of the two arms."""
+    chosen = summary[summary["role"] == "chosen"].iloc[0]
+    rival = summary[summary["role"] == "rival"].iloc[0]
+    c, r = float(chosen["mean"]), float(rival["mean"])
+    if math.isinf(c) and math.isinf(r):
+        return {"verdict": "tie", "margin": math.nan, "band": math.inf,
+                "text": "both arms diverged on a fresh seed"}
+    if math.isinf(c) or math.isinf(r):
+        better = "confirmed" if math.isinf(r) else "not confirmed"
+        loser = rival if math.isinf(r) else chosen
+        return {"verdict": better, "margin": math.inf if math.isinf(r) else -math.inf,
+                "band": math.nan, "text": f"{loser['arm']} diverged on a fresh seed"}
+    margin = r / c - 1.0
+    band = max(float(chosen["spread"]), float(rival["spread"]))
+    if abs(margin) <= band:
+        word = "tie"
+        text = (f"tie: the margin {margin:+.1%} is inside the seed band {band:.1%}")
+    elif margin > 0:
+        word = "confirmed"
+        text = f"confirmed: better by {margin:.1%}, beyond the seed band {band:.1%}"
+    else:
+        word = "not confirmed"
+        text = (f"not confirmed: {rival['arm']} is better by {-margin / (1 + margin):.1%} of "
+                f"its own figure, beyond the seed band {band:.1%}")
+    return {"verdict": word, "margin": margin, "band": band, "text": text}
+
+
+def confirmation_line(summary: pd.DataFrame, result: dict, what: str, seeds: Sequence[int],
+                      metric: str) -> str:
+    """One sentence for a report: the chosen arm's figure on the fresh seeds with its band,
+    the rival's, and the verdict; labelled out of sample."""
+    chosen = summary[summary["role"] == "chosen"].iloc[0]
+    rival = summary[summary["role"] == "rival"].iloc[0]
+
+    def fig(row) -> str:
+        if math.isinf(row["mean"]):
+            return f"{row['arm']}: diverged"
+        return f"{row['arm']}: {row['mean']:.4f} [{row['lo']:.4f}..{row['hi']:.4f}]"
+
+    return (f"{what}, out of sample (fresh seeds {', '.join(map(str, seeds))}, {metric}, mean "
+            f"[min..max]): {fig(chosen)} against {fig(rival)}: {result['text']}")
