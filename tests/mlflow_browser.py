@@ -10,6 +10,7 @@ floods the closed network, and it writes under HOME even with its own profile fo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -148,3 +149,28 @@ def shrink_png(path: Path, colors: int = 128) -> None:
     with Image.open(path) as img:
         small = img.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
     small.save(path, optimize=True)
+
+
+def assert_rendered(page, run_url: str, markdown: str, timeout_ms: int) -> None:
+    """Every <img> of the rendered report.md loads from this UI (naturalWidth > 0), each one
+    the markdown embeds, and every markdown table renders as a table (MLflow 3.17 draws it with
+    its design system's table, role "table", not a <table> element), none left as pipe text."""
+    from playwright.sync_api import expect
+
+    from lrpipe import report
+
+    ui = report.parse_run_url(run_url)[0]
+    expect(page.locator("img[src*='get-artifact']")).to_have_count(markdown.count("!["),
+                                                                   timeout=timeout_ms)
+    body = page.locator("img[src*='get-artifact']")
+    for i in range(body.count()):
+        img = body.nth(i)
+        assert img.get_attribute("src").startswith(f"{ui}/get-artifact?"), img.get_attribute("src")
+        img.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                               arg=img.element_handle(), timeout=timeout_ms)
+    tables = sum(bool(re.fullmatch(r"\|( ?:?-+:? ?\|)+", line.strip()))
+                 for line in markdown.splitlines())  # one rule line under each header
+    assert tables >= 1
+    expect(page.get_by_role("table")).to_have_count(tables, timeout=timeout_ms)
+    assert page.get_by_text(re.compile(r"^\|\s*-{3}")).count() == 0

@@ -1,16 +1,19 @@
 """The MLflow UI as a user sees it, in a real headless Chromium: a finished digits sweep's runs
 table, a val_loss chart across its rates, and its report.md rendered with its figures.
-Screenshots go to test-output/ (git-ignored). Needs tests/browser_setup.sh (the Makefile's test
-target runs it); skips, saying why, where Chromium cannot be installed."""
+The UI runs on a free port, never 5000, and the flows run with ``LRPIPE_UI_PORT`` naming it:
+each report's links and images must follow that setting (tests/test_browser_reports.py opens
+every other flow's report the same way). Screenshots go to test-output/ (git-ignored).
+Needs tests/browser_setup.sh (the Makefile's test target runs it); skips, saying why, where
+Chromium cannot be installed."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow_browser import (
+    assert_rendered,
     browser_page,
     free_port,
     missing_browser,
@@ -51,34 +54,29 @@ def server(_session_store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_sweep(server, prefect_harness, _session_store):
-    """A finished 3-rate, 2-epoch digits sweep in the session's store."""
+    """A finished 3-rate, 2-epoch digits sweep in the session's store, run while
+    ``LRPIPE_UI_PORT`` names the test server's (non-default) port."""
     run = COMMANDS["sweep"].run
 
-    os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", _session_store)
+        mp.setenv("LRPIPE_UI_PORT", str(server[1]))
+        mp.delenv("LRPIPE_UI_URL", raising=False)
         return run(lrs=LRS, epochs=2, overrides=OVERRIDES, workers=2), _session_store
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
 
 
 @pytest.fixture(scope="module")
 def ui(server, finished_sweep, tmp_path_factory):
-    """(page, sweep result, parent run URL, child run ids in rate order). The sweep's report is
-    published with this server's URLs so that its images load here."""
-    from flows.report import publish_report
-
+    """(page, sweep result, parent run URL, child run ids in rate order). The report.md is the
+    flow's own: nothing is republished for this port."""
     proc, port, log = server
     result, uri = finished_sweep
     wait_healthy(proc, port, log)
-    base = f"http://127.0.0.1:{port}"
+    assert port != 5000
     parent = result["parent_run_id"]
-    parent_url = tracking.run_url(parent, "lr-sweep", uri=uri, ui=base)
+    parent_url = tracking.run_url(parent, "lr-sweep", uri=uri, ui=f"http://127.0.0.1:{port}")
     summary = pd.DataFrame(result["summary"])
-    figures = [f.path for f in tracking.client(uri).list_artifacts(parent, "figures")]
-    markdown = report.sweep_report(
-        summary, parent_url, lambda rid: tracking.run_url(rid, "lr-sweep", uri=uri, ui=base),
-        figures)
-    publish_report(parent, "lr-sweep", markdown, key="browser-check", uri=uri)
+    result = {**result, "report_md": tracking.read_text(parent, "report.md", uri=uri)}
     with browser_page(tmp_path_factory.mktemp("chromium")) as page:
         yield page, result, parent_url, list(summary.sort_values("lr")["run_id"])
 
@@ -131,6 +129,4 @@ def test_report_renders_with_its_figures(ui):
     shot(page, "browser-report.png")
     images = page.locator("img[alt='loss vs epoch']")  # embedded from the tracking server
     expect(images).to_have_count(1)
-    images.first.scroll_into_view_if_needed()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0",
-                           arg=images.first.element_handle(), timeout=WAIT_MS)
+    assert_rendered(page, parent_url, result["report_md"], WAIT_MS)
