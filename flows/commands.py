@@ -237,6 +237,9 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     Option("--lr", float, f"base learning rate ({chosen})"),
                     Option("--epochs", int, "epochs per run (default 8)"),
                     Option("--seeds", parse_seeds, "comma-separated seeds (default 0,1,2)"),
+                    Option("--confirm-seeds", parse_fresh_seeds, "fresh seeds on which the best "
+                           "and the runner-up schedule train again, out of sample (default "
+                           f"{_seeds_text(search.DEFAULT_CONFIRM_SEEDS)}; none: skip)"),
                     schedules, final_decay,
                     Option("--losses", parse_names, "training losses compared for the best "
                            "schedule (default cross_entropy,mse)"),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from prefect import flow, task
@@ -64,8 +65,14 @@ from lrpipe.engine.config import (
 )
 from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
+from lrpipe.experiments.confirm import (
+    check_fresh_seeds,
+    confirmation_line,
+    summarize_arms,
+    verdict,
+)
 from lrpipe.plots import decay as decay_plots
-from lrpipe.search.plan import searched_identity
+from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS, searched_identity
 
 DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band
 DEFAULT_LOSSES = ("cross_entropy", "mse")
@@ -101,14 +108,17 @@ class DecayPlan:
     decays: pd.DataFrame
     loss_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     loss_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    confirm_seeds: tuple[int, ...] = ()
 
 
 def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
-              final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None) -> DecayPlan:
+              final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
+              confirm_seeds=DEFAULT_CONFIRM_SEEDS) -> DecayPlan:
     """Validate every input (ConfigError naming the field) and size the budget."""
     base = base_config(epochs, overrides)
     selected = select_schedules(schedules, final_decay, base.epochs)
     seeds = check_seeds(seeds)
+    confirm_seeds = check_fresh_seeds(confirm_seeds, seeds)
     losses = tuple(check_names("losses", losses, LOSSES))
     rate, source = resolve_lr(lr, base, overrides)
     base = merge(base, {"optim.lr": rate})
@@ -116,7 +126,8 @@ def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=Non
     rates = {loss: loss_source(base, loss, given=lr is not None) for loss in losses}
     return DecayPlan(base, source, selected, seeds, losses, float(final_decay), spe,
                      decay_table(selected, base.epochs, spe),
-                     {k: v[0] for k, v in rates.items()}, {k: v[1] for k, v in rates.items()})
+                     {k: v[0] for k, v in rates.items()}, {k: v[1] for k, v in rates.items()},
+                     confirm_seeds)
 
 
 def loss_source(base: TrainConfig, loss: str, given: bool) -> tuple[float, str]:
@@ -294,6 +305,34 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     return table
 
 
+def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment: str,
+                 threads: int, workers: int) -> dict | None:
+    """The best and the runner-up schedule on ``plan.confirm_seeds`` (seeds that did not rank
+    them): their final validation losses summarized (``confirm.summarize_arms``), a verdict,
+    ``confirm.csv``, the tag ``confirm_verdict``; None without seeds or a runner-up."""
+    if not plan.confirm_seeds or len(ranking) < 2:
+        return None
+    best, rival = ranking["schedule"].iloc[0], ranking["schedule"].iloc[1]
+    fresh = dataclasses.replace(plan, seeds=plan.confirm_seeds)
+    specs = [{**s, "tags": {**s["tags"], "role": "confirm"}}
+             for s in run_specs(fresh, [best, rival], plan.base.loss)]
+    history = train_stage(plan, specs, parent, experiment, threads, workers, "lr-decay-confirm")
+    last = decay.final_rows(history)
+    finished = (last["epoch"] >= plan.base.epochs) & np.isfinite(last["val_loss"].astype(float))
+    last = last.assign(arm=last["schedule"], status=np.where(finished, "ok", "diverged"))
+    summary = summarize_arms(last, "val_loss", best, rival)
+    result = verdict(summary)
+    line = confirmation_line(summary, result, f"The best schedule against the runner-up "
+                             f"({plan.base.epochs} epochs)", plan.confirm_seeds,
+                             "final validation loss")
+    tracking.log_table(parent, summary, "confirm.csv")
+    tracking.set_tags(parent, {"confirm_verdict": result["verdict"], "confirm_rival": rival})
+    return {"rival": rival, "seeds": list(plan.confirm_seeds), "line": line,
+            **{k: result[k] for k in ("verdict", "margin", "band", "text")},
+            "best_mean": float(summary["mean"].iloc[0]), "best_lo": float(summary["lo"].iloc[0]),
+            "best_hi": float(summary["hi"].iloc[0])}
+
+
 def rate_set_by(plan: DecayPlan, name: str) -> str:
     """What moves a schedule's rate: ``selection loss`` for plateau (it steps when the
     validation loss, the selection split that ranks it, stalls), else ``its plan``."""
@@ -326,15 +365,19 @@ def decay_compare(
     runner: str = "threads",
     workers: int | None = None,
     experiment: str = EXPERIMENT,
+    confirm_seeds: tuple[int, ...] = DEFAULT_CONFIRM_SEEDS,
 ) -> dict:
-    """Train every schedule x seed at ``lr`` (None: lr-search's latest choice, else 0.1), rank
-    the schedules by mean final validation loss, then train the best with the other losses.
+    """Train every schedule x seed at ``lr`` (None: the matching lr-search's choice), rank
+    the schedules by mean final validation loss, train the best and the runner-up again on
+    the fresh ``confirm_seeds`` (out of sample; empty: not), then train the best with the
+    other losses.
 
     Returns the parent run id, the rate, the ranking and loss-choice records and the verdict
     of the best decaying schedule against constant.
     """
     check_runner(runner)
-    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
+    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides,
+                     confirm_seeds)
     start = time.perf_counter()
     threads, tasks = set_torch_threads(runner, workers), parallel_tasks(runner, workers)
     print_plan(plan)
@@ -353,6 +396,7 @@ def decay_compare(
                                        "beats_constant"]})})
         tracking.log_metrics(parent, {"best_val_loss": best["final_val_loss_mean"],
                                       "best_val_error": best["final_val_error_mean"]}, step=0)
+        confirmation = confirm_best(plan, ranking, parent, experiment, threads, tasks)
         losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads,
                                    tasks)
         publish_flow_report(
@@ -360,24 +404,29 @@ def decay_compare(
             f"Best schedule: {best['schedule']} (final validation loss "
             f"{best['final_val_loss_mean']:.4f}, error {best['final_val_error_mean']:.4f}, "
             f"mean over {len(plan.seeds)} seeds) at lr={plan.base.optim.lr:g}", ranking,
-            evidence=[f"rate from: {plan.lr_source}"] + [
+            evidence=[f"rate from: {plan.lr_source}"] + (
+                [] if confirmation is None else [confirmation["line"]]) + [
                 f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
                 for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
             notes=[w for w in plan.decays["warning"] if w] + selection_notes(plan, ranking))
+    if confirmation is not None:
+        print(confirmation["line"], flush=True)
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)
     return {"parent_run_id": parent, "lr": plan.base.optim.lr, "lr_source": plan.lr_source,
             "best_schedule": best["schedule"], "ranking": ranking.to_dict("records"),
             "loss_choice": None if losses_df is None else losses_df.to_dict("records"),
-            "versus_constant": vs}
+            "versus_constant": vs, "confirmation": confirmation}
 
 
 def check(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
           final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
-          experiment=EXPERIMENT) -> tuple[dict, list[TrainConfig]]:
+          experiment=EXPERIMENT, confirm_seeds=DEFAULT_CONFIRM_SEEDS
+          ) -> tuple[dict, list[TrainConfig]]:
     """Every input checked and the budget sized (``make_plan``), before anything is recorded:
     the flow's keyword arguments and its base config."""
-    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides)
+    plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides,
+                     confirm_seeds)
     return {"lr": lr, "epochs": epochs, "seeds": tuple(seeds), "schedules": schedules,
             "final_decay": final_decay, "losses": tuple(losses), "overrides": overrides,
-            "experiment": experiment}, [plan.base]
+            "experiment": experiment, "confirm_seeds": plan.confirm_seeds}, [plan.base]

@@ -251,7 +251,8 @@ def decay(prefect_harness, _session_store):
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
         result = COMMANDS["decay"].run(lr=0.3, epochs=EPOCHS, seeds=SEEDS, schedules=SCHEDULES,
-                        overrides={**OVERRIDES, "batching": "on"}, workers=2)
+                        overrides={**OVERRIDES, "batching": "on"}, workers=2,
+                        confirm_seeds=[100, 101])
         return result, _session_store
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
@@ -265,7 +266,8 @@ def test_parent_with_one_child_per_schedule_and_seed(decay):
     assert parent.data.params["lr"] == "0.3" and parent.data.params["lr_source"] == "given"
     kids = _children(c, result["parent_run_id"])
     assert all(k.info.status == "FINISHED" for k in kids)
-    main = [k for k in kids if k.data.tags["loss"] == "cross_entropy"]
+    main = [k for k in kids if k.data.tags["loss"] == "cross_entropy"
+            and k.data.tags.get("role") != "confirm"]
     assert {k.data.tags["trained"] for k in main} == {"batched k=3"}
     assert sorted((k.data.tags["schedule"], int(k.data.params["seed"])) for k in main) == \
         sorted((s, seed) for s in SCHEDULES for seed in SEEDS)
@@ -274,6 +276,32 @@ def test_parent_with_one_child_per_schedule_and_seed(decay):
     for k in main:
         steps = [m.step for m in c.get_metric_history(k.info.run_id, "val_loss")]
         assert steps == list(range(EPOCHS + 1))
+
+
+def test_the_best_schedule_is_confirmed_on_fresh_seeds(decay):
+    """Issue 27: the winning schedule and the runner-up train again on seeds that did not rank
+    them; the report gives the out-of-sample figure with its band and a verdict."""
+    result, uri = decay
+    c = tracking.client(uri)
+    conf = result["confirmation"]
+    ranking = pd.DataFrame(result["ranking"])
+    assert conf["rival"] == ranking["schedule"].iloc[1] != result["best_schedule"]
+    assert conf["verdict"] in ("confirmed", "tie", "not confirmed") and conf["seeds"] == [100, 101]
+    assert conf["best_lo"] <= conf["best_mean"] <= conf["best_hi"]
+    kids = [k for k in _children(c, result["parent_run_id"])
+            if k.data.tags.get("role") == "confirm"]
+    assert sorted((k.data.tags["schedule"], int(k.data.params["seed"])) for k in kids) == sorted(
+        (s, seed) for s in (result["best_schedule"], conf["rival"]) for seed in (100, 101))
+    for k in kids:
+        assert [m.step for m in c.get_metric_history(k.info.run_id, "val_loss")] == \
+            list(range(EPOCHS + 1))
+    parent = c.get_run(result["parent_run_id"])
+    assert parent.data.tags["confirm_verdict"] == conf["verdict"]
+    with open(c.download_artifacts(result["parent_run_id"], "report.md")) as f:
+        assert "out of sample (fresh seeds 100, 101, final validation loss" in f.read()
+    with pytest.raises(ConfigError, match=r"^confirm_seeds: got \[1, 100\]"):
+        dc.make_plan(0.3, 2, (0, 1), ["cosine", "step"], overrides=OVERRIDES,
+                     confirm_seeds=[1, 100])
 
 
 def test_total_decay_on_children_and_parent(decay):
