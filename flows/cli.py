@@ -1,7 +1,9 @@
 """The ``lrpipe`` command: one subcommand per flow, settings from YAML plus overrides.
 
 Validation happens here, before any flow starts: a bad value prints one line naming the field
-and the allowed values, and exits with status 2 without recording anything.
+and the allowed values, and exits with status 2 without recording anything; an unreachable or
+broken service, store or disk exits 3, a failure during the work 1 (``lrpipe.faults.ExitCode``).
+No error shows a traceback unless ``--debug`` asks for it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 EXAMPLES = """examples:
   lrpipe sweep --lrs 0.01,0.1,1 --epochs 3
   lrpipe sweep --set model.name=softmax --set optim.name=adam
@@ -24,22 +24,43 @@ EXAMPLES = """examples:
 
 
 def parse_set(text: str) -> tuple[str, Any]:
-    """``optim.lr=0.1`` -> ("optim.lr", 0.1); the value is read as YAML (numbers, lists)."""
-    if "=" not in text:
+    """``optim.lr=1e-3`` -> ("optim.lr", 0.001); the value is read as YAML (numbers, with
+    scientific notation, lists, mappings)."""
+    from lrpipe.engine.config import ConfigError
+    from lrpipe.engine.yaml_values import load_yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"--set: got {text!r}; allowed: field=value")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), load_yaml(value, f"--set {key.strip()}")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def load_settings(path: str | None) -> dict:
+    """The settings of a YAML file (``--config``): a ConfigError naming the flag and the file
+    when it is missing, unreadable, not YAML or not a mapping."""
+    from lrpipe.engine.config import ConfigError
+    from lrpipe.engine.yaml_values import load_yaml
+
     if path is None:
         return {}
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"lrpipe: --config: {path} does not exist")
-    data = yaml.safe_load(file.read_text()) or {}
+        raise ConfigError(f"--config: got {path!r}; allowed: an existing YAML file")
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path} ({exc.strerror or exc})") from None
+    data = load_yaml(raw, f"--config {path}") or {}
     if not isinstance(data, dict):
-        raise SystemExit(f"lrpipe: --config: {path} must hold a mapping, got {type(data).__name__}")
+        raise ConfigError(f"--config {path}: got a {type(data).__name__}; allowed: a mapping of "
+                          "settings (field: value lines)")
+    overrides = data.get("overrides")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"--config {path}: overrides: got a {type(overrides).__name__}; "
+                          "allowed: a mapping of config fields (optim.lr: 0.1)")
     return data
 
 
@@ -54,6 +75,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
                         "tensors, integer labels (sets data.dataset)")
     p.add_argument("--runner", help="threads (default) | dask | serial | tcp://scheduler:8786")
     p.add_argument("--workers", type=int, help="parallel tasks (default: one per core)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error, not just its one line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrpipe", allow_abbrev=False, description="A learning-rate laboratory for PyTorch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lrpipe {version()}")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error, not just its one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         common_args(command.add_parser(sub))
     return parser
+
+
+def version() -> str:
+    """lrpipe's version, from the installed package's metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("lrpipe")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def settings_from(args: argparse.Namespace) -> dict:
@@ -77,7 +114,7 @@ def settings_from(args: argparse.Namespace) -> dict:
     for flag, field in (("model", "model.name"), ("data", "data.dataset")):
         if getattr(args, flag, None) is not None:
             overrides[field] = getattr(args, flag)
-    skip = {"command", "config", "sets", "model", "data"}
+    skip = {"command", "config", "sets", "model", "data", "debug"}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             settings[key] = value
@@ -85,7 +122,8 @@ def settings_from(args: argparse.Namespace) -> dict:
     return settings
 
 
-# Exit statuses: 2 bad input; 128 + the signal for a stop asked by the user (130 Ctrl-C,
+# Exit statuses (lrpipe.faults.ExitCode): 1 a failure during the work, 2 bad input, 3 an
+# unreachable or broken service; 128 + the signal for a stop asked by the user (130 Ctrl-C,
 # 143 SIGTERM), as shells report a command killed by that signal.
 EXIT_BAD_INPUT = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -170,33 +208,69 @@ def _run_in_thread(fn, **kwargs):
     return outcome.get("value")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings_from(args)
-    import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
-    from flows.commands import COMMANDS
+def classify(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the one line for an error that ended a command: bad input (2,
+    its message names the field), an unreachable or broken service (3, it names the service
+    and what to do), else a failure during the work (1: what failed, and that the runs
+    finished so far are kept for the next run of the same command to resume)."""
     from lrpipe.engine.config import ConfigError
     from lrpipe.engine.data import DataUnavailable
-    from lrpipe.engine.loop import clear_stop
-    from lrpipe.tracking import TrackingError
+    from lrpipe.faults import ExitCode, ServiceError
 
-    run = COMMANDS[args.command].run
-    if args.command in SERVES:  # Prefect's runner handles its own signals, in this thread
-        try:
-            run(**settings)
-        except (ConfigError, TrackingError, DataUnavailable, ValueError) as exc:
-            print(f"lrpipe {args.command}: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, ServiceError | DataUnavailable):
+        return ExitCode.SERVICE, text
+    if isinstance(exc, ConfigError | ValueError):
+        return ExitCode.BAD_INPUT, text
+    return ExitCode.WORK_FAILED, (
+        f"failed during the work: {type(exc).__name__}: {text}. Runs finished so far are kept: "
+        "fix the cause and run the same command again to resume (--debug: the traceback)")
+
+
+def hint_for_default(line: str, settings: dict) -> str:
+    """A dataset-dependent default the user did not set (``data.val_size``, ``data.subset``)
+    that does not fit the dataset: name the setting to add."""
+    for field in ("data.val_size", "data.subset"):
+        if line.startswith(f"{field}: got") and field not in settings.get("overrides", {}):
+            flag = " or --subset N" if field == "data.subset" and "subset" not in settings else ""
+            return (f"{line}; it is the default for larger datasets: set a smaller one "
+                    f"(--set {field}=N{flag})")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a dead server: seconds,
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")  # not minutes of retries
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    settings: dict = {}
+    try:
+        settings = settings_from(args)
+        return run_command_line(args.command, settings)
+    except Exception as exc:  # noqa: BLE001 - every error ends in one line and a status
+        if debug:
+            raise
+        code, line = classify(exc)
+        print(f"lrpipe {args.command}: {hint_for_default(line, settings)}", file=sys.stderr)
+        return int(code)
+
+
+def run_command_line(command: str, settings: dict) -> int:
+    """Run ``command`` with ``settings``: a serving command in this thread, any other on a
+    worker thread, stopped cleanly by SIGINT or SIGTERM."""
+    import flows  # noqa: F401  (environment defaults before Prefect and MLflow load)
+    from flows.commands import COMMANDS
+    from lrpipe.engine.loop import clear_stop
+
+    run = COMMANDS[command].run
+    if command in SERVES:  # Prefect's runner handles its own signals, in this thread
+        run(**settings)
         return 0
     stop = _Stop()
     clear_stop()
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         _run_in_thread(run, **settings)
-    except (ConfigError, TrackingError, DataUnavailable, ValueError) as exc:
-        if stop.signum is None:
-            print(f"lrpipe {args.command}: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
     except BaseException:
         if stop.signum is None:
             raise
@@ -208,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runs.end_open_runs("KILLED")  # what the flow did not get to end in STOP_WAIT_S
         name = signal.Signals(stop.signum).name
-        line = (f"lrpipe {args.command}: stopped by {name}; the runs it was writing are marked "
+        line = (f"lrpipe {command}: stopped by {name}; the runs it was writing are marked "
                 "KILLED. Run the same command again to resume: finished runs are reused.\n")
         os.write(_STDERR[0] if _STDERR else 2, line.encode())
         # Not a normal exit: Prefect's worker threads may still be retrying a dead API, and

@@ -130,6 +130,33 @@ def flow_parent(flow_name: str, experiment: str, name: str, *,
     return parent_run(experiment, flow_name, work, name, params=params, tags=tags, uri=uri)
 
 
+def preflight_services(runner: str, uri: str, runs: int) -> None:
+    """Check everything outside the process the command will talk to, each within
+    ``lrpipe.faults.SERVICE_TIMEOUT_S``, before any run is recorded: the tracking URI's form
+    (TrackingError), the store (a sqlite file's integrity and schema, or a server's health),
+    the disk under a local store (room for ``runs`` runs, ``ulimit -f``), the Dask scheduler
+    a ``tcp://`` runner names, the Prefect API when PREFECT_API_URL is set (ServiceError,
+    each one line naming the thing and what to do). Then a new local store is created and
+    migrated, once, under a lock (``tracking.create_store``)."""
+    from prefect.settings import get_current_settings
+
+    from lrpipe import faults, tracking
+
+    tracking.check_tracking_uri(uri)
+    tracking.check_store(uri)
+    path = tracking.sqlite_path(uri)
+    if path is not None:
+        faults.check_disk(path.parent, runs, path.stat().st_size if path.exists() else 0)
+    if runner.startswith("tcp://"):
+        faults.check_tcp("runner", runner, "start the scheduler (dask scheduler --port PORT) "
+                         "or choose --runner threads")
+    api = get_current_settings().api.url
+    if api:
+        faults.check_http("Prefect API", api.rstrip("/") + "/health",
+                          "start it (make server) or unset PREFECT_API_URL")
+    tracking.create_store(uri)
+
+
 def run_command(command, settings: Mapping[str, Any]) -> Any:
     """Check every setting of ``command`` (a ``flows.commands.Command``), then run it.
 
@@ -142,7 +169,7 @@ def run_command(command, settings: Mapping[str, Any]) -> Any:
     import inspect
 
     from flows.common import check_runner, check_workers, preflight
-    from lrpipe import tracking
+    from lrpipe import faults, tracking
     from lrpipe.engine.config import ConfigError
 
     settings = {k: v for k, v in settings.items() if v is not None or k == "overrides"}
@@ -161,7 +188,9 @@ def run_command(command, settings: Mapping[str, Any]) -> Any:
     if command.direct and "runner" in accepted:  # it serves flows: their runner is its
         settings.update(runner=runner, workers=workers)
     kwargs, configs = check(**settings)
-    tracking.check_tracking_uri(tracking.tracking_uri())
+    if "experiment" in kwargs:
+        faults.check_experiment_name(kwargs["experiment"])
+    preflight_services(runner, tracking.tracking_uri(), runs=len(configs) + 1)
     preflight(configs)
     fn = command.load("flow")
     if command.direct:

@@ -21,10 +21,26 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+MAIN = ROOT / "lrpipe" / "__main__.py"  # `python -m lrpipe`: the one door to the command
+
+
 def test_lrpipe_never_imports_prefect_or_flows():
     offenders = [p.name for p in (ROOT / "lrpipe").rglob("*.py")
-                 if imported_modules(p) & {"prefect", "prefect_dask", "flows"}]
+                 if p != MAIN and imported_modules(p) & {"prefect", "prefect_dask", "flows"}]
     assert offenders == []
+
+
+def test_lrpipe_main_imports_the_cli_only_inside_main():
+    """lrpipe/__main__.py may import exactly ``flows.cli``, inside a function (so importing
+    lrpipe never loads Prefect), and nothing else of flows or Prefect."""
+    tree = ast.parse(MAIN.read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert all(n.module == "__future__" for n in top if isinstance(n, ast.ImportFrom))
+    assert not [n for n in top if isinstance(n, ast.Import)]
+    inner = [(n.module, [a.name for a in n.names]) for f in tree.body
+             if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+             if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert inner == [("flows.cli", ["main"])]
 
 
 def test_only_tracking_imports_mlflow():
@@ -93,8 +109,9 @@ def test_no_import_cycles():
 
 def test_lrpipe_is_laid_out_by_concept():
     top = sorted(p.name for p in (ROOT / "lrpipe").iterdir() if p.name != "__pycache__")
-    assert top == ["__init__.py", "api", "engine", "experiments", "plots", "procs.py",
-                   "report.py", "resume.py", "runs.py", "search", "tracking.py"]
+    assert top == ["__init__.py", "__main__.py", "api", "engine", "experiments", "faults.py",
+                   "plots", "procs.py", "report.py", "resume.py", "runs.py", "search",
+                   "tracking.py"]
 
 
 def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
