@@ -19,6 +19,7 @@ export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 MLFLOW_URI := sqlite:///$(CURDIR)/mlruns/mlflow.db
+STORE := mlruns/mlflow.db
 
 # make sweep LRS=0.01,0.1,1 EPOCHS=3 ARGS="--set optim.name=momentum"
 LRS ?=
@@ -34,7 +35,13 @@ help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  e.g. make sweep LRS=0.01,0.1,1 EPOCHS=3"
 
-setup: $(STAMP) $(DATA) $(PREFECT_DB) ## virtualenv, editable install, data, Prefect database (idempotent)
+setup: $(STAMP) $(DATA) $(PREFECT_DB) $(STORE) ## virtualenv, editable install, data, Prefect and MLflow stores (idempotent)
+
+# The MLflow store, created and migrated once under a lock (lrpipe.tracking.create_store): any
+# number of commands may then start together on it.
+$(STORE): | $(STAMP)
+	$(PY) -c "from lrpipe.tracking import create_store; create_store('$(MLFLOW_URI)')" 2>&1 | grep -v ' INFO ' || true
+	@test -s $@
 
 # Exactly the locked versions (pip and setuptools included), then lrpipe itself, editable, with
 # no dependency resolution and no build isolation (the locked setuptools builds it); a venv that
