@@ -270,6 +270,9 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     Option("--epochs", int, "fine-tuning epochs (default "
                            f"{TransferConfig.finetune_epochs})"),
                     Option("--seeds", int, "seeds per strategy (default 3)"),
+                    Option("--confirm-seeds", parse_fresh_seeds, "fresh seeds on which the best "
+                           "and the runner-up strategy fine-tune again, out of sample (default "
+                           f"{_seeds_text(search.DEFAULT_CONFIRM_SEEDS)}; none: skip)"),
                     Option("--strategies", parse_names, "comma-separated, from "
                            f"{', '.join(STRATEGIES)}, custom (default: all)"),
                     Option("--grid-seeds", int, "seeds of the base rate x head multiplier grid, "

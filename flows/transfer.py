@@ -41,10 +41,17 @@ from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_nu
 from lrpipe.engine.models import HEAD, build_model
 from lrpipe.engine.optim import param_groups
 from lrpipe.engine.train import TrainResult, resolve_device, train
+from lrpipe.experiments.confirm import (
+    check_fresh_seeds,
+    confirmation_line,
+    summarize_arms,
+    verdict,
+)
 from lrpipe.experiments.transfer import (
     STRATEGIES,
     TransferConfig,
     check_layer_mult,
+    final_rows,
     finetune,
     grid_configs,
     source_config,
@@ -53,6 +60,7 @@ from lrpipe.experiments.transfer import (
     trainable_layers,
     transplant,
 )
+from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS
 
 # Loading a registered model downloads its files; MLflow would draw a progress bar per task.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -343,8 +351,11 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
              overrides: dict | None = None, strategies=None,
              grid_seeds: int = DEFAULT_GRID_SEEDS, lr_mult: dict | None = None,
              model_name: str | None = None, retrain: bool = False, runner: str = "threads",
-             workers: int | None = None, experiment: str = EXPERIMENT) -> dict:
-    """Pretrain (or reuse), fine-tune every strategy x seed and the grid, summarize.
+             workers: int | None = None, experiment: str = EXPERIMENT,
+             confirm_seeds=DEFAULT_CONFIRM_SEEDS) -> dict:
+    """Pretrain (or reuse), fine-tune every strategy x seed and the grid, summarize, then
+    fine-tune the best and the runner-up strategy again on the fresh ``confirm_seeds`` (out
+    of sample; empty: not).
 
     Returns the parent run id, the pretrained model's URI and whether it was reused, the
     strategy summary records, the head-rule comparisons and every child run id.
@@ -352,6 +363,7 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
     check_runner(runner)
     tc, names, mult, model_name = validate(lr, epochs, seeds, overrides, strategies,
                                            grid_seeds, lr_mult, model_name)
+    confirm_seeds = check_fresh_seeds(confirm_seeds, tc.seeds)
     plan = plan_runs(tc, names, grid_seeds, mult)
     start = time.perf_counter()
     threads = set_torch_threads(runner, workers)
@@ -359,7 +371,9 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
                      f"transfer {tc.optimizer} {tc.model} {len(names)} strategies x "
                      f"{len(tc.seeds)} seeds", params={
                          **dataclasses.asdict(tc), "strategies": list(names),
-                         "grid_seeds": grid_seeds, "lr_mult": mult, "runner": runner}) as parent:
+                         "grid_seeds": grid_seeds, "lr_mult": mult, "runner": runner,
+                         **({"confirm_seeds": list(confirm_seeds)} if confirm_seeds else {})}
+                     ) as parent:
         pre = obtain_pretrained(tc, model_name, retrain, parent, experiment, threads)
         tracking.set_tags(parent, {"pretrained_model": pre["model_uri"],
                                    "pretrained_reused": pre["reused"]})
@@ -372,11 +386,14 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
         verdicts = [c for rival in ("uniform", "scratch")
                     if (c := compare(summary, "head_mult", rival)) is not None]
         best = summary.iloc[0]
+        confirmation = confirm_best(tc, summary, mult, confirm_seeds, pre["model_uri"], parent,
+                                    experiment, threads)
         publish_flow_report(
             parent, experiment, "Pretrain, then fine-tune",
             f"Best strategy: {best['strategy']} (final target validation error "
             f"{best['mean']:.4f} ± {best['std']:.4f} over {len(tc.seeds)} seeds)", summary,
             evidence=[f"pretrained model: {pre['model_uri']} (reused: {pre['reused']})"]
+            + ([] if confirmation is None else [confirmation["line"]])
             + [f"{v['strategy']} {'beat' if v['beat'] else 'lost to'} {v['rival']} by "
                f"{abs(v['gap']):.4f} ({'clear' if v['clear'] else 'within the seed spread'})"
                for v in verdicts])
@@ -384,14 +401,43 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
                   time.perf_counter() - start, grid_seeds)
     return {"parent_run_id": parent, "model_uri": pre["model_uri"], "reused": pre["reused"],
             "pretrain_run_id": pre["run_id"], "summary": summary.to_dict("records"),
-            "verdicts": verdicts, "run_ids": [r["run_id"] for r in results]}
+            "verdicts": verdicts, "run_ids": [r["run_id"] for r in results],
+            "confirmation": confirmation}
+
+
+def confirm_best(tc: TransferConfig, summary: pd.DataFrame, mult, seeds, model_uri: str,
+                 parent: str, experiment: str, threads: int) -> dict | None:
+    """The best and the runner-up strategy fine-tuned on ``seeds`` (seeds that did not rank
+    them): final target validation errors summarized (``confirm.summarize_arms``), a verdict,
+    ``confirm.csv`` and the tag ``confirm_verdict``; None without seeds or a runner-up."""
+    if not seeds or len(summary) < 2:
+        return None
+    best, rival = summary["strategy"].iloc[0], summary["strategy"].iloc[1]
+    plan = plan_runs(dataclasses.replace(tc, seeds=tuple(seeds)), (best, rival), 0, mult)
+    futures = finetune_and_log.map(plan, unmapped(model_uri), unmapped(parent),
+                                   unmapped(experiment), unmapped(threads))
+    strategy_df, _ = result_frames(collect(futures, "transfer-confirm", describe_result))
+    last = final_rows(strategy_df, ["strategy"])
+    last = last.assign(arm=last["strategy"])
+    table = summarize_arms(last, "val_error", best, rival)
+    result = verdict(table)
+    line = confirmation_line(table, result, "The best strategy against the runner-up", seeds,
+                             "final target validation error")
+    tracking.log_table(parent, table, "confirm.csv")
+    tracking.set_tags(parent, {"confirm_verdict": result["verdict"], "confirm_rival": rival})
+    return {"rival": rival, "seeds": list(seeds), "line": line,
+            **{k: result[k] for k in ("verdict", "margin", "band", "text")},
+            "best_mean": float(table["mean"].iloc[0]), "best_lo": float(table["lo"].iloc[0]),
+            "best_hi": float(table["hi"].iloc[0])}
 
 
 def check(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,
           lr_mult=None, model_name=None, retrain=False,
-          overrides=None) -> tuple[dict, list[TrainConfig]]:
+          overrides=None, confirm_seeds=DEFAULT_CONFIRM_SEEDS) -> tuple[dict, list[TrainConfig]]:
     """Every input checked (``validate``): the flow's keyword arguments."""
-    validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
+    tc, *_ = validate(lr, epochs, seeds, overrides, strategies, grid_seeds, lr_mult, model_name)
+    confirm_seeds = check_fresh_seeds(confirm_seeds, tc.seeds)
     return {"lr": lr, "epochs": epochs, "seeds": seeds, "overrides": overrides,
             "strategies": strategies, "grid_seeds": grid_seeds, "lr_mult": lr_mult,
-            "model_name": model_name, "retrain": bool(retrain)}, []
+            "model_name": model_name, "retrain": bool(retrain),
+            "confirm_seeds": list(confirm_seeds)}, []

@@ -236,7 +236,7 @@ def flows_run(prefect_harness, _session_store):
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
         first = run(epochs=2, seeds=2, strategies="uniform,head_mult", overrides=OVERRIDES,
-                    model_name=FLOW_MODEL, workers=2)
+                    model_name=FLOW_MODEL, workers=2, confirm_seeds=[100, 101])
         second = run(epochs=1, seeds=1, strategies="head_mult", grid_seeds=0,
                      overrides=OVERRIDES, model_name=FLOW_MODEL, workers=2)
         return first, second, _session_store
@@ -268,7 +268,8 @@ def test_pretrained_once_and_registered(flows_run):
 def test_children_per_strategy_seed_and_grid(flows_run):
     first, _, uri = flows_run
     c = tracking.client(uri)
-    runs = [r for r in children(c, first["parent_run_id"]) if r.data.tags["phase"] == "finetune"]
+    runs = [r for r in children(c, first["parent_run_id"]) if r.data.tags["phase"] == "finetune"
+            and " seed=10" not in r.info.run_name]  # the confirmation's: test below
     assert sorted(r.info.run_name for r in runs) == sorted([
         "uniform lr=0.01 momentum mlp seed=0", "uniform lr=0.01 momentum mlp seed=1",
         "head_mult x10 lr=0.01 momentum mlp seed=0", "head_mult x10 lr=0.01 momentum mlp seed=1",
@@ -291,6 +292,26 @@ def test_children_per_strategy_seed_and_grid(flows_run):
     assert set(summary.index) == {"uniform", "head_mult"}
     assert summary["seeds"].tolist() == [2, 2]
     assert [v["rival"] for v in first["verdicts"]] == ["uniform"]
+
+
+def test_the_best_strategy_is_confirmed_on_fresh_seeds(flows_run):
+    """Issue 27: the winning strategy and the runner-up fine-tune again on seeds that did not
+    rank them; the report gives the out-of-sample error with its band and a verdict."""
+    first, second, uri = flows_run
+    c = tracking.client(uri)
+    conf = first["confirmation"]
+    summary = pd.DataFrame(first["summary"])
+    assert conf["rival"] == summary["strategy"].iloc[1] and conf["seeds"] == [100, 101]
+    assert conf["verdict"] in ("confirmed", "tie", "not confirmed")
+    assert conf["best_lo"] <= conf["best_mean"] <= conf["best_hi"]
+    names = sorted(r.info.run_name for r in children(c, first["parent_run_id"])
+                   if " seed=10" in r.info.run_name)
+    assert names == sorted(f"{s} lr=0.01 momentum mlp seed={seed}" for seed in (100, 101)
+                           for s in ("uniform", "head_mult x10"))
+    assert c.get_run(first["parent_run_id"]).data.tags["confirm_verdict"] == conf["verdict"]
+    with open(c.download_artifacts(first["parent_run_id"], "report.md")) as f:
+        assert "out of sample (fresh seeds 100, 101, final target validation error" in f.read()
+    assert second["confirmation"] is None  # one strategy: nothing to confirm against
 
 
 def test_figures_and_tables_on_the_parent(flows_run):

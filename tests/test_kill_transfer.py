@@ -45,7 +45,7 @@ KILL_AT = {
 
 def settings() -> dict:
     return dict(epochs=EPOCHS, seeds=SEEDS, strategies=STRATEGIES, grid_seeds=GRID_SEEDS,
-                overrides=OVERRIDES, workers=2)
+                overrides=OVERRIDES, workers=2, confirm_seeds=[])
 
 
 def plan() -> list[dict]:
@@ -89,7 +89,8 @@ def config(tmp_path_factory):
     path = tmp_path_factory.mktemp("transfer-config") / "transfer.yaml"
     path.write_text(yaml.safe_dump({"overrides": OVERRIDES}))
     return ["transfer", "--config", str(path), "--epochs", str(EPOCHS), "--seeds", str(SEEDS),
-            "--strategies", STRATEGIES, "--grid-seeds", str(GRID_SEEDS), "--workers", "2"]
+            "--strategies", STRATEGIES, "--grid-seeds", str(GRID_SEEDS), "--workers", "2",
+            "--confirm-seeds", "none"]
 
 
 @pytest.fixture(scope="module")
