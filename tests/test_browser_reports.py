@@ -93,7 +93,8 @@ def test_each_flow_report_shows_its_images_and_tables_on_a_moved_ui(reports, flo
     assert_rendered(page, urls[flow], docs[flow], WAIT_MS)
 
 
-def test_prefect_ui_on_a_moved_port_reaches_its_own_api(tmp_path, monkeypatch):
+def test_prefect_ui_on_a_moved_port_reaches_its_own_api(reports, tmp_path, monkeypatch):
+    page = reports[0]  # one sync Playwright per process: the module's page
     port = free_port()
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # stale, as in issue 24
@@ -101,13 +102,12 @@ def test_prefect_ui_on_a_moved_port_reaches_its_own_api(tmp_path, monkeypatch):
     calls: list[str] = []
     try:
         assert api == f"http://127.0.0.1:{port}/api"
-        with browser_page(tmp_path / "chromium") as page:
-            page.on("request", lambda r: calls.append(r.url) if "/api/" in r.url else None)
-            page.goto(f"http://127.0.0.1:{port}/deployments")
-            page.get_by_text("Deployments").first.wait_for(timeout=WAIT_MS)
-            page.wait_for_load_state("networkidle", timeout=WAIT_MS)
-            assert page.get_by_text("Can't connect").count() == 0
-            assert any(u.startswith(f"{api}/deployments") for u in calls), calls
-            assert not [u for u in calls if ":4200/" in u]
+        page.on("request", lambda r: calls.append(r.url) if "/api/" in r.url else None)
+        page.goto(f"http://127.0.0.1:{port}/deployments")
+        page.get_by_text("Deployments").first.wait_for(timeout=WAIT_MS)
+        page.wait_for_load_state("networkidle", timeout=WAIT_MS)
+        assert page.get_by_text("Can't connect").count() == 0
+        assert any(u.startswith(f"{api}/deployments") for u in calls), calls
+        assert not [u for u in calls if ":4200/" in u]
     finally:
         server.stop(port)
