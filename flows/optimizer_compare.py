@@ -62,7 +62,7 @@ from lrpipe.engine.config import (
 )
 from lrpipe.experiments import optimizers as real
 from lrpipe.experiments.entries import ENTRY_NAMES, entry_config
-from lrpipe.experiments.surfaces import LR_GRID, SURFACES
+from lrpipe.experiments.surfaces import FRESH_STARTS, LR_GRID, SURFACES
 from lrpipe.plots.ratios import plot_update_ratio
 from lrpipe.plots.surfaces import optimizer_palette
 
@@ -213,6 +213,10 @@ def log_rprop(parent: str, history: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def seed_span(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"{seeds[0]}"
+
+
 def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending,
                  workers: int) -> dict:
     """Collect the searches, train every entry at its rate (an optimizer's seeds batched
@@ -235,7 +239,9 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
                                                         n_train)) if rprop else pd.DataFrame())
     out = {"searches": searches, "real": table, "rprop": rprop_table,
            "data": (f"{base.data.dataset}, {n_train} training examples, {base.model.name}, "
-                    f"{base.epochs} epochs, {plan['seeds']} seeds")}
+                    f"{base.epochs} epochs, seeds "
+                    f"{seed_span(real.compare_seeds(base, plan['seeds']))} "
+                    f"(out of sample: every rate was searched on seed {base.seed})")}
     if lbfgs is not None:
         out["full_batch"] = lbfgs.result()
         second.log_full_batch(parent, out["full_batch"])
@@ -303,7 +309,9 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
     if not out["surfaces"].empty:
         print(f"\nSurfaces: each optimizer's rate tuned on the same {len(LR_GRID)}-rate grid "
               "with the same step budget, from the same start\n(lr = tuned rate, "
-              "final_distance = distance to the nearest minimum after the budget):")
+              "final_distance = distance to the nearest minimum after the budget, in-sample: "
+              "from the start the rate was tuned on;\nfresh_median_distance = the median from "
+              f"{FRESH_STARTS} start points around it, out of sample):")
         print(surface_answer(out["surfaces"]).to_string(float_format="%.3g"))
     if "searches" in out:
         print(f"\nReal data: {out['data']}. {SEARCH_NOTE}")

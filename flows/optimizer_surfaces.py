@@ -16,6 +16,8 @@ from lrpipe.experiments.surfaces import (
     LR_GRID,
     Surface,
     compare_on_surface,
+    confirm_on_starts,
+    fresh_summary,
     get_surface,
     summarize_paths,
 )
@@ -56,8 +58,11 @@ def _surface_result(surface: Surface, optimizer: str, paths: pd.DataFrame, run_i
     summary = (summarize_paths(paths, surface.success_radius).iloc[0].to_dict()
                if len(paths) else None)
     lr = None if summary is None else float(summary["lr"])
+    # out of sample: the tuned rate from start points it was not tuned on (cheap, and a
+    # function of the surface and the rate, so a reused run recomputes it)
+    fresh = None if lr is None else fresh_summary(confirm_on_starts(surface, optimizer, lr))
     return {"surface": surface.name, "optimizer": optimizer, "lr": lr, "run_id": run_id,
-            "summary": summary, "paths": paths, "reused": reused}
+            "summary": summary, "paths": paths, "reused": reused, "fresh": fresh}
 
 
 def reused_surface(surface: Surface, optimizer: str, parent_run_id: str) -> dict | None:
@@ -115,6 +120,10 @@ def log_surfaces(parent: str, results: list[dict]) -> pd.DataFrame:
             continue  # every optimizer diverged at every rate: nothing to draw
         surface, paths = get_surface(name), pd.concat(frames, ignore_index=True)
         table = summarize_paths(paths, surface.success_radius)
+        fresh = pd.DataFrame([{"optimizer": r["optimizer"], **r["fresh"]} for r in results
+                              if r["surface"] == name and r.get("fresh")])
+        if not fresh.empty:
+            table = table.merge(fresh, on="optimizer", how="left")
         tables.append(table)
         tracking.log_figure(parent, plot_contour_paths(surface, paths), f"{name}_paths")
         tracking.log_figure(parent, plot_surface_losses(paths), f"{name}_loss")
@@ -124,9 +133,12 @@ def log_surfaces(parent: str, results: list[dict]) -> pd.DataFrame:
 
 
 def surface_answer(table: pd.DataFrame) -> pd.DataFrame:
-    """optimizer x surface: the tuned rate and the final distance to the minimum."""
+    """optimizer x surface: the tuned rate, the final distance to the minimum from the start
+    it was tuned on (in-sample) and the median from the fresh starts (out of sample)."""
     if table.empty:
         return table
-    wide = table.pivot(index="optimizer", columns="surface", values=["lr", "final_distance"])
+    values = ["lr", "final_distance"] + (["fresh_median_distance"]
+                                         if "fresh_median_distance" in table else [])
+    wide = table.pivot(index="optimizer", columns="surface", values=values)
     wide = wide.swaplevel(axis=1).sort_index(axis=1, level=0, sort_remaining=False)
     return wide.reindex(pd.unique(table["optimizer"]))

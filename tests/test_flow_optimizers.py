@@ -158,8 +158,11 @@ def test_series_steps_and_run_configs():
     base = TrainConfig(data=DataConfig(dataset="digits", val_size=300),
                        model=ModelConfig(hidden=(32,)), batch_size=64)
     runs = real.compare_runs(base, {"adam": 0.001}, 2)
-    assert [r.name for r in runs] == ["adam lr=0.001 mlp seed=0", "adam lr=0.001 mlp seed=1"]
-    assert runs[1].cfg.optim.name == "adam" and runs[1].cfg.seed == 1
+    # issue 27: the rates were searched on base.seed (0): the comparison runs other seeds
+    assert [r.name for r in runs] == ["adam lr=0.001 mlp seed=1", "adam lr=0.001 mlp seed=2"]
+    assert [r.name for r in real.compare_runs(base.replace(seed=5), {"adam": 0.001}, 1)] == [
+        "adam lr=0.001 mlp seed=6"]
+    assert runs[1].cfg.optim.name == "adam" and runs[1].cfg.seed == 2
     with pytest.raises(ValueError, match="results"):
         real.history_frame(runs, [], "optimizer")
 
@@ -257,7 +260,7 @@ def test_one_child_per_surface_optimizer_search_and_training(flow_run):
     assert parts == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6}
     compare = [r for r in runs if r.data.tags["part"] == "compare"]
     assert sorted((r.data.tags["optimizer"], r.data.params["seed"]) for r in compare) == sorted(
-        (o, s) for o in OPTIMIZERS for s in ("0", "1"))
+        (o, s) for o in OPTIMIZERS for s in ("1", "2"))  # not seed 0, which searched the rates
     searched = {s["optimizer"]: s["lr"] for s in result["searches"]}
     for r in compare:  # each optimizer trains at its own searched rate, named for it
         opt = r.data.tags["optimizer"]
@@ -307,6 +310,10 @@ def test_parent_holds_figures_gif_and_tables(flow_run):
     assert {"search.csv", "real_summary.csv", "rprop_batches.csv", "rprop_claim.txt"} <= top
     assert {f.path for f in c.list_artifacts(pid, "surfaces")} == {
         "surfaces/saddle.csv", "surfaces/saddle_race.csv"}
+    saddle = pd.read_csv(c.download_artifacts(pid, "surfaces/saddle.csv"))
+    # issue 27: each tuned rate also run from 6 start points it was not tuned on
+    assert {"fresh_median_distance", "fresh_success", "fresh_diverged"} <= set(saddle.columns)
+    assert saddle["fresh_success"].str.fullmatch(r"[0-6]/6").all()
     assert {f.path for f in c.list_artifacts(pid, "second_order")} == {
         "second_order/full_batch.csv", "second_order/step_cost.csv"}
     local = c.download_artifacts(pid, "figures/saddle.gif")

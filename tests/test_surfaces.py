@@ -4,6 +4,7 @@ lone runs of the real optimizers, tuning, and the figures and GIF built from the
 from __future__ import annotations
 
 import io
+import math
 
 import matplotlib.pyplot as plt
 import pytest
@@ -223,3 +224,37 @@ def test_animation_is_a_small_valid_gif(saddle_paths):
     assert image.n_frames == 8 and image.size == (504, 322)
     with pytest.raises(ValueError, match="frames"):
         animate_paths(SURFACES["saddle"], saddle_paths, frames=1)
+
+
+# --- issue 27: the tuned rate from start points it was not tuned on -------------------------
+
+def test_fresh_starts_ring_the_tuning_start():
+    from lrpipe.experiments.surfaces import FRESH_RADIUS, fresh_starts, quadratic
+
+    surface = quadratic()
+    starts = fresh_starts(surface, n=4)
+    side = min(high - low for low, high in surface.bounds)  # 10 on the quadratic
+    assert len(starts) == 4 and len(set(starts)) == 4
+    for x, y in starts:
+        assert math.hypot(x - surface.start[0], y - surface.start[1]) == pytest.approx(
+            FRESH_RADIUS * side)
+    assert starts[0] == pytest.approx((-4.0 + 0.5 * math.cos(math.radians(30)),
+                                       -2.5 + 0.5 * math.sin(math.radians(30))))
+
+
+def test_confirm_on_starts_reports_every_fresh_start():
+    from lrpipe.experiments.surfaces import confirm_on_starts, fresh_summary, quadratic
+
+    surface = quadratic()
+    # plain SGD on the condition-100 quadratic: a rate under 2/100 converges from anywhere,
+    # one above it blows up along the stiff direction from every start
+    good = confirm_on_starts(surface, "sgd", 0.019)
+    assert len(good) == 6 and not good["diverged"].any()
+    summary = fresh_summary(good)
+    assert summary["fresh_success"] == f"{int(good['success'].sum())}/6"
+    assert summary["fresh_min_distance"] <= summary["fresh_median_distance"] <= \
+        summary["fresh_max_distance"]
+    bad = confirm_on_starts(surface, "sgd", 0.021)
+    assert bad["diverged"].all() and bad["final_distance"].isna().all()
+    assert fresh_summary(bad)["fresh_diverged"] == 6 and fresh_summary(bad)["fresh_success"] \
+        == "0/6"

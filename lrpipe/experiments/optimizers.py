@@ -106,14 +106,21 @@ class Run(NamedTuple):
     tags: dict
 
 
+def compare_seeds(base: TrainConfig, seeds: int) -> list[int]:
+    """The comparison's seeds: the ``seeds`` after ``base.seed``, the seed ``search_rate``
+    tuned every rate on, so each rate is judged on runs that did not choose it."""
+    check_number("seeds", seeds, low=1, integer=True)
+    return list(range(base.seed + 1, base.seed + 1 + seeds))
+
+
 def compare_runs(base: TrainConfig, rates: Mapping[str, float], seeds: int) -> list[Run]:
     """Every comparison entry (``entries.ENTRY_NAMES``: ``gains`` is momentum 0,
-    ``gains_momentum`` 0.9) at its own rate on ``base``, seeds 0..seeds-1, named
-    ``adam lr=0.001 mlp seed=0``, tagged ``optimizer`` = the entry."""
-    check_number("seeds", seeds, low=1, integer=True)
+    ``gains_momentum`` 0.9) at its own rate on ``base``, on ``compare_seeds`` (out of sample:
+    not the seed the rates were searched on), named ``adam lr=0.001 mlp seed=1``, tagged
+    ``optimizer`` = the entry."""
     runs = []
     for opt, lr in rates.items():
-        for seed in range(seeds):
+        for seed in compare_seeds(base, seeds):
             cfg = merge(entry_config(base, opt), {"optim.lr": lr, "seed": seed})
             runs.append(Run(cfg, f"{opt} lr={lr:.3g} {cfg.model.name} seed={seed}",
                             {"optimizer": opt, "part": "compare"}))

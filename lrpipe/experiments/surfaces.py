@@ -374,3 +374,52 @@ def summarize_paths(paths: pd.DataFrame, success_radius: float) -> pd.DataFrame:
     keys = ["surface", "optimizer"]
     return paths.groupby(keys, sort=False)[list(paths.columns.drop(keys))].apply(
         one).reset_index()
+
+
+# --- the tuned rate, confirmed from fresh start points ---------------------------------------
+
+FRESH_STARTS = 6  # start points on a ring around the tuning start, none of them tuned on
+FRESH_RADIUS = 0.05  # the ring's radius, as a fraction of the plot's smaller side
+
+
+def fresh_starts(surface: Surface, n: int = FRESH_STARTS,
+                 radius: float = FRESH_RADIUS) -> list[Point]:
+    """``n`` start points evenly spaced on a ring of ``radius`` x the plot's smaller side around
+    ``surface.start`` (the first at 30 degrees, so none lies on an axis through the start)."""
+    check_number("n", n, low=1, integer=True)
+    side = min(high - low for low, high in surface.bounds)
+    r = radius * side
+    x0, y0 = surface.start
+    return [(x0 + r * math.cos(math.radians(30 + 360 * k / n)),
+             y0 + r * math.sin(math.radians(30 + 360 * k / n))) for k in range(n)]
+
+
+def confirm_on_starts(surface: Surface, optimizer_name: str, lr: float,
+                      starts: Sequence[Point] | None = None,
+                      steps: int | None = None) -> pd.DataFrame:
+    """``optimizer_name`` at the rate tuned from ``surface.start``, run from each fresh start
+    (``fresh_starts`` by default) with the same budget: one row per start with start_x,
+    start_y, final_loss, final_distance (NaN where it diverged), diverged and success (ended
+    within the surface's success radius). Out of sample: no rate was tuned on these starts."""
+    rows = []
+    for x, y in fresh_starts(surface) if starts is None else starts:
+        path = run_optimizer(surface, optimizer_name, lr, steps, (x, y))
+        last = path.iloc[-1]
+        diverged = bool(path["diverged"].any())
+        distance = math.nan if diverged else float(last["distance"])
+        rows.append({"start_x": x, "start_y": y,
+                     "final_loss": math.nan if diverged else float(last["loss"]),
+                     "final_distance": distance, "diverged": diverged,
+                     "success": bool(not diverged and distance < surface.success_radius)})
+    return pd.DataFrame(rows)
+
+
+def fresh_summary(fresh: pd.DataFrame) -> dict:
+    """``confirm_on_starts``' rows in one line: median, min and max final distance over the
+    starts that did not diverge, successes and divergences out of the starts."""
+    ok = fresh.loc[~fresh["diverged"], "final_distance"]
+    return {"fresh_median_distance": float(ok.median()) if len(ok) else math.nan,
+            "fresh_min_distance": float(ok.min()) if len(ok) else math.nan,
+            "fresh_max_distance": float(ok.max()) if len(ok) else math.nan,
+            "fresh_success": f"{int(fresh['success'].sum())}/{len(fresh)}",
+            "fresh_diverged": int(fresh["diverged"].sum())}
