@@ -227,12 +227,22 @@ def classify(exc: BaseException) -> tuple[int, str]:
         "fix the cause and run the same command again to resume (--debug: the traceback)")
 
 
-def hint_for_default(line: str, settings: dict) -> str:
+def takes_setting(command: str, name: str) -> bool:
+    """Whether ``lrpipe command`` has the setting (flag) ``name``."""
+    import inspect
+
+    from flows.commands import COMMANDS
+
+    return name in inspect.signature(COMMANDS[command].load("check")).parameters
+
+
+def hint_for_default(line: str, command: str, settings: dict) -> str:
     """A dataset-dependent default the user did not set (``data.val_size``, ``data.subset``)
     that does not fit the dataset: name the setting to add."""
     for field in ("data.val_size", "data.subset"):
         if line.startswith(f"{field}: got") and field not in settings.get("overrides", {}):
-            flag = " or --subset N" if field == "data.subset" and "subset" not in settings else ""
+            flag = (" or --subset N" if field == "data.subset" and "subset" not in settings
+                    and takes_setting(command, "subset") else "")
             return (f"{line}; it is the default for larger datasets: set a smaller one "
                     f"(--set {field}=N{flag})")
     return line
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         code, line = classify(exc)
-        print(f"lrpipe {args.command}: {hint_for_default(line, settings)}", file=sys.stderr)
+        print(f"lrpipe {args.command}: {hint_for_default(line, args.command, settings)}", file=sys.stderr)
         return int(code)
 
 

@@ -131,9 +131,11 @@ CASES = [
          "schedule.milestones"),
     Case("diverge-factor-one", [*SET, "--set", "diverge_factor=1"], BAD, "diverge_factor"),
     Case("batching-unknown", [*SET, "--set", "batching=lots"], BAD, "batching: got 'lots'"),
-    Case("val-size-too-big-names-setting",
+    Case("search-default-subset-names-setting",
          ["search", "--set", "data.dataset=digits", "--set", "data.val_size=300"], BAD,
-         "data.subset: got 5000; allowed: <= 1200"),
+         "data.subset: got 5000; allowed: <= 1200 (training examples left after the validation "
+         "split); it is the default for larger datasets: set a smaller one (--set "
+         "data.subset=N or --subset N)"),
     # every service and store it talks to
     Case("tracking-server-down", SET, SERVICE, "tracking server: http://127.0.0.1:{port}",
          {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"}),
@@ -143,6 +145,10 @@ CASES = [
          {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/mlflow.db"}),
     Case("store-not-a-database", SET, SERVICE, "tracking store: {tmp}/not-a-db.db",
          {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/not-a-db.db"}),
+    Case("batch-size-default-subset-names-setting", ["batch-size", "--set", "data.dataset=digits"],
+         BAD, "data.subset: got 10000; allowed: <= 1200 (training examples left after the "
+         "validation split); it is the default for larger datasets: set a smaller one "
+         "(--set data.subset=N)"),
     Case("store-uri-relative", SET, BAD, "tracking_uri: got 'sqlite:/x.db'",
          {"MLFLOW_TRACKING_URI": "sqlite:/x.db"}),
 ]
@@ -170,6 +176,22 @@ def test_cli_one_line_and_exit_code(guarded, tmp_path, monkeypatch, capsys, case
     assert fill(case.message, tmp_path, port) in last
     assert "Traceback" not in err and (code == BAD or len(err.strip().splitlines()) == 1), err
     assert {n: (tmp_path / n).read_bytes() for n in FILES} == before  # no store file touched
+
+
+def test_prefect_api_down(guarded, monkeypatch, capsys):
+    """PREFECT_API_URL names a server that is not there (Prefect's settings are read once
+    per process, so the setting is patched where the harness reads it)."""
+    import types
+
+    import prefect.settings
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    fake = types.SimpleNamespace(api=types.SimpleNamespace(url=url))
+    monkeypatch.setattr(prefect.settings, "get_current_settings", lambda: fake)
+    assert cli.main(SET) == SERVICE
+    err = capsys.readouterr().err
+    assert err.startswith(f"lrpipe sweep: Prefect API: {url}/health does not answer")
+    assert "unset PREFECT_API_URL" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sci_notation_in_set_and_yaml(tmp_path):
