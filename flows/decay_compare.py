@@ -409,7 +409,8 @@ def decay_compare(
                 f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
                 for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
-            notes=[w for w in plan.decays["warning"] if w] + selection_notes(plan, ranking))
+            notes=[w for w in plan.decays["warning"] if w] + selection_notes(plan, ranking),
+            key="lr-decay")
     if confirmation is not None:
         print(confirmation["line"], flush=True)
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)

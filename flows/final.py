@@ -161,7 +161,7 @@ def final_training(lr: float, best_schedule: str | None = None,
         answer = answer_line(plan, winner, constant)
         tracking.log_text(parent, f"{plan_summary(plan)}\n{answer}\n", "summary.txt")
         publish_flow_report(parent, experiment, "Final training", answer, _table(done),
-                            evidence=[plan_summary(plan)])
+                            evidence=[plan_summary(plan)], key=EXPERIMENT)
     print(f"final: {answer} ({time.perf_counter() - start:.0f} s)", flush=True)
     return {"parent_run_id": parent, "lr": lr, "schedule": plan.schedule,
             "schedule_source": plan.schedule_source, "epochs": plan.epochs,

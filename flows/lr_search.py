@@ -215,7 +215,8 @@ def lr_search(
                 f"in-sample (the runs that chose, selection split): {choice['reason']}"] + (
                 [] if confirmation is None else [confirmation["line"]]),
             notes=search_notes(regret, grid, choice["lr"]),
-            tables=search_tables(evidence["bands"], evidence["cross_check"], regret, grid))
+            tables=search_tables(evidence["bands"], evidence["cross_check"], regret, grid),
+            key="lr-search")
     print(f"\nlr_search: {base.data.dataset} subset of {subset}, seeds "
           f"{','.join(map(str, seeds))}, {len(grid)} full-data runs, "
           f"in {time.perf_counter() - start:.0f} s\n{report}")

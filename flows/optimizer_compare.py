@@ -355,7 +355,7 @@ def report_optimizers(out: dict, parent: str, experiment: str) -> None:
             out["race"]
     publish_flow_report(parent, experiment, "Optimizers side by side", answer, table,
                         evidence=[SEARCH_NOTE, *evidence, *second_order_lines(out)],
-                        tables=tables)
+                        tables=tables, key="optimizers")
 
 
 SETTINGS = ("optimizers", "surfaces", "seeds", "epochs", "rprop_epochs", "skip_surfaces",

@@ -141,7 +141,8 @@ def pipeline(
                             final_answer(final, chosen), table,
                             evidence=["no rate chosen" if chosen is None
                                       else f"chosen rate {chosen:.3g}"]
-                            + [f"{r['stage']}: {r.get('answer', '')}" for r in records])
+                            + [f"{r['stage']}: {r.get('answer', '')}" for r in records],
+            key=EXPERIMENT)
     return {"parent_run_id": parent, "chosen_lr": chosen, "final": final, "stages": records}
 
 

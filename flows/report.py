@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from lrpipe import tracking
-from lrpipe.report import build_report
+from lrpipe.report import MEASURED_ON, build_report
 
 REPORT_PATH = "report.md"
 
@@ -60,13 +60,19 @@ def publish_flow_report(parent_run_id: str, experiment: str, title: str, answer:
                         table, evidence=(), notes=(), key: str | None = None,
                         tables=None) -> dict:
     """A flow's report from its answer and table, embedding every figure already logged on
-    the parent run (``figures/*.png``) and linking the parent's page; then ``publish_report``."""
+    the parent run (``figures/*.png``) and linking the parent's page; then ``publish_report``.
+    It opens with what its numbers are measured on: ``lrpipe.report.MEASURED_ON`` of the
+    report's ``key`` (default ``experiment``), which must have one."""
+    if (key or experiment) not in MEASURED_ON:
+        raise ValueError(f"key: got {key or experiment!r}; allowed: one of {sorted(MEASURED_ON)}"
+                         " (lrpipe.report.MEASURED_ON says what each report is measured on)")
     url = tracking.run_url(parent_run_id, experiment)
     listed = tracking.retry_locked(tracking.client().list_artifacts, parent_run_id, "figures")
     figures = [f.path for f in listed if f.path.endswith(".png")]
     markdown = build_report(title, answer, list(evidence), table, figures,
                             {"parent run (figures, tables, child runs)": url}, list(notes),
-                            run_url=url, tables=tables)
+                            run_url=url, tables=tables,
+                            measured_on=MEASURED_ON[key or experiment])
     return publish_report(parent_run_id, experiment, markdown, key or experiment)
 
 

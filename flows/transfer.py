@@ -396,7 +396,7 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
             + ([] if confirmation is None else [confirmation["line"]])
             + [f"{v['strategy']} {'beat' if v['beat'] else 'lost to'} {v['rival']} by "
                f"{abs(v['gap']):.4f} ({'clear' if v['clear'] else 'within the seed spread'})"
-               for v in verdicts])
+               for v in verdicts], key="transfer")
     print_summary(tc, summary, grid_df, pre, verdicts, parent, experiment,
                   time.perf_counter() - start, grid_seeds)
     return {"parent_run_id": parent, "model_uri": pre["model_uri"], "reused": pre["reused"],

@@ -154,6 +154,39 @@ def _figures(figures: list[str], run_url: str | None) -> list[str]:
     return out
 
 
+# What each flow's numbers are measured on (issue 27): the selection split (``val_*``: examples
+# held out of the training split, which every choice may look at), the test split (scored
+# once, for the final model only), in-sample (on the runs that made the choice) or out of
+# sample (fresh seeds or start points that did not make it). Every report opens with its line.
+SELECTION = "the selection split (`val_*`: `data.val_size` examples held out of the training split)"
+MEASURED_ON = {
+    "lr-sweep": f"{SELECTION}, one run per rate; the best rate is in-sample (picked on these "
+                "runs); no test set",
+    "lr-search": f"{SELECTION}; the choice and its regret are in-sample (the runs that chose); "
+                 "the confirmation on fresh seeds is out of sample; no test set",
+    "lr-decay": f"{SELECTION}; the ranking is in-sample (the seeds that rank); the best against "
+                "the runner-up on fresh seeds is out of sample; no test set (the pipeline's "
+                "final stage tests the winner)",
+    "transfer": "the target task's selection split (validation); the strategy ranking is "
+                "in-sample, the best against the runner-up on fresh seeds out of sample; no "
+                "test set",
+    "optimizers": "2-D surfaces: tuned and reported from the same start (in-sample), "
+                  "`fresh_*` from start points nobody tuned on (out of sample); real data: "
+                  f"{SELECTION}, on seeds other than the one each rate was searched on (out "
+                  "of sample for the rates); no test set",
+    "final": "the test split, scored once after training and never used to choose (training "
+             "saw the whole training split, validation included)",
+    "pipeline": "each stage as its own report says; the final model's figures are the test "
+              "split's, the others the selection split's",
+    "batch-size": f"{SELECTION}; each batch size's best rate is in-sample (picked on the "
+                     "grid's runs); no test set",
+    "dropout": f"{SELECTION} and the training split (the gap: selection minus training loss, "
+               "eval mode); each arm's best rate is in-sample; no test set",
+    "losses": f"{SELECTION}; each loss's rate comes from its own search (in-sample there), the "
+              "comparison runs on fresh seeds (out of sample); no test set",
+}
+
+
 def build_report(
     title: str,
     answer: str,
@@ -165,8 +198,10 @@ def build_report(
     run_url: str | None = None,
     table_note: str | None = None,
     tables: Mapping[str, pd.DataFrame] | None = None,
+    measured_on: str | None = None,
 ) -> str:
-    """The run report as markdown: answer, evidence, runs table, figures, links, notes.
+    """The run report as markdown: answer, what it is measured on, evidence, runs table,
+    figures, links, notes.
 
     Args:
         figures: artifact paths of the run at ``run_url`` (``figures/loss_vs_epoch.png``).
@@ -179,6 +214,7 @@ def build_report(
             table: header, separator row, a blank line before and after).
     """
     lines = [f"# {title}", "", f"**{answer}**", ""]
+    lines += [f"_Measured on: {measured_on}._", ""] if measured_on else []
     lines += [f"- {item}" for item in evidence] + ([""] if evidence else [])
     lines += ["## Runs", "", markdown_table(table), ""]
     lines += [f"_{table_note}_", ""] if table_note else []
@@ -382,7 +418,7 @@ def sweep_report(summary: pd.DataFrame, parent_url: str, run_url_fn: Callable[[s
         title or f"Learning-rate sweep: {plural(len(summary), 'rate')}", finding.answer,
         list(finding.evidence), sweep_table(summary, run_url_fn, finding.best_lr), figures,
         sweep_links(summary, parent_url), list(finding.notes), run_url=parent_url,
-        table_note=SWEEP_TABLE_NOTE)
+        table_note=SWEEP_TABLE_NOTE, measured_on=MEASURED_ON["lr-sweep"])
 
 
 def sweep_terminal(summary: pd.DataFrame, parent_url: str) -> str:

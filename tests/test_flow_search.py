@@ -275,6 +275,7 @@ def test_figures_and_answer_on_the_search_parent(piped):
     with open(c.download_artifacts(parent, "report.md")) as f:
         md = f.read()
     assert "in-sample (the runs that chose" in md and "out of sample" in md
+    assert "_Measured on: the selection split (`val_*`" in md
 
 
 def test_pipeline_trains_the_chosen_rate_and_its_neighbours(piped):

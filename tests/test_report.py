@@ -318,3 +318,28 @@ def test_search_close_call_inside_the_seed_band_or_two_percent():
     banded = search_report.search_notes(_regret(), _grid(seeds=3), 0.02)  # 0.43..0.45 bands
     assert len(banded) == 1 and "bands over seeds overlap" in banded[0]
     assert search_report.search_notes(_regret(), _grid(), None) == []
+
+
+# --- issue 27: every report says what its numbers are measured on ---------------------------
+
+def test_every_flow_report_has_its_measured_on_line():
+    from flows import batch_size, dropout, final, losses, optimizer_compare, transfer
+    from flows.report import publish_flow_report
+    from lrpipe.experiments import pipeline, sweep
+    from lrpipe.report import MEASURED_ON
+    from lrpipe.search import plan
+
+    keys = {m.EXPERIMENT for m in (batch_size, dropout, final, losses, optimizer_compare,
+                                   transfer, pipeline, sweep, plan)} | {"lr-decay"}
+    assert keys == set(MEASURED_ON)
+    for key, line in MEASURED_ON.items():
+        assert any(word in line for word in ("in-sample", "test split")), key
+    with pytest.raises(ValueError, match=r"^key: got 'my-flow'; allowed: one of \["):
+        publish_flow_report("no-run", "my-flow", "t", "a", pd.DataFrame())
+
+
+def test_the_measured_on_line_follows_the_answer():
+    text = report.build_report("T", "the answer", ["why"], pd.DataFrame({"a": [1]}), [], {}, [],
+                        measured_on="the test split")
+    assert text.split("\n")[2:6] == ["**the answer**", "", "_Measured on: the test split._", ""]
+    assert "Measured on" not in report.build_report("T", "a", [], pd.DataFrame({"a": [1]}), [], {}, [])
