@@ -342,4 +342,5 @@ def test_the_measured_on_line_follows_the_answer():
     text = report.build_report("T", "the answer", ["why"], pd.DataFrame({"a": [1]}), [], {}, [],
                         measured_on="the test split")
     assert text.split("\n")[2:6] == ["**the answer**", "", "_Measured on: the test split._", ""]
-    assert "Measured on" not in report.build_report("T", "a", [], pd.DataFrame({"a": [1]}), [], {}, [])
+    plain = report.build_report("T", "a", [], pd.DataFrame({"a": [1]}), [], {}, [])
+    assert "Measured on" not in plain
