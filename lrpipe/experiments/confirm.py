@@ -5,13 +5,14 @@ in-sample on those runs: its margin is measured on the noise that picked it. Con
 trains the chosen arm and its closest rival again on fresh seeds and states the chosen arm's
 figure with its band (min..max over the fresh seeds), the margin to the rival, and one verdict:
 
-- ``confirmed``: the chosen arm's mean is the lower, by more than the seed band;
-- ``tie``: the margin is inside the band (either way): the data cannot tell them apart;
-- ``not confirmed``: the rival's mean is the lower, by more than the band.
+- ``confirmed``: the chosen arm is the lower, and the two seed bands do not overlap;
+- ``tie``: the bands (min..max over the fresh seeds) overlap: a change of seed alone moves the
+  figures as far as the margin, so the data cannot tell the arms apart;
+- ``not confirmed``: the rival is the lower, and the bands do not overlap.
 
-The band is the wider of the two arms' relative spreads, (max - min) / mean over the fresh
-seeds: the margin must exceed what a change of seed alone moves the figure by. A diverged or
-non-finite run counts as infinitely bad for its arm. Pure functions, tested without Prefect.
+The tie rule is ``lrpipe.experiments.bands``' (one rule for every comparison over seeds). A
+diverged or non-finite run counts as infinitely bad for its arm. Pure functions, tested
+without Prefect.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lrpipe.engine.config import ConfigError, check_number
+from lrpipe.experiments.bands import band
 
 VERDICTS = ("confirmed", "tie", "not confirmed")
 SUMMARY_COLUMNS = ("arm", "role", "n", "mean", "lo", "hi", "spread", "diverged")
@@ -63,12 +65,8 @@ def summarize_arms(runs: pd.DataFrame, value: str, chosen, rival) -> pd.DataFram
             raise ValueError(f"runs: no run of arm {arm!r}; allowed: runs of both arms")
         vals = mine[value].astype(float).to_numpy()
         bad = int(((mine["status"] == "diverged") | ~np.isfinite(vals)).sum())
-        if bad:
-            mean = lo = hi = math.inf
-            spread = math.inf
-        else:
-            mean, lo, hi = float(vals.mean()), float(vals.min()), float(vals.max())
-            spread = (hi - lo) / abs(mean) if mean else math.inf
+        mean, lo, hi = band([math.inf] if bad else vals)
+        spread = (hi - lo) / abs(mean) if math.isfinite(mean) and mean else math.inf
         rows.append({"arm": arm, "role": role, "n": len(mine), "mean": mean, "lo": lo,
                      "hi": hi, "spread": spread, "diverged": bad})
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
@@ -78,7 +76,8 @@ def verdict(summary: pd.DataFrame) -> dict:
     """{verdict, margin, band, text} from ``summarize_arms``' two rows (lower is better).
 
     margin: the rival's mean / the chosen arm's mean - 1 (positive: the chosen arm is better);
-    band: the wider relative spread of the two arms."""
+    band: the wider relative spread of the two arms, (max - min) / mean, for the reader; the
+    verdict is ``bands.compare_over_seeds``' (a tie when the min..max bands overlap)."""
     chosen = summary[summary["role"] == "chosen"].iloc[0]
     rival = summary[summary["role"] == "rival"].iloc[0]
     c, r = float(chosen["mean"]), float(rival["mean"])
@@ -91,18 +90,19 @@ def verdict(summary: pd.DataFrame) -> dict:
         return {"verdict": better, "margin": math.inf if math.isinf(r) else -math.inf,
                 "band": math.nan, "text": f"{loser['arm']} diverged on a fresh seed"}
     margin = r / c - 1.0
-    band = max(float(chosen["spread"]), float(rival["spread"]))
-    if abs(margin) <= band:
+    spread = max(float(chosen["spread"]), float(rival["spread"]))
+    overlap = chosen["lo"] <= rival["hi"] and rival["lo"] <= chosen["hi"]
+    if overlap:
         word = "tie"
-        text = (f"tie: the margin {margin:+.1%} is inside the seed band {band:.1%}")
+        text = f"tie: the seed bands overlap (margin {margin:+.1%}, seed spread {spread:.1%})"
     elif margin > 0:
         word = "confirmed"
-        text = f"confirmed: better by {margin:.1%}, beyond the seed band {band:.1%}"
+        text = f"confirmed: better by {margin:.1%}, the seed bands apart"
     else:
         word = "not confirmed"
         text = (f"not confirmed: {rival['arm']} is better by {-margin / (1 + margin):.1%} of "
-                f"its own figure, beyond the seed band {band:.1%}")
-    return {"verdict": word, "margin": margin, "band": band, "text": text}
+                "its own figure, the seed bands apart")
+    return {"verdict": word, "margin": margin, "band": spread, "text": text}
 
 
 def confirmation_line(summary: pd.DataFrame, result: dict, what: str, seeds: Sequence[int],
