@@ -173,7 +173,8 @@ def check_plan(subset=None, search_seeds=None, range_steps=None, regret_epochs=N
         exp.search_overrides(overrides, loss)
     base_seed = merge(TrainConfig(), dict(overrides or {})).seed
     plan = exp.LossPlan(seeds=exp.DEFAULT_SEEDS if seeds is None else seeds, epochs=epochs,
-                        used_seeds=(*settings["seeds"], base_seed))
+                        used_seeds=(*settings["seeds"], base_seed,
+                                    *search_plan.DEFAULT_CONFIRM_SEEDS))
     return settings, plan
 
 

@@ -147,6 +147,8 @@ def test_check_refuses_reused_seeds_before_any_run():
 
     with pytest.raises(ConfigError, match="^seeds: got"):
         check(seeds=[0, 10, 11], overrides=OVERRIDES, subset=300)
+    with pytest.raises(ConfigError, match=r"^seeds: got .*100"):  # the searches' confirmation
+        check(seeds=[100, 10, 11], overrides=OVERRIDES, subset=300)
     with pytest.raises(ConfigError, match="^loss: set by this experiment"):
         check(overrides={"loss": "mse", **OVERRIDES}, subset=300)
     kwargs, cfgs = check(overrides=OVERRIDES, subset=300, search_seeds=[3])
