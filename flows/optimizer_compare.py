@@ -234,10 +234,12 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
                            label="optimizers-train") if runs else []
     rprop = collect(pending["rprop"], "optimizers-rprop", describe_result)
     n_train = len(dataset_for(base).train)
-    table = log_real(parent, searches, real.history_frame(runs, finals, "optimizer"))
+    history = real.history_frame(runs, finals, "optimizer")
+    table = log_real(parent, searches, history)
     rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch",
                                                         n_train)) if rprop else pd.DataFrame())
     out = {"searches": searches, "real": table, "rprop": rprop_table,
+           "real_versus": None if table.empty else real.best_against_runner_up(history, table),
            "data": (f"{base.data.dataset}, {n_train} training examples, {base.model.name}, "
                     f"{base.epochs} epochs, seeds "
                     f"{seed_span(real.compare_seeds(base, plan['seeds']))} "
@@ -324,6 +326,8 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
         best = out["real"].iloc[0]
         print(f"Best on real data: {best['optimizer']} at lr {best['lr']:.3g}, validation "
               f"error {best['val_error']}")
+        if out.get("real_versus"):
+            print(out["real_versus"])
     if not out.get("rprop", pd.DataFrame()).empty:
         print("\nRprop full batch against mini-batch (same subset, rate and seeds):")
         print(out["rprop"][["batch", "epochs", "updates", "val_error", "val_loss_mean",
@@ -341,6 +345,8 @@ def report_optimizers(out: dict, parent: str, experiment: str) -> None:
         best = real_table.iloc[0]
         answer = (f"Best on real data: {best['optimizer']} at its own rate {best['lr']:.3g} "
                   f"(validation error {best['val_error']})")
+        if out.get("real_versus"):
+            answer += f"; {out['real_versus']}"
         table = real_table
     else:
         answer, table = "Tuned rate and final distance to the minimum per surface", \

@@ -372,3 +372,21 @@ def test_seed_repeats_of_an_optimizer_train_as_one_batched_group(flow_run):
                 tags.get("trained", "alone"))
     assert trained["sgd"] == {"batched k=2"} and trained["adam"] == {"batched k=2"}
     assert "batched k=2" not in trained.get("rprop", {"alone"})  # rprop cannot be batched
+
+
+def test_the_real_data_winner_is_called_a_tie_when_the_seed_bands_overlap():
+    """Issue 27: the best optimizer is stated against the runner-up with both seed bands."""
+    def history(errors: dict) -> pd.DataFrame:
+        return pd.DataFrame([{"optimizer": o, "seed": s, "epoch": 2, "lr": 0.1,
+                              "val_error": e, "val_loss": e, "status": "ok"}
+                             for o, es in errors.items() for s, e in enumerate(es)])
+
+    apart = history({"adam": [0.10, 0.11, 0.12], "sgd": [0.15, 0.16, 0.17]})
+    line = real.best_against_runner_up(apart, real.final_table(apart))
+    assert line == ("adam beats the runner-up sgd on final validation error by 0.0500, the seed "
+                    "bands apart: 0.1100 [0.1000..0.1200] against sgd's 0.1600 [0.1500..0.1700]")
+    close = history({"adam": [0.10, 0.13, 0.12], "sgd": [0.125, 0.14, 0.13]})
+    assert real.best_against_runner_up(close, real.final_table(close)).startswith(
+        "adam and sgd tie on final validation error (the seed bands overlap)")
+    one = history({"adam": [0.1, 0.2]})
+    assert real.best_against_runner_up(one, real.final_table(one)) is None

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from lrpipe.engine.config import TrainConfig, check_number, merge
 from lrpipe.engine.data import Dataset
 from lrpipe.engine.train import TrainResult, train
+from lrpipe.experiments.bands import band_text, compare_over_seeds
 from lrpipe.experiments.entries import entry_config
 
 SEARCH_DECADES: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -267,6 +268,26 @@ def final_table(df: pd.DataFrame, by: str = "optimizer") -> pd.DataFrame:
     table["val_error"] = [f"{m:.4f} ± {s:.4f}" for m, s in
                           zip(table["val_error_mean"], table["val_error_std"], strict=True)]
     return table.sort_values(["diverged", "val_error_mean"], kind="stable").reset_index()
+
+
+def best_against_runner_up(history: pd.DataFrame, table: pd.DataFrame) -> str | None:
+    """The real-data winner (``final_table``'s first row) against the runner-up on final
+    validation error per seed (``bands.compare_over_seeds``: a tie when the min..max bands
+    overlap), in one sentence; None with fewer than two entries."""
+    if len(table) < 2:
+        return None
+    last = final_rows(history)
+    errors = {o: last.loc[last["optimizer"] == o, "val_error"].astype(float).where(
+        last.loc[last["optimizer"] == o, "status"] != "diverged", math.inf).tolist()
+        for o in table["optimizer"].iloc[:2]}
+    (best, a), (second, b) = errors.items()
+    result = compare_over_seeds(a, b)
+    figures = f"{band_text(result['a'])} against {second}'s {band_text(result['b'])}"
+    if result["tie"]:
+        return (f"{best} and {second} tie on final validation error (the seed bands overlap): "
+                f"{figures}")
+    return (f"{best} beats the runner-up {second} on final validation error by "
+            f"{result['margin']:.4f}, the seed bands apart: {figures}")
 
 
 X_AXES = {"epoch": "epoch", "updates": "updates (optimizer steps)"}
