@@ -37,10 +37,10 @@ help: ## list the targets
 
 setup: $(STAMP) $(DATA) $(PREFECT_DB) $(STORE) ## virtualenv, editable install, data, Prefect and MLflow stores (idempotent)
 
-# The MLflow store, created and migrated once under a lock (lrpipe.tracking.create_store): any
+# The MLflow store, created and migrated once under a lock (lrpipe.faults.create_store): any
 # number of commands may then start together on it.
 $(STORE): | $(STAMP)
-	$(PY) -c "from lrpipe.tracking import create_store; create_store('$(MLFLOW_URI)')" 2>&1 | grep -v ' INFO ' || true
+	$(PY) -c "from lrpipe import faults, tracking; u = '$(MLFLOW_URI)'; faults.create_store(u, lambda: tracking.client(u).search_experiments(max_results=1))" 2>&1 | grep -v ' INFO ' || true
 	@test -s $@
 
 # Exactly the locked versions (pip and setuptools included), then lrpipe itself, editable, with

@@ -256,13 +256,48 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict = {}
     try:
         settings = settings_from(args)
+        if not debug:
+            quiet_prefect_tracebacks()
         return run_command_line(args.command, settings)
     except Exception as exc:  # noqa: BLE001 - every error ends in one line and a status
         if debug:
             raise
         code, line = classify(exc)
-        print(f"lrpipe {args.command}: {hint_for_default(line, args.command, settings)}", file=sys.stderr)
+        line = hint_for_default(line, args.command, settings)
+        print(f"lrpipe {args.command}: {line}", file=sys.stderr)
         return int(code)
+
+
+class MessageOnly:
+    """A logging formatter that writes what ``inner`` writes for a record, less its
+    traceback and stack (another handler, Prefect's API log, may have formatted them
+    already: they are put back after)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def format(self, record) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failed task's and flow's traceback on the terminal: its console lines
+    keep their one-line message, the traceback goes (``--debug`` keeps it; the Prefect API's
+    log handler keeps it, for the UI)."""
+    import logging
+
+    import prefect.main  # noqa: F401  (installs its logging configuration)
+
+    for name in ("", "prefect", "prefect.task_runs", "prefect.flow_runs"):  # "": root
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                    handler.formatter, MessageOnly):
+                handler.setFormatter(MessageOnly(handler.formatter or logging.Formatter()))
 
 
 def run_command_line(command: str, settings: dict) -> int:

@@ -137,14 +137,15 @@ def preflight_services(runner: str, uri: str, runs: int) -> None:
     the disk under a local store (room for ``runs`` runs, ``ulimit -f``), the Dask scheduler
     a ``tcp://`` runner names, the Prefect API when PREFECT_API_URL is set (ServiceError,
     each one line naming the thing and what to do). Then a new local store is created and
-    migrated, once, under a lock (``tracking.create_store``)."""
+    migrated, once, under a lock (``faults.create_store``; a store of an older schema is a
+    ServiceError saying how to upgrade it)."""
     from prefect.settings import get_current_settings
 
     from lrpipe import faults, tracking
 
     tracking.check_tracking_uri(uri)
-    tracking.check_store(uri)
-    path = tracking.sqlite_path(uri)
+    faults.check_store(uri)
+    path = faults.sqlite_path(uri)
     if path is not None:
         faults.check_disk(path.parent, runs, path.stat().st_size if path.exists() else 0)
     if runner.startswith("tcp://"):
@@ -154,7 +155,7 @@ def preflight_services(runner: str, uri: str, runs: int) -> None:
     if api:
         faults.check_http("Prefect API", api.rstrip("/") + "/health",
                           "start it (make server) or unset PREFECT_API_URL")
-    tracking.create_store(uri)
+    faults.create_store(uri, lambda: tracking.client(uri).search_experiments(max_results=1))
 
 
 def run_command(command, settings: Mapping[str, Any]) -> Any:

@@ -4,11 +4,13 @@ Every ``lrpipe`` command ends with one of ``ExitCode``'s statuses. Before any ru
 the command checks the services it will talk to (a Dask scheduler, a Prefect API, an MLflow
 server), the disk it will write to and the local tracking database's file, each with a short
 timeout; a failed check is a ``ServiceError`` whose message is one line naming the thing and
-what to do. The checks that need MLflow (schema revision) live in ``lrpipe.tracking``.
+what to do. A new local store is created under a lock (``create_store``) by a first use
+through ``lrpipe.tracking``, the one module that imports MLflow.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import shutil
@@ -16,6 +18,7 @@ import socket
 import sqlite3
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 
@@ -137,3 +140,45 @@ def sqlite_revision(path: Path, timeout: float = SERVICE_TIMEOUT_S) -> str | Non
             return None
         raise ServiceError(f"tracking store: {path} is unreadable ({exc}); {fix}") from None
     return row[0] if row else None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def check_store(uri: str, timeout: float = SERVICE_TIMEOUT_S) -> None:
+    """A ServiceError (one line: the store, what is wrong, what to do) unless the tracking
+    store at ``uri`` can be used: a sqlite file opens and passes sqlite's integrity check (or
+    does not exist yet: ``create_store`` makes it); a server answers its health check within
+    ``timeout`` seconds. Other databases are left to MLflow."""
+    path = sqlite_path(uri)
+    if path is not None:
+        sqlite_revision(path, timeout)
+    elif uri.startswith(("http://", "https://")):
+        check_http("tracking server", uri.rstrip("/") + "/health",
+                   "start it (make server) or unset MLFLOW_TRACKING_URI", timeout)
+
+
+def create_store(uri: str, open_store: Callable[[], object]) -> None:
+    """Create and migrate a sqlite store once: ``open_store`` (a first use of the store,
+    which makes MLflow create and migrate it) runs under a file lock beside the database, so
+    any number of commands may start together on a new store (MLflow's own first-use
+    migration races: ``table _alembic_tmp_experiments already exists``). A store of an older
+    schema is a ServiceError saying how to upgrade it. Other stores: ``open_store`` only."""
+    path = sqlite_path(uri)
+    try:
+        if path is None:
+            open_store()
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / (path.name + ".init-lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            open_store()
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "out-of-date database schema" not in text:
+            raise
+        raise ServiceError(f"tracking store: {path or uri}: {text.rstrip('.')}; upgrade it "
+                           f"(mlflow db upgrade {uri}) or set MLFLOW_TRACKING_URI to another "
+                           "store") from None

@@ -26,7 +26,6 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from lrpipe import faults
 from lrpipe.engine import checkpoint
 
 T = TypeVar("T")
@@ -82,58 +81,6 @@ def check_tracking_uri(uri: str) -> None:
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking_uri: {folder} is not writable; allowed: a writable "
                                 "folder (fix its permissions or set MLFLOW_TRACKING_URI)")
-
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-def schema_head() -> str:
-    """The schema revision this MLflow writes (its newest alembic migration)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
-    return _get_latest_schema_revision()
-
-
-def check_store(uri: str, timeout: float = faults.SERVICE_TIMEOUT_S) -> None:
-    """Raise ServiceError (one line: the store, what is wrong, what to do) unless the store
-    at ``uri`` can be used: a sqlite file opens, passes sqlite's integrity check and has this
-    MLflow's schema (or none yet: ``create_store`` makes it); a server answers its health
-    check within ``timeout`` seconds. Other databases are left to MLflow."""
-    path = sqlite_path(uri)
-    if path is not None:
-        revision = faults.sqlite_revision(path, timeout)
-        if revision is not None and revision != schema_head():
-            raise faults.ServiceError(
-                f"tracking store: {path} has schema {revision}, this MLflow writes "
-                f"{schema_head()}; upgrade it (mlflow db upgrade {uri}) or set "
-                "MLFLOW_TRACKING_URI to another store")
-    elif uri.startswith(("http://", "https://")):
-        faults.check_http("tracking server", uri.rstrip("/") + "/health",
-                          "start it (make server) or unset MLFLOW_TRACKING_URI", timeout)
-
-
-def create_store(uri: str) -> None:
-    """Create and migrate a new sqlite store once, under a file lock beside it, so that any
-    number of commands may start together on a new store (MLflow's own first-use migration
-    races: ``table _alembic_tmp_experiments already exists``). A store already at this
-    MLflow's schema is left alone without taking the lock. Other stores: nothing to do."""
-    import fcntl
-
-    path = sqlite_path(uri)
-    if path is None or faults.sqlite_revision(path) == schema_head():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / (path.name + ".init-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            c = client(uri)  # MLflow migrates on the first use of each store, in here
-            c.search_experiments(max_results=1)
-            c.search_registered_models(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _is_locked(exc: BaseException) -> bool:

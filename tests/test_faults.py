@@ -93,8 +93,8 @@ CASES = [
          "experiment: got ''"),
     Case("experiment-list", [*SET, "--config", "{tmp}/number-experiment.yaml"], BAD,
          "experiment: got [1]"),
-    Case("yaml-sci-negative", ["sweep", *CLI_BASE[2:], "--config", "{tmp}/bad-lr-in-yaml.yaml"], BAD,
-         "lrs: got -0.01"),
+    Case("yaml-sci-negative", ["sweep", *CLI_BASE[2:], "--config", "{tmp}/bad-lr-in-yaml.yaml"],
+         BAD, "lrs: got -0.01"),
     # every flag
     Case("set-no-equals", [*SET, "--set", "optim.lr"], BAD, "--set: got 'optim.lr'"),
     Case("set-empty-key", [*SET, "--set", "=3"], BAD, "--set: got '=3'"),
@@ -231,13 +231,19 @@ def test_disk_full_and_file_size_limit(tmp_path, monkeypatch):
 
 
 def test_store_of_an_older_schema_is_refused(mlflow_store, tmp_path):
+    """MLflow refuses a store of an older schema; the first use under create_store's lock
+    turns that into one line saying how to upgrade it."""
     db = tmp_path / "old.db"
-    shutil.copy(tracking.sqlite_path(mlflow_store), db)
+    with sqlite3.connect(faults.sqlite_path(mlflow_store)) as src, sqlite3.connect(db) as dst:
+        src.backup(dst)
     with sqlite3.connect(db) as c:
         c.execute("UPDATE alembic_version SET version_num = 'a8c4a736bde6'")
-    with pytest.raises(faults.ServiceError, match=r"has schema a8c4a736bde6, this MLflow"):
-        tracking.check_store(f"sqlite:///{db}")
-    tracking.check_store(mlflow_store)  # the healthy one passes
+    uri = f"sqlite:///{db}"
+    faults.check_store(uri)  # the file itself is healthy
+    with pytest.raises(faults.ServiceError,
+                       match=r"out-of-date database schema .*; upgrade it \(mlflow db upgrade"):
+        faults.create_store(uri, lambda: tracking.client(uri).search_experiments())
+    faults.create_store(mlflow_store, lambda: tracking.client(mlflow_store).search_experiments())
 
 
 def lrpipe_cli(*args: str, env: dict | None = None, timeout: float = 60):
@@ -270,7 +276,7 @@ def test_torn_page_in_a_real_store(guarded, tmp_path, monkeypatch, capsys):
     """A real store with a page overwritten (the issue's corrupted mlflow.db: it trained
     first, then failed with "malformed" tracebacks): refused before any work, unchanged."""
     db = tmp_path / "mlflow.db"
-    with sqlite3.connect(tracking.sqlite_path(guarded)) as src, sqlite3.connect(db) as dst:
+    with sqlite3.connect(faults.sqlite_path(guarded)) as src, sqlite3.connect(db) as dst:
         src.backup(dst)
     with sqlite3.connect(db) as c:
         c.execute("PRAGMA journal_mode=DELETE")
@@ -286,15 +292,16 @@ def test_torn_page_in_a_real_store(guarded, tmp_path, monkeypatch, capsys):
 
 CREATE = """
 import sys
-from lrpipe import tracking
-tracking.create_store(sys.argv[1])
-print(tracking.experiment_id("together", sys.argv[1]))
+from lrpipe import faults, tracking
+uri = sys.argv[1]
+faults.create_store(uri, lambda: tracking.client(uri).search_experiments(max_results=1))
+print(tracking.experiment_id("together", uri))
 """
 
 
 def test_concurrent_starts_on_a_new_store(tmp_path):
     """Three commands starting together on a new store: MLflow's own first-use migration
-    races (`table _alembic_tmp_experiments already exists`); create_store's lock does not."""
+    races (`table _alembic_tmp_experiments already exists`); faults.create_store's lock does not."""
     uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", CREATE, uri], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -302,4 +309,47 @@ def test_concurrent_starts_on_a_new_store(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 3, [err[-300:] for _, err in outs]
     assert len({out.strip() for out, _ in outs}) == 1  # one experiment, the same id for all
-    tracking.check_store(uri)
+    faults.check_store(uri)
+
+
+def test_store_failing_mid_sweep_keeps_what_finished_and_resumes(
+        prefect_harness, mlflow_store, monkeypatch, capsys, tmp_path):
+    """The store refuses writes after the first child (a full disk): the sweep stops with
+    exit 1 and one line, the finished child intact, the parent FAILED and nothing RUNNING;
+    once the fault is gone the same command resumes into the same parent."""
+    import uuid
+
+    experiment = f"faults-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "c.yaml").write_text(f"experiment: {experiment}\n")
+    argv = ["sweep", "--lrs", "0.01,0.1", *CLI_BASE[2:], "--config", str(tmp_path / "c.yaml")]
+    c = tracking.client(mlflow_store)
+    real, calls = c.create_run, []
+
+    def full_disk(*args, **kwargs):  # the parent, the first child, then the disk is full
+        calls.append(1)
+        if len(calls) > 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(c, "create_run", full_disk)
+    assert cli.main(argv) == faults.ExitCode.WORK_FAILED
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # Prefect's log lines (each one line) may come first
+    assert last.startswith("lrpipe sweep: failed during the work: OperationalError: database "
+                           "or disk is full") and "run the same command again" in last
+    assert "Traceback" not in err and all(len(line) < 400 for line in err.splitlines())
+    monkeypatch.setattr(c, "create_run", real)
+    exp = c.get_experiment_by_name(experiment).experiment_id
+
+    def statuses():
+        runs = c.search_runs([exp], run_view_type=3)
+        parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+        kids = sorted(r.info.status for r in runs if tracking.PARENT_TAG in r.data.tags)
+        return [(p.info.run_id, p.info.status) for p in parents], kids
+
+    parents, kids = statuses()
+    assert [s for _, s in parents] == ["FAILED"] and kids == ["FINISHED"]
+    assert cli.main(argv) == 0
+    assert "resuming" in capsys.readouterr().out
+    again, kids = statuses()
+    assert again == [(parents[0][0], "FINISHED")] and kids == ["FINISHED", "FINISHED"]
