@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from lrpipe.engine.config import TrainConfig, flatten
 from lrpipe.engine.loop import Stopped, stop_requested
-from lrpipe.tracking import end_run, start_run
+from lrpipe.tracking import end_run, set_tags, start_run
 
 
 @contextmanager
@@ -30,10 +30,23 @@ def ending(run_id: str, uri: str | None = None) -> Iterator[str]:
     except (Stopped, KeyboardInterrupt):
         _end_open(run_id, "KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        if not stop_requested():
+            _note_failure(run_id, exc)
         _end_open(run_id, "KILLED" if stop_requested() else "FAILED")
         raise
     _end_open(run_id, "FINISHED")
+
+
+FAILURE_TAG = "lrpipe.failure"  # on a FAILED run: the error that ended it, in one line
+
+
+def _note_failure(run_id: str, exc: BaseException) -> None:
+    """Tag ``run_id`` with why it failed; a store that is itself what failed is let be."""
+    try:
+        set_tags(run_id, {FAILURE_TAG: f"{type(exc).__name__}: {exc}"[:500]}, uri=_OPEN.get(run_id))
+    except Exception:  # noqa: BLE001 - the reason is a courtesy; ending the run is not
+        pass
 
 
 # Runs this process has open through ``ending``: run id -> store. A command that gives up

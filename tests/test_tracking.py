@@ -113,3 +113,19 @@ def test_experiment_ids_are_looked_up_once_per_store(mlflow_store, monkeypatch):
                         lambda *a: lookups.append(a) or "other")
     assert tracking.experiment_id("looked-up-once") == first and not lookups
     assert tracking.experiment_id("looked-up-once", "sqlite:///elsewhere.db") == "other"
+
+
+def test_a_run_that_fails_says_why(mlflow_store):
+    """Issue 25: a parent or child ended FAILED carries the error that ended it."""
+    from lrpipe import runs
+
+    run_id = tracking.start_run("failure-reason", "fails")
+    with pytest.raises(ValueError), runs.ending(run_id):
+        raise ValueError("the store went away")
+    run = tracking.client(mlflow_store).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[runs.FAILURE_TAG] == "ValueError: the store went away"
+    ok = tracking.start_run("failure-reason", "fine")
+    with runs.ending(ok):
+        pass
+    assert runs.FAILURE_TAG not in tracking.client(mlflow_store).get_run(ok).data.tags
