@@ -58,9 +58,9 @@ def test_a_bad_ui_setting_is_named(env, values, field):
 
 
 def test_run_url_and_report_images_follow_the_ui_port(mlflow_store, env):
+    env({"MLFLOW_TRACKING_URI": mlflow_store, "LRPIPE_UI_PORT": "5077"})  # env cleared it
     run = tracking.start_run("links", "parent")
     exp = tracking.experiment_id("links")
-    env({"MLFLOW_TRACKING_URI": mlflow_store, "LRPIPE_UI_PORT": "5077"})
     url = tracking.run_url(run, "links")
     assert url == (f"http://127.0.0.1:5077/#/experiments/{exp}/runs/{run}"
                    "?workflowType=machine_learning")
