@@ -398,8 +398,8 @@ split (data.subset), validation on the usual 10,000 held-out examples.
   lrpipe schedule --cron "0 */6 * * *"          # every six hours
   lrpipe schedule --interval 3600 --lrs 0.01,0.1,1 --epochs 3
   make schedule CRON="30 2 * * 1-5"             # weekdays at 02:30
-Runs until Ctrl-C (the schedule is paused on exit). Watch it in the Prefect UI of the server PREFECT_API_URL names (`make server`:
-http://127.0.0.1:4200, or the PORT= you gave it).
+Runs until Ctrl-C (the schedule is paused on exit). Watch it in the Prefect UI of the
+server PREFECT_API_URL names (`make server`: http://127.0.0.1:4200, or the PORT= you gave it).
 """, "flows.serve:run", "flows.serve:check", (
                     Option("--cron", str, "cron schedule (default '0 3 * * *': 03:00 daily)"),
                     Option("--interval", float, "seconds between runs, instead of --cron"),

@@ -213,10 +213,6 @@ def log_rprop(parent: str, history: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def seed_span(seeds: list[int]) -> str:
-    return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"{seeds[0]}"
-
-
 def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending,
                  workers: int) -> dict:
     """Collect the searches, train every entry at its rate (an optimizer's seeds batched
@@ -238,12 +234,12 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
     table = log_real(parent, searches, history)
     rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch",
                                                         n_train)) if rprop else pd.DataFrame())
+    seeds = real.compare_seeds(base, plan["seeds"])
     out = {"searches": searches, "real": table, "rprop": rprop_table,
            "real_versus": None if table.empty else real.best_against_runner_up(history, table),
            "data": (f"{base.data.dataset}, {n_train} training examples, {base.model.name}, "
-                    f"{base.epochs} epochs, seeds "
-                    f"{seed_span(real.compare_seeds(base, plan['seeds']))} "
-                    f"(out of sample: every rate was searched on seed {base.seed})")}
+                    f"{base.epochs} epochs, seeds {seeds[0]}-{seeds[-1]} (out of sample: "
+                    f"every rate was searched on seed {base.seed})")}
     if lbfgs is not None:
         out["full_batch"] = lbfgs.result()
         second.log_full_batch(parent, out["full_batch"])
