@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from flowrun import finished_parent, run_in_store
 
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
@@ -233,25 +234,14 @@ SMALL = dict(batch_sizes=[32, 64], optimizers=["sgd"], seeds=[0], epochs=1,
 
 @pytest.fixture(scope="module")
 def small_run(prefect_harness, _session_store):
-    import os
-
-    os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    from flows.commands import COMMANDS
-    run = COMMANDS["batch-size"].run
-
-    try:
-        return run(**SMALL, experiment="batch-size-test"), _session_store
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    return (run_in_store(_session_store, "batch-size", **SMALL, experiment="batch-size-test"),
+            _session_store)
 
 
 def test_flow_parent_children_figure_and_summary(small_run):
     result, uri = small_run
     c = tracking.client(uri)
-    parent = c.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED"
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent, children = finished_parent(c, result["parent_run_id"])
     got = sorted((int(r.data.params["batch_size"]), float(r.data.params["optim.lr"]))
                  for r in children)
     assert got == [(32, 0.025), (32, 0.1), (64, 0.0353553), (64, 0.141421)]

@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from flowrun import finished_parent, run_in_store
 
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
@@ -170,24 +171,14 @@ SMALL = dict(lr=0.1, seeds=[0, 1, 2], epochs=1, grid=[1.0, 3.0], overrides=OVERR
 
 @pytest.fixture(scope="module")
 def small_run(prefect_harness, _session_store):
-    import os
-
-    os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    from flows.commands import COMMANDS
-
-    try:
-        return COMMANDS["dropout"].run(**SMALL, experiment="dropout-test"), _session_store
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    return (run_in_store(_session_store, "dropout", **SMALL, experiment="dropout-test"),
+            _session_store)
 
 
 def test_flow_parent_children_figure_and_report(small_run):
     result, uri = small_run
     c = tracking.client(uri)
-    parent = c.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED"
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent, children = finished_parent(c, result["parent_run_id"])
     got = sorted((float(r.data.params["model.dropout"]), float(r.data.params["optim.lr"]),
                   int(r.data.params["seed"])) for r in children)
     assert got == sorted((p, lr, s) for p in (0.0, 0.5) for lr in (0.1, 0.3) for s in (0, 1, 2))

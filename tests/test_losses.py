@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+from flowrun import finished_parent, run_in_store
 
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError
@@ -103,24 +104,13 @@ SMALL = dict(subset=300, search_seeds=[0], range_steps=5, regret_epochs=1, grid_
 
 @pytest.fixture(scope="module")
 def small_run(prefect_harness, _session_store):
-    import os
-
-    os.environ["MLFLOW_TRACKING_URI"] = _session_store
-    from flows.commands import COMMANDS
-
-    try:
-        return COMMANDS["losses"].run(**SMALL, experiment="losses-test"), _session_store
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    return run_in_store(_session_store, "losses", **SMALL, experiment="losses-test"), _session_store
 
 
 def test_flow_two_searches_then_children_figure_and_report(small_run):
     result, uri = small_run
     c = tracking.client(uri)
-    parent = c.get_run(result["parent_run_id"])
-    assert parent.info.status == "FINISHED"
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent, children = finished_parent(c, result["parent_run_id"])
     got = sorted((r.data.params["loss"], float(r.data.params["optim.lr"]),
                   int(r.data.params["seed"])) for r in children)
     rates = result["rates"]
