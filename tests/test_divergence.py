@@ -288,3 +288,4 @@ def test_the_step_log_is_logged_as_its_own_metric_at_the_global_step(mlflow_stor
     assert tracking.STEP_METRIC == "train_loss_step"
     assert sorted(m.step for m in history) == list(range(3, 7503, 3))
     assert {m.step: m.value for m in history}[300] == pytest.approx(1 / 300)
+    tracking.end_run(run)  # no test leaves a run RUNNING in the session's store
