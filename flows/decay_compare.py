@@ -55,16 +55,15 @@ from flows.schedule_preview import (
 from lrpipe import runs, tracking
 from lrpipe.engine.config import (
     LOSSES,
-    ConfigError,
     ScheduleConfig,
     TrainConfig,
-    check_number,
     from_dict,
     merge,
     to_dict,
 )
 from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
+from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import (
     check_fresh_seeds,
     confirmation_line,
@@ -81,16 +80,6 @@ DEFAULT_LOSSES = ("cross_entropy", "mse")
 # curvature units. Measured: MLP, SGD, plateau, lr=0.1, 20k Fashion-MNIST: mse diverged in
 # epoch 1 for all 3 seeds; at 0.025 and 0.05 it trained (val error 0.17 after 3 epochs).
 LOSS_LR_SCALE = {"cross_entropy": 1.0, "mse": 0.25}
-
-
-def check_seeds(seeds) -> tuple[int, ...]:
-    if isinstance(seeds, str) or not hasattr(seeds, "__iter__") or len(seeds) == 0:
-        raise ConfigError(f"seeds: got {seeds!r}; allowed: a non-empty list of integers >= 0")
-    for seed in seeds:
-        check_number("seeds", seed, low=0, integer=True)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: got {list(seeds)}; allowed: distinct integers >= 0")
-    return tuple(seeds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +106,7 @@ def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=Non
     """Validate every input (ConfigError naming the field) and size the budget."""
     base = base_config(epochs, overrides)
     selected = select_schedules(schedules, final_decay, base.epochs)
-    seeds = check_seeds(seeds)
+    seeds = check_seed_list("seeds", seeds)
     confirm_seeds = check_fresh_seeds(confirm_seeds, seeds)
     losses = tuple(check_names("losses", losses, LOSSES))
     rate, source = resolve_lr(lr, base, overrides)

@@ -17,6 +17,7 @@ from flows import schedule_preview as sp
 from flows.commands import COMMANDS
 from lrpipe import tracking
 from lrpipe.engine.config import ConfigError, TrainConfig
+from lrpipe.experiments.bands import check_seed_list
 from lrpipe.search.plan import SEARCHED_TAG, describe_searched, searched_identity
 
 OVERRIDES = {"data": {"dataset": "digits", "val_size": 300}, "model": {"hidden": [32]},
@@ -57,8 +58,8 @@ def test_bad_names_and_seeds_name_the_field_and_the_allowed_values():
         dc.check_names("losses", ["hinge"], ("cross_entropy", "mse"))
     for bad in ([], [0, 0], [-1], [0.5], "0,1"):
         with pytest.raises(ConfigError, match="seeds"):
-            dc.check_seeds(bad)
-    assert dc.check_seeds([2, 0]) == (2, 0)
+            check_seed_list("seeds", bad)
+    assert check_seed_list("seeds", [2, 0]) == (2, 0)
     from flows.commands import parse_names, parse_seeds
 
     assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_names("a, b,") == ["a", "b"]

@@ -13,6 +13,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lrpipe.engine.config import ConfigError, check_number
+
+
+def check_seed_list(field: str, seeds) -> tuple[int, ...]:
+    """``seeds`` as a tuple of distinct integers >= 0, at least one, in the given order; else a
+    ConfigError naming ``field``. Each flow adds its own rules (which seeds it may not reuse)."""
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__") or len(seeds) == 0:
+        raise ConfigError(f"{field}: got {seeds!r}; allowed: a non-empty list of integers >= 0")
+    for seed in seeds:
+        check_number(field, seed, low=0, integer=True)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{field}: got {list(seeds)}; allowed: distinct integers >= 0")
+    return tuple(seeds)
+
 
 def band(values: Sequence[float]) -> tuple[float, float, float]:
     """(mean, min, max) of ``values``; a non-finite value makes all three infinite.

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lrpipe.engine.config import ConfigError, check_number
-from lrpipe.experiments.bands import band
+from lrpipe.engine.config import ConfigError
+from lrpipe.experiments.bands import band, check_seed_list
 
 VERDICTS = ("confirmed", "tie", "not confirmed")
 SUMMARY_COLUMNS = ("arm", "role", "n", "mean", "lo", "hi", "spread", "diverged")
@@ -37,11 +37,10 @@ def check_fresh_seeds(seeds: Sequence[int], used: Sequence[int], field: str = "c
     if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
         raise ConfigError(f"{field}: got {seeds!r}; allowed: a list of integers >= 0, none of "
                           f"{sorted(set(used))} (the seeds the choice was made on), or empty")
-    seeds = tuple(seeds)
-    for s in seeds:
-        check_number(field, s, low=0, integer=True)
-    overlap = sorted(set(seeds) & set(used))
-    if overlap or len(set(seeds)) != len(seeds):
+    if not len(seeds):
+        return ()
+    seeds = check_seed_list(field, seeds)
+    if set(seeds) & set(used):
         raise ConfigError(f"{field}: got {list(seeds)}; allowed: distinct integers >= 0, none of "
                           f"{sorted(set(used))} (the seeds the choice was made on)")
     if len(seeds) == 1:

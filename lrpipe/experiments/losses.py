@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lrpipe.engine.config import LOSSES, ConfigError, TrainConfig, check_number, merge
-from lrpipe.experiments.bands import band_text, compare_over_seeds
+from lrpipe.experiments.bands import band_text, check_seed_list, compare_over_seeds
 from lrpipe.experiments.decay import require_columns
 
 DEFAULT_SEEDS = (10, 11, 12)  # comparison seeds: fresh, none of the search's (0, 1, 2)
@@ -44,14 +44,7 @@ class LossPlan:
     used_seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        seeds = self.seeds
-        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__") or not seeds:
-            raise ConfigError(f"seeds: got {seeds!r}; allowed: a non-empty list of integers "
-                              ">= 0")
-        for s in seeds:
-            check_number("seeds", s, low=0, integer=True)
-        if len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds: got {list(seeds)}; allowed: distinct integers >= 0")
+        seeds = check_seed_list("seeds", self.seeds)
         reused = sorted(set(seeds) & set(self.used_seeds))
         if reused:
             raise ConfigError(f"seeds: got {list(seeds)}; allowed: seeds the search did not use "

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lrpipe.engine.config import ConfigError, TrainConfig, check_number, merge
+from lrpipe.engine.config import TrainConfig, check_number, merge
+from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds
 from lrpipe.search.choose import RTOL, candidate_grid, candidate_rates, cross_check, log_median_band
 from lrpipe.search.rangetest import suggest_band
@@ -48,13 +49,7 @@ def search_configs(overrides: Mapping | None, subset: int,
 
 def check_search(seeds, range_steps, grid_span) -> list[int]:
     """The seeds as a list; bad values are a ConfigError naming the setting."""
-    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__") or len(seeds) == 0:
-        raise ConfigError(f"seeds: got {seeds!r}; allowed: a non-empty list of integers >= 0 "
-                          "(3 or more for a band)")
-    for s in seeds:
-        check_number("seeds", s, low=0, integer=True)
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds: got {list(seeds)}; allowed: distinct seeds")
+    seeds = check_seed_list("seeds", seeds)
     check_number("range_steps", range_steps, low=5, integer=True)
     check_number("grid_span", grid_span, low=0.0)
     return list(seeds)
