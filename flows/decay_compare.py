@@ -38,7 +38,7 @@ from flows.decay_results import (
     versus_constant,
 )
 from flows.harness import flow_parent
-from flows.report import publish_flow_report
+from flows.report import log_confirmation, publish_flow_report
 from flows.schedule_preview import (
     DEFAULT_EPOCHS,
     DEFAULT_FINAL_DECAY,
@@ -64,12 +64,7 @@ from lrpipe.engine.config import (
 from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
 from lrpipe.experiments.bands import check_seed_list
-from lrpipe.experiments.confirm import (
-    check_fresh_seeds,
-    confirmation_line,
-    summarize_arms,
-    verdict,
-)
+from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.plots import decay as decay_plots
 from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS, searched_identity
 
@@ -309,17 +304,10 @@ def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment
     last = decay.final_rows(history)
     finished = (last["epoch"] >= plan.base.epochs) & np.isfinite(last["val_loss"].astype(float))
     last = last.assign(arm=last["schedule"], status=np.where(finished, "ok", "diverged"))
-    summary = summarize_arms(last, "val_loss", best, rival)
-    result = verdict(summary)
-    line = confirmation_line(summary, result, f"The best schedule against the runner-up "
-                             f"({plan.base.epochs} epochs)", plan.confirm_seeds,
-                             "final validation loss")
-    tracking.log_table(parent, summary, "confirm.csv")
-    tracking.set_tags(parent, {"confirm_verdict": result["verdict"], "confirm_rival": rival})
-    return {"rival": rival, "seeds": list(plan.confirm_seeds), "line": line,
-            **{k: result[k] for k in ("verdict", "margin", "band", "text")},
-            "best_mean": float(summary["mean"].iloc[0]), "best_lo": float(summary["lo"].iloc[0]),
-            "best_hi": float(summary["hi"].iloc[0])}
+    record = confirm(last, "val_loss", best, rival, seeds=plan.confirm_seeds,
+                     what=f"The best schedule against the runner-up ({plan.base.epochs} epochs)",
+                     metric="final validation loss")
+    return log_confirmation(parent, record, rival, "best")
 
 
 def rate_set_by(plan: DecayPlan, name: str) -> str:

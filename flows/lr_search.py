@@ -31,16 +31,11 @@ from prefect import flow
 from flows.batched import train_planned
 from flows.common import check_runner, parallel_tasks, set_torch_threads, task_resources
 from flows.harness import flow_parent
-from flows.report import publish_flow_report, where_to_click
+from flows.report import log_confirmation, publish_flow_report, where_to_click
 from flows.search_tasks import explore_subset
 from lrpipe import runs, tracking
 from lrpipe.engine.config import TrainConfig, to_dict
-from lrpipe.experiments.confirm import (
-    check_fresh_seeds,
-    confirmation_line,
-    summarize_arms,
-    verdict,
-)
+from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
 from lrpipe.report import final_metrics
 from lrpipe.search.choose import chosen_band, decide_rate, neighbour_rates, regret_table
@@ -133,22 +128,15 @@ def confirm_choice(base: TrainConfig, grid: pd.DataFrame, lr: float, seeds: Sequ
     table = final_metrics(pd.DataFrame(results))
     table["arm"] = [c.optim.lr for c in cfgs]
     table["seed"] = [c.seed for c in cfgs]
-    summary = summarize_arms(table, "val_loss", lr, rival)
-    result = verdict(summary)
-    line = confirmation_line(summary.assign(arm=[f"lr {lr:.3g}", f"lr {rival:.3g}"]), result,
-                             f"The chosen rate against the closest rival ({base.epochs} epochs)",
-                             seeds, "validation loss")
-    tracking.log_table(parent, summary, "confirm.csv")
-    chosen = summary.iloc[0]
-    tracking.log_metrics(parent, {k: float(v) for k, v in {
-        "confirmed_val_loss": chosen["mean"], "confirmed_val_loss_lo": chosen["lo"],
-        "confirmed_val_loss_hi": chosen["hi"], "confirm_margin": result["margin"]}.items()
-        if math.isfinite(float(v))}, step=0)
-    tracking.set_tags(parent, {"confirm_verdict": result["verdict"],
-                               "confirm_rival": f"{rival:.4g}"})
-    return {"rival": rival, "seeds": list(seeds), **result, "line": line,
-            "chosen_mean": float(chosen["mean"]), "chosen_lo": float(chosen["lo"]),
-            "chosen_hi": float(chosen["hi"]), "summary": summary}
+    record = confirm(table, "val_loss", lr, rival, seeds=seeds, metric="validation loss",
+                     what=f"The chosen rate against the closest rival ({base.epochs} epochs)",
+                     names=[f"lr {lr:.3g}", f"lr {rival:.3g}"])
+    tracking.log_metrics(parent, {k: v for k, v in {
+        "confirmed_val_loss": record["mean"], "confirmed_val_loss_lo": record["lo"],
+        "confirmed_val_loss_hi": record["hi"], "confirm_margin": record["margin"]}.items()
+        if math.isfinite(v)}, step=0)
+    return {**log_confirmation(parent, record, rival, "chosen", f"{rival:.4g}"),
+            "summary": record["summary"]}
 
 
 @flow(name="lr-search")

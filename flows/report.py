@@ -81,3 +81,17 @@ def where_to_click(parent_run_id: str, experiment: str, uri: str | None = None) 
     url = tracking.run_url(parent_run_id, experiment, uri=uri)
     return (f"MLflow: {url}  (start the UI with `make ui`)\n"
             f"Report: {url.split('?')[0]}/artifacts/{REPORT_PATH}?workflowType=machine_learning")
+
+
+def log_confirmation(parent_run_id: str, record: dict, rival, role: str,
+                     rival_tag: str | None = None) -> dict:
+    """A confirmation (``lrpipe.experiments.confirm.confirm``) on its flow's parent run: the
+    table ``confirm.csv`` and the tags ``confirm_verdict`` and ``confirm_rival``. Returns what
+    the flow returns of it: rival, seeds, verdict, margin, band, text, line and the chosen
+    arm's figure as ``<role>_mean``, ``<role>_lo``, ``<role>_hi``."""
+    tracking.log_table(parent_run_id, record["summary"], "confirm.csv")
+    tracking.set_tags(parent_run_id, {"confirm_verdict": record["verdict"],
+                                      "confirm_rival": rival_tag or str(rival)})
+    return {"rival": rival, **{k: record[k] for k in ("seeds", "verdict", "margin", "band",
+                                                      "text", "line")},
+            **{f"{role}_{k}": record[k] for k in ("mean", "lo", "hi")}}

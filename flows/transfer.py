@@ -33,7 +33,7 @@ from flows.common import (
     set_torch_threads,
 )
 from flows.harness import flow_parent
-from flows.report import publish_flow_report
+from flows.report import log_confirmation, publish_flow_report
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine import checkpoint
@@ -41,12 +41,7 @@ from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_nu
 from lrpipe.engine.models import HEAD, build_model
 from lrpipe.engine.optim import param_groups
 from lrpipe.engine.train import TrainResult, resolve_device, train
-from lrpipe.experiments.confirm import (
-    check_fresh_seeds,
-    confirmation_line,
-    summarize_arms,
-    verdict,
-)
+from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.experiments.transfer import (
     STRATEGIES,
     TransferConfig,
@@ -419,16 +414,10 @@ def confirm_best(tc: TransferConfig, summary: pd.DataFrame, mult, seeds, model_u
     strategy_df, _ = result_frames(collect(futures, "transfer-confirm", describe_result))
     last = final_rows(strategy_df, ["strategy"])
     last = last.assign(arm=last["strategy"])
-    table = summarize_arms(last, "val_error", best, rival)
-    result = verdict(table)
-    line = confirmation_line(table, result, "The best strategy against the runner-up", seeds,
-                             "final target validation error")
-    tracking.log_table(parent, table, "confirm.csv")
-    tracking.set_tags(parent, {"confirm_verdict": result["verdict"], "confirm_rival": rival})
-    return {"rival": rival, "seeds": list(seeds), "line": line,
-            **{k: result[k] for k in ("verdict", "margin", "band", "text")},
-            "best_mean": float(table["mean"].iloc[0]), "best_lo": float(table["lo"].iloc[0]),
-            "best_hi": float(table["hi"].iloc[0])}
+    record = confirm(last, "val_error", best, rival, seeds=seeds,
+                     what="The best strategy against the runner-up",
+                     metric="final target validation error")
+    return log_confirmation(parent, record, rival, "best")
 
 
 def check(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,

@@ -118,3 +118,17 @@ def confirmation_line(summary: pd.DataFrame, result: dict, what: str, seeds: Seq
 
     return (f"{what}, out of sample (fresh seeds {', '.join(map(str, seeds))}, {metric}, mean "
             f"[min..max]): {fig(chosen)} against {fig(rival)}: {result['text']}")
+
+
+def confirm(runs: pd.DataFrame, value: str, chosen, rival, *, what: str, seeds: Sequence[int],
+            metric: str, names: Sequence[str] | None = None) -> dict:
+    """``summarize_arms``, ``verdict`` and ``confirmation_line`` in one record: summary (the
+    table), seeds, verdict, margin, band, text, line (arms shown as ``names`` when given) and
+    the chosen arm's mean, lo and hi."""
+    summary = summarize_arms(runs, value, chosen, rival)
+    result = verdict(summary)
+    shown = summary if names is None else summary.assign(arm=list(names))
+    head = summary.iloc[0]
+    return {"summary": summary, "seeds": list(seeds), **result,
+            "line": confirmation_line(shown, result, what, seeds, metric),
+            "mean": float(head["mean"]), "lo": float(head["lo"]), "hi": float(head["hi"])}
