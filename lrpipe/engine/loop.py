@@ -174,6 +174,52 @@ def _rows(members, train_eval: Split, val: Split, epoch: int, lrs: list[float],
             for m in range(members.k)]
 
 
+class _Alive:
+    """Which members still train, and the step at which each stopped (-1: not stopped).
+
+    A batch loss that is not finite, or above the member's ``threshold`` (compared in the
+    loss's dtype), stops the member. On the CPU ``check`` reads the K losses back once (one
+    ``tolist``) and compares them in Python: the seven small tensor ops of the device check
+    cost ~20 us a step there, a tenth of a small model's step. On a GPU the check stays on the
+    device (a read-back would sync it every step) and ``any_left`` is asked every 25 steps.
+    """
+
+    def __init__(self, k: int, device: torch.device, threshold: torch.Tensor) -> None:
+        self.mask = torch.ones(k, dtype=torch.bool, device=device)
+        self.died_at = torch.full((k,), -1, dtype=torch.long, device=device)
+        self.threshold, self.on_cpu = threshold, device.type == "cpu"
+        self.every = 1 if self.on_cpu else 25
+        self.live = list(range(k))
+        self.limits: dict[torch.dtype, list[float]] = {}
+
+    def check(self, losses: torch.Tensor, t: int) -> None:
+        """Stop the members whose loss at global step ``t`` (0-based) breaks the rule."""
+        if not self.on_cpu:
+            ok = torch.isfinite(losses) & (losses <= self.threshold.to(losses.dtype))
+            self.died_at = torch.where(self.mask & ~ok, t, self.died_at)
+            self.mask &= ok
+            return
+        if losses.dtype not in self.limits:  # the threshold as the device compares it
+            self.limits[losses.dtype] = self.threshold.to(losses.dtype).tolist()
+        limits, values = self.limits[losses.dtype], losses.tolist()
+        dead = [m for m in self.live if not (math.isfinite(values[m]) and values[m] <= limits[m])]
+        if dead:
+            self.mask[dead] = False
+            self.died_at[dead] = t
+            self.live = [m for m in self.live if m not in dead]
+
+    def stop(self, m: int) -> None:
+        """Member ``m`` stops after an epoch's evaluation (its step is the caller's)."""
+        self.mask[m] = False
+        self.live = [i for i in self.live if i != m]
+
+    def any_left(self, t: int) -> bool:
+        """Whether a member still trains; on a GPU True between checks (every 25 steps)."""
+        if self.on_cpu:
+            return bool(self.live)
+        return t % self.every != 0 or bool(self.mask.any())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -244,11 +290,9 @@ def fit(
     _emit(on_epoch, runs, first, [True] * k)
     initial = [r["train_loss"] for r in first] if loss == "cross_entropy" else \
         members.training_losses(train_eval, loss)
-    threshold = diverge_factor * torch.tensor(initial, dtype=torch.float64, device=device)
+    guard = _Alive(k, device, diverge_factor * torch.tensor(initial, dtype=torch.float64,
+                                                            device=device))
     eval_threshold = [diverge_factor * r["train_loss"] for r in first]
-    alive = torch.ones(k, dtype=torch.bool, device=device)
-    died_at = torch.full((k,), -1, dtype=torch.long, device=device)
-    check_every = 1 if device.type == "cpu" else 25  # asking the GPU syncs it
     t, elapsed = 0, 0.0
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
@@ -261,21 +305,20 @@ def fit(
                 trace.append(members.base_rates()[0])
             losses = members.losses(x, y, shared)
             # Non-finite always stops, even where a huge factor's threshold is inf in float32.
-            ok = torch.isfinite(losses) & (losses <= threshold.to(losses.dtype))
-            died_at = torch.where(alive & ~ok, t, died_at)
-            alive &= ok
+            guard.check(losses, t)
             t += 1
             if step_log is not None:
-                step_log.add(t, losses, alive)
-            if t % check_every == 0 and not bool(alive.any()):
+                step_log.add(t, losses, guard.mask)
+            if not guard.any_left(t):
                 break  # every member diverged: stop at once, that batch not applied
-            members.update(alive, i, None if table is None else table[:, t - 1])
+            members.update(guard.mask, i, None if table is None else table[:, t - 1])
         _sync(device)
         elapsed += time.perf_counter() - start
-        still = alive.tolist()
+        still = guard.mask.tolist()
+        died_at = guard.died_at.tolist()
         for m, run in enumerate(runs):
             if run.status == "ok" and not still[m]:
-                run.status, run.diverged_epoch, run.steps = "diverged", epoch, int(died_at[m]) + 1
+                run.status, run.diverged_epoch, run.steps = "diverged", epoch, died_at[m] + 1
         if not any(still):
             break
         rows = _rows(members, train_eval, val, epoch, lrs, elapsed,
@@ -284,7 +327,8 @@ def fit(
             if still[m] and not (row["train_loss"] <= eval_threshold[m]
                                  and math.isfinite(row["val_loss"])):
                 runs[m].status, runs[m].diverged_epoch, runs[m].steps = "diverged", epoch, t
-                alive[m], still[m] = False, False
+                guard.stop(m)
+                still[m] = False
         _emit(on_epoch, runs, rows, still)
         if not any(still):
             break
