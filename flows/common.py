@@ -257,9 +257,16 @@ def history_records(history: pd.DataFrame, **extra: Any) -> list[dict]:
 def epoch_printer(name: str, epochs: int):
     """An on_epoch hook printing one self-contained line per epoch (readable when interleaved)."""
 
+    import math
+
+    from lrpipe.progress import METER
+
     def show(row: dict) -> None:
+        ended = not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]))
+        left = METER.epoch(name, int(row["epoch"]), epochs, ended=ended)  # "" until timed
         print(f"  {name:<28} epoch {int(row['epoch']):>3}/{epochs}  train {row['train_loss']:.4f}"
-              f"  val {row['val_loss']:.4f}  val error {row['val_error']:.4f}", flush=True)
+              f"  val {row['val_loss']:.4f}  val error {row['val_error']:.4f}"
+              f"{'  ' + left if left else ''}", flush=True)
 
     return show
 
@@ -290,8 +297,12 @@ def collect(futures, label: str, describe=None) -> list:
     training end within a step; those not started are not waited for, and ``Stopped`` is
     raised once the others ended or ``STOP_GRACE_S`` passed.
     """
+    from lrpipe.progress import METER, stage_line
+
     futures = list(futures)
     total = len(futures)
+    METER.start_stage(label, total)
+    print(stage_line(label, total), flush=True)
     artifact = create_progress_artifact(0.0, key=f"{label}-progress",
                                         description=f"{label}: tasks finished")
     index = {f.task_run_id: i for i, f in enumerate(futures)}
@@ -307,7 +318,9 @@ def collect(futures, label: str, describe=None) -> list:
             if finished == total or time.monotonic() - updated >= PROGRESS_EVERY_S:
                 update_progress_artifact(artifact, 100.0 * finished / total)
                 updated = time.monotonic()
-            print(f"[{finished}/{total}] {label}: {note}", flush=True)
+            left = METER.task_done()  # ~N min left, once an epoch or a task is timed
+            print(f"[{finished}/{total}] {label}: {note}{f'  ({left})' if left else ''}",
+                  flush=True)
         if stop_requested():
             stop_deadline = stop_deadline or time.monotonic() + STOP_GRACE_S
             if time.monotonic() > stop_deadline or not done:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from flows.common import make_task_runner, shared_api
-from lrpipe import procs, resume, runs
+from lrpipe import procs, progress
+
+# Prefect, torch and MLflow (flows.common, lrpipe.resume, lrpipe.runs) are imported where they
+# are used: ``run_command`` says what will run before they load (seconds on a cold start).
 
 # Prefect tags carry key:value strings; these name the process running a flow run.
 PREFECT_TAG_KEYS = (procs.HOST_TAG, procs.PID_TAG, procs.PID_STARTED_TAG)
@@ -33,6 +36,8 @@ def identity(flow_name: str, work: Mapping[str, Any] | Sequence[str]) -> str:
         parts = [json.dumps(work, sort_keys=True, default=str, separators=(",", ":"))]
     else:
         parts = list(work)
+    from lrpipe import resume
+
     return resume.sweep_identity(flow_name, parts)
 
 
@@ -55,6 +60,8 @@ def parent_run(
     Yields:
         The parent run id.
     """
+    from lrpipe import resume, runs
+
     sweep_id = identity(flow_name, work)
     parent, resumed = resume.open_sweep(experiment, name, sweep_id, params=params, tags=tags,
                                         uri=uri)
@@ -114,6 +121,8 @@ def call_flow(flow_fn, **kwargs: Any) -> Any:
     tagged with this process, after marking the flow runs of dead processes CRASHED."""
     from prefect import tags
 
+    from flows.common import make_task_runner, shared_api
+
     runner = kwargs.get("runner", "threads")
     with shared_api(runner), tags(*writer_tags()):
         mark_dead_flow_runs()
@@ -166,14 +175,31 @@ def run_command(command, settings: Mapping[str, Any]) -> Any:
     ``check`` (its configs and plan), the tracking store, then the data, batch size and
     optimizer of every config (``preflight``). Then the flow runs on the chosen task runner
     (``call_flow``), or, for a ``direct`` command, its function is called.
+
+    The terminal hears at once what will run (``progress.start_line``, before Prefect, MLflow
+    and the flow load), then what was checked and where it records (``plan_line``), and at
+    the end the wall-clock time from the command's start (``progress.wall_line``).
     """
+    started = progress.command_start()
+    settings = {k: v for k, v in settings.items() if v is not None or k == "overrides"}
+    if not command.direct:  # a served schedule says what it serves itself
+        print(progress.start_line(command.name, command.flow.split(":")[-1], settings),
+              flush=True)
+    result, work_s = _checked_run(command, settings)
+    if not command.direct:
+        print(progress.wall_line(command.name, time.monotonic() - started, work_s), flush=True)
+    return result
+
+
+def _checked_run(command, settings: dict) -> tuple[Any, float]:
+    """``run_command``'s checks and run: (what the flow returned, seconds the flow took)."""
     import inspect
 
     from flows.common import check_runner, check_workers, preflight
     from lrpipe import faults, tracking
     from lrpipe.engine.config import ConfigError
 
-    settings = {k: v for k, v in settings.items() if v is not None or k == "overrides"}
+    settings = dict(settings)
     runner = settings.pop("runner", "threads")
     workers = settings.pop("workers", None)
     check_runner(runner)
@@ -191,9 +217,28 @@ def run_command(command, settings: Mapping[str, Any]) -> Any:
     kwargs, configs = check(**settings)
     if "experiment" in kwargs:
         faults.check_experiment_name(kwargs["experiment"])
+    fn = command.load("flow")
+    if not command.direct:
+        epochs = {c.epochs for c in configs}
+        print(progress.plan_line(command.name, len(configs),
+                                 epochs.pop() if len(epochs) == 1 else None,
+                                 tracking.tracking_uri(), experiment_of(fn, kwargs),
+                                 tracking.ui_url()), flush=True)
     preflight_services(runner, tracking.tracking_uri(), runs=len(configs) + 1)
     preflight(configs)
-    fn = command.load("flow")
+    begun = time.monotonic()
     if command.direct:
-        return fn(**kwargs, runner=runner, workers=workers)
-    return call_flow(fn, **kwargs, runner=runner, workers=workers)
+        return fn(**kwargs, runner=runner, workers=workers), time.monotonic() - begun
+    result = call_flow(fn, **kwargs, runner=runner, workers=workers)
+    return result, time.monotonic() - begun
+
+
+def experiment_of(flow, kwargs: Mapping[str, Any]) -> str | None:
+    """The MLflow experiment a flow records in: the ``experiment`` setting, else the flow's
+    default; None for a flow without one (the pipeline: one per stage)."""
+    import inspect
+
+    if kwargs.get("experiment"):
+        return str(kwargs["experiment"])
+    param = inspect.signature(getattr(flow, "fn", flow)).parameters.get("experiment")
+    return None if param is None or param.default is param.empty else str(param.default)
