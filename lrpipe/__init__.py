@@ -4,10 +4,40 @@ Subpackages by concept: ``engine`` (config, data, models, optimizers, schedules,
 training loop), ``search`` (range test, suggestion rules, halving, regret), ``experiments``
 (decay, transfer, optimizers, surfaces), ``plots`` (pure figures); and the tracking edge:
 ``tracking`` (the only module that imports mlflow), ``runs``, ``resume``, ``report``, ``procs``.
+
+The public API is imported on first use (PEP 562): importing a light module such as
+``lrpipe.engine.config`` (the ``lrpipe`` command's checks) does not pay for torch, pandas and
+matplotlib, which ``lrpipe.api`` pulls in.
 """
 
-from lrpipe.api.choose import ChooseLRResult, choose_lr
-from lrpipe.api.find import FindLRResult, find_lr
-from lrpipe.api.sweep import SweepResult, sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_PUBLIC = {
+    "find_lr": "lrpipe.api.find", "FindLRResult": "lrpipe.api.find",
+    "choose_lr": "lrpipe.api.choose", "ChooseLRResult": "lrpipe.api.choose",
+    "sweep": "lrpipe.api.sweep", "SweepResult": "lrpipe.api.sweep",
+}
 
 __all__ = ["find_lr", "FindLRResult", "choose_lr", "ChooseLRResult", "sweep", "SweepResult"]
+
+if TYPE_CHECKING:
+    from lrpipe.api.choose import ChooseLRResult, choose_lr
+    from lrpipe.api.find import FindLRResult, find_lr
+    from lrpipe.api.sweep import SweepResult, sweep
+
+
+def __getattr__(name: str):
+    """``lrpipe.find_lr`` and the rest of ``__all__``, imported when first asked for."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lrpipe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
