@@ -1,14 +1,22 @@
 """lrpipe's speed, side by side with what people usually write, in one run.
 
   (a) one train() run vs a minimal hand-written loop (same model, data, batch order)
-  (b) lrpipe's data path vs torchvision's DataLoader + ToTensor (MLP)
+  (b) lrpipe's data path vs DataLoader(TensorDataset) and a hand index gather (what a
+      competent user writes); the tutorial's DataLoader + ToTensor as a second row (MLP)
   (c) K=16 rates batched vs 16 sequential runs (softmax regression, MLP), with what the
       declared rule (batching=auto, lrpipe.engine.many.batching_rule) chooses next to the ratio
   (d) the default sweep with parallel thread tasks vs runner=serial; threads vs Dask processes
-  (e) lrpipe's range test vs torch-lr-finder (DataLoader-fed and fed lrpipe's batches)
+  (e) lrpipe's range test vs torch-lr-finder fed DataLoader(TensorDataset) (and ToTensor,
+      and lrpipe's own batches)
   (f) the share of the default sweep's wall time spent in Prefect and MLflow
   (g) with --pipeline: the whole `make sweep` (lrpipe pipeline), setup excluded
   (h) lrpipe.find_lr on a user's model vs torch-lr-finder (same DataLoader; given tensors)
+  (i) one epoch of the MLP through train() vs its GEMM floor (target within 2.2x)
+  (j) a small `lrpipe sweep` as a fresh process vs a script of hand loops, wall and CPU
+      seconds measured from outside (start-up and exit included)
+
+Every row states its physical floor: the GEMMs of lrpipe's side timed alone in the same run
+(bench/floor.py), and lrpipe's multiple of it.
 
 Every timing is the median of several rounds, the two sides alternating within a round; each
 row notes the 1-minute load average when it was measured (2.0 fills this 2-core machine).
@@ -37,7 +45,7 @@ from kit import MATMUL_SEEN, Row, load_average, matmul_ms, say
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
-CASES = "abcdefgh"
+CASES = "abcdefghij"
 PIPELINE_MARK = "<!-- pipeline -->"
 
 
@@ -46,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--only", default="abcdefh",
+    parser.add_argument("--only", default="abcdefhij",
                         help="cases to run, e.g. a,c,e (default: all but g; g needs --pipeline)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also (g): time `lrpipe pipeline` (takes minutes)")
@@ -104,7 +112,7 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     torch.set_num_threads(1)
     rows: list[Row] = []
     quick = args.quick
-    if args.only & set("abceh"):
+    if args.only & set("abcehi"):
         data = load_data(DataConfig(root="data"), "cpu")
         small = speed_cases.subset(data, 10_000 if quick else None)
     if "a" in args.only:
@@ -126,8 +134,14 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     if "h" in args.only:
         say("(h) find_lr vs torch-lr-finder ...")
         rows += api_cases.case_h(data, 30 if quick else 100, max(3, args.repeats))
-    if args.only & set("dfg"):
+    if "i" in args.only:
+        say("(i) one MLP epoch vs its GEMM floor ...")
+        rows += speed_cases.case_i(small, max(3, args.repeats))
+    if args.only & set("dfgj"):
         sweep_cases.warm_up(log)
+    if "j" in args.only:
+        say("(j) a small lrpipe sweep as a fresh process vs a hand-loop script ...")
+        rows.append(sweep_cases.case_j(log, max(2, args.sweep_repeats)))
     if args.only & set("df"):
         say(f"(d, f) the default sweep: threads, serial, dask, plain train() "
             f"({args.sweep_repeats} rounds) ...")
@@ -145,17 +159,21 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
 def table(rows: list[Row], kept: list[str] = ()) -> str:
     """The results table; ``kept``: rows (markdown lines) of earlier runs, placed by case."""
     lines = ["| case | comparison | lrpipe s | baseline s | result | target | met | "
-             "result in CPU s | load | notes |", "|---|---|---:|---:|---:|---|---|---:|---:|---|"]
+             "result in CPU s | floor s | lrpipe x floor | load | notes |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|"]
     body = []
     for r in rows:
         def sec(v):
             return "" if v is None else f"{v:.2f}"
 
         met = "" if r.met is None else ("yes" if r.met else "**no**")
-        cpu = "" if r.cpu_value is None else (
-            f"{r.cpu_value:.1f}%" if r.unit == "%" else f"{r.cpu_value:.2f}x")
+        cpu = "" if r.cpu_value is None else {
+            "%": f"{r.cpu_value:.1f}%", "s": f"{r.cpu_value:.1f} CPU s"}.get(
+                r.unit, f"{r.cpu_value:.2f}x")
+        multiple = r.floor_multiple()
         body.append(f"| {r.case} | {r.what} | {sec(r.lrpipe_s)} | {sec(r.baseline_s)} | "
-                    f"{r.value_text()} | {r.target} | {met} | {cpu} | {r.load:.1f} | "
+                    f"{r.value_text()} | {r.target} | {met} | {cpu} | {sec(r.floor_s)} | "
+                    f"{'' if multiple is None else f'{multiple:.2f}x'} | {r.load:.1f} | "
                     f"{r.note} |")
     # sorted() is stable: within a case, rows keep their order; case g stays on its own line.
     return "\n".join(lines + sorted([*body, *kept], key=lambda line: line[2]))
@@ -165,8 +183,10 @@ def previous_rows(path: Path, cases_run: set[str]) -> list[str]:
     """Table rows of an earlier results file for the cases this run skipped (not g)."""
     if not path.exists():
         return []
+    columns = table([]).splitlines()[0].count("|")  # rows of an older layout are dropped
     return [line for line in path.read_text().splitlines()
-            if re.match(r"\| [a-fh] \|", line) and line[2] not in cases_run]
+            if re.match(r"\| [a-fh-j] \|", line) and line[2] not in cases_run
+            and line.count("|") == columns]
 
 
 def previous_pipeline(path: Path) -> str | None:
@@ -216,7 +236,13 @@ def report(rows: list[Row], info: dict, args: argparse.Namespace, seconds: float
         "figures + non-training CPU seconds while training / tasks) / flow wall time; "
         "lrpipe s = the flow, baseline s = the flow less that overhead. The cross-check in "
         "the note: (flow - plain) / flow, plain = the same train() calls on the same threads "
-        "and the same figures.",
+        "and the same figures. (i) one epoch of the MLP: train() (whole call, and its "
+        "`time_s`) over the same work's GEMMs timed alone. (j) wall and CPU seconds of each "
+        "command as a child process (resource.getrusage(RUSAGE_CHILDREN) before and after). "
+        "Floor s: the GEMMs of lrpipe's side (per layer the forward addmm, the weight-gradient "
+        "mm and, past the first layer, the input-gradient mm, at the step's shapes; for "
+        "evaluation the forward addmm per 4096 rows) timed alone on one thread in the same run "
+        "(bench/floor.py); for data-only rows, copying the epoch's bytes as contiguous slices.",
         ""])
 
 

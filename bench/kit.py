@@ -89,22 +89,41 @@ class Row:
     note: str = ""
     load: float = field(default_factory=load_average)
     cpu_value: float | None = None  # the same ratio in process CPU seconds (load-robust)
+    # The physical floor of lrpipe's side: its GEMMs timed alone in the same run (floor.py).
+    floor_s: float | None = None
 
     def value_text(self) -> str:
-        return {"%": f"{self.value:.1f}%", "s": f"{self.value:.0f} s"}.get(
+        return {"%": f"{self.value:.1f}%", "s": f"{self.value:.1f} s"}.get(
             self.unit, f"{self.value:.2f}x")
+
+    def floor_multiple(self) -> float | None:
+        """lrpipe's seconds over its floor's (None without both)."""
+        if self.floor_s is None or self.lrpipe_s is None or self.floor_s <= 0:
+            return None
+        return self.lrpipe_s / self.floor_s
 
 
 def speedup_row(case: str, what: str, lrpipe_s: float, baseline_s: float,
                 target: float | None = None, note: str = "",
-                cpu: tuple[float, float] | None = None) -> Row:
+                cpu: tuple[float, float] | None = None, floor_s: float | None = None) -> Row:
     """A row whose value is baseline_s / lrpipe_s, met when it is >= ``target``; ``cpu``:
-    (lrpipe, baseline) process CPU seconds, for single-threaded cases on a loaded machine."""
+    (lrpipe, baseline) process CPU seconds, for single-threaded cases on a loaded machine;
+    ``floor_s``: the GEMMs of lrpipe's side timed alone (``floor.GemmFloor``)."""
     ratio = baseline_s / lrpipe_s
     return Row(case, what, lrpipe_s, baseline_s, ratio,
                target="" if target is None else f">= {target:g}x",
                met=None if target is None else ratio >= target, note=note,
-               cpu_value=None if cpu is None else cpu[1] / cpu[0])
+               cpu_value=None if cpu is None else cpu[1] / cpu[0], floor_s=floor_s)
+
+
+def floor_row(case: str, what: str, lrpipe_s: float, floor_s: float, target: float,
+              note: str = "", cpu: tuple[float, float] | None = None) -> Row:
+    """A row whose value is lrpipe_s / floor_s (lower is better), met when it is <= ``target``;
+    ``cpu``: (lrpipe, floor) CPU seconds, giving the same multiple in CPU time."""
+    multiple = lrpipe_s / floor_s
+    return Row(case, what, lrpipe_s, None, multiple, unit="x floor",
+               target=f"<= {target:g}x floor", met=multiple <= target, note=note,
+               cpu_value=None if cpu is None else cpu[0] / cpu[1], floor_s=floor_s)
 
 
 def cpu_pair(t: dict[str, float], ours: str, theirs: str) -> tuple[float, float]:

@@ -1,5 +1,6 @@
-"""Cases (a), (b), (c), (e): lrpipe's training loop, data path, batched rates and range test
-against plain PyTorch, torchvision's DataLoader and torch-lr-finder, on one torch thread."""
+"""Cases (a), (b), (c), (e), (i): lrpipe's training loop, data path, batched rates and range
+test against plain PyTorch, a TensorDataset DataLoader (and torchvision's ToTensor one) and
+torch-lr-finder, and one epoch against its GEMM floor (``floor.GemmFloor``), on one thread."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kit import Row, cpu_pair, interleaved, interleaved_samples, medians, say, speedup_row
+from floor import DIMS, GemmFloor, evaluated_examples, floor_of, step_equivalents
+from kit import (
+    Row,
+    cpu_pair,
+    floor_row,
+    interleaved,
+    interleaved_samples,
+    medians,
+    say,
+    speedup_row,
+)
 
 from lrpipe.engine.batched import train_batched
 from lrpipe.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -59,7 +70,8 @@ def hand_loop(cfg: TrainConfig, data: Dataset, evaluate: bool) -> dict:
             opt.step()
         train_s += time.perf_counter() - start
         _hand_eval(model, splits)
-    return {"train": train_s, "weights": [p.detach().clone() for p in model.parameters()]}
+    return {"train": train_s, "weights": [p.detach().clone() for p in model.parameters()],
+            "model": model}
 
 
 @torch.no_grad()
@@ -83,13 +95,18 @@ def case_a(data: Dataset, epochs: int, repeats: int) -> list[Row]:
 
     def hand() -> dict:
         got = hand_loop(cfg, data, evaluate=False)
-        out["hand"] = got.pop("weights")
-        return got
+        out["hand"] = got["weights"]
+        return {"train": got["train"]}
 
     def hand_eval() -> dict:
         return {"train": hand_loop(cfg, data, evaluate=True)["train"]}
 
-    t = interleaved({"ours": ours, "hand": hand, "hand_eval": hand_eval}, repeats)
+    gemms = GemmFloor(DIMS["mlp"], cfg.batch_size)
+    t = interleaved({"ours": ours, "hand": hand, "hand_eval": hand_eval,
+                     "floor": gemms.sample}, repeats)
+    steps = epochs * step_equivalents(len(data.train), cfg.batch_size)
+    train_floor = GemmFloor.seconds(floor_of(t), steps)
+    whole_floor = GemmFloor.seconds(floor_of(t), steps, _evaluated(data, cfg, epochs + 1))
     same = max(float((a - b).abs().max()) for a, b in zip(out["ours"], out["hand"], strict=True))
     what = f"MLP, {epochs} epochs x {len(data.train)} examples, batch {cfg.batch_size}"
     return [
@@ -97,11 +114,18 @@ def case_a(data: Dataset, epochs: int, repeats: int) -> list[Row]:
                     t["hand_eval.train"], 0.9, f"evaluation excluded from both timings (both "
                     f"evaluate in between, as train() does); without evaluation the hand loop "
                     f"trains in {t['hand.train']:.2f} s; final weights max abs diff {same:.1e} "
-                    "(same batches, same updates)"),
+                    "(same batches, same updates); floor: the training steps' GEMMs",
+                    floor_s=train_floor),
         speedup_row("a", "train() vs hand loop + the same evaluation, whole call", t["ours"],
                     t["hand_eval"], 0.9, "both evaluate 10k train + 10k val before training "
-                    "and after each epoch", cpu_pair(t, "ours", "hand_eval")),
+                    "and after each epoch; floor: training and evaluation GEMMs",
+                    cpu_pair(t, "ours", "hand_eval"), whole_floor),
     ]
+
+
+def _evaluated(data: Dataset, cfg: TrainConfig, evaluations: int) -> int:
+    """Examples train() evaluates in ``evaluations`` evaluations (val + its training subset)."""
+    return evaluated_examples(len(data.val), len(eval_train_split(data, cfg)), evaluations)
 
 
 # (b) lrpipe's data path against torchvision's DataLoader + ToTensor ------------------------
@@ -114,41 +138,64 @@ def _mlp_step(model, opt, x, y) -> None:
 
 
 def case_b(data: Dataset, root: str, repeats: int) -> list[Row]:
+    """lrpipe's data path against what a competent user writes (a ``TensorDataset`` in a
+    shuffling ``DataLoader``; a hand index gather), and the tutorial's ``ToTensor`` loader."""
     import torchvision
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader, Subset, TensorDataset
 
-    n = len(data.train)
+    n, (x, y) = len(data.train), (data.train.x, data.train.y)
     images = torchvision.datasets.FashionMNIST(root, train=True, download=False,
                                                transform=torchvision.transforms.ToTensor())
     images = Subset(images, range(n))  # as many examples as lrpipe's training split
+    tensors = TensorDataset(x, y)
     cfg = TrainConfig(device="cpu")
 
     def run(batches, learn: bool) -> None:
         model = make_model(cfg.model, data.input_shape, 10, 0, "cpu")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for x, y in batches:
+        for xb, yb in batches:
             if learn:
-                _mlp_step(model, opt, x, y)
+                _mlp_step(model, opt, xb, yb)
 
-    def loader():
-        return DataLoader(images, batch_size=128, shuffle=True, num_workers=0)
+    def hand(select: bool = False):  # what a user writes over tensors held in memory
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        for i in range(0, n, 128):
+            idx = perm[i:i + 128]
+            yield (x.index_select(0, idx), y.index_select(0, idx)) if select else (x[idx], y[idx])
 
-    def ours():
-        return iterate_batches(data.train, 128, torch.Generator().manual_seed(0))
+    def copies():  # the memory floor of the data: contiguous slices copied, no gather
+        for i in range(0, n, 128):
+            yield x[i:i + 128].clone(), y[i:i + 128].clone()
 
-    t = interleaved({"ours": lambda: run(ours(), True), "tv": lambda: run(loader(), True),
-                     "ours_data": lambda: run(ours(), False),
-                     "tv_data": lambda: run(loader(), False)}, repeats)
+    sources = {"ours": lambda: iterate_batches(data.train, 128, torch.Generator().manual_seed(0)),
+               "td": lambda: DataLoader(tensors, batch_size=128, shuffle=True),
+               "hand": hand, "tv": lambda: DataLoader(images, batch_size=128, shuffle=True)}
+    sides = {name: (lambda f=f: run(f(), True)) for name, f in sources.items()}
+    sides |= {f"{name}_data": (lambda f=f: run(f(), False)) for name, f in sources.items()}
+    sides |= {"select_data": lambda: run(hand(True), False), "copy": lambda: run(copies(), False),
+              "floor": GemmFloor(DIMS["mlp"]).sample}
+    t = interleaved(sides, repeats)
+    floor = GemmFloor.seconds(floor_of(t), step_equivalents(n, 128))
     what = f"one MLP epoch of {n} examples, batch 128"
+    user = "DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True), num_workers=0"
     return [
-        speedup_row("b", f"lrpipe data path vs DataLoader + ToTensor ({what})", t["ours"],
-                    t["tv"], 8.0, "num_workers=0 (two busy cores leave none for workers); "
-                    f"even at zero data cost lrpipe could reach only "
-                    f"{t['tv'] / (t['ours'] - t['ours_data']):.1f}x: the step itself is the floor",
-                    cpu_pair(t, "ours", "tv")),
-        speedup_row("b", "the same, data only (no training step)", t["ours_data"], t["tv_data"],
-                    note="index gather of a held tensor vs per-image PIL -> ToTensor + collate",
-                    cpu=cpu_pair(t, "ours_data", "tv_data")),
+        speedup_row("b", f"lrpipe data path vs {user} ({what})", t["ours"], t["td"], 1.2,
+                    "what a user who converts the images to tensors once writes; floor: the "
+                    "steps' GEMMs", cpu_pair(t, "ours", "td"), floor),
+        speedup_row("b", "the same vs a hand index gather (x[perm[i:i+128]])", t["ours"],
+                    t["hand"], note="the same gather as lrpipe's; floor: the steps' GEMMs",
+                    cpu=cpu_pair(t, "ours", "hand"), floor_s=floor),
+        speedup_row("b", "the same vs the tutorial's DataLoader + ToTensor over PIL images",
+                    t["ours"], t["tv"], note="num_workers=0 (two busy cores leave none)",
+                    cpu=cpu_pair(t, "ours", "tv"), floor_s=floor),
+        speedup_row("b", f"data only (no step): lrpipe vs {user}", t["ours_data"],
+                    t["td_data"], note="per-index __getitem__ + collate vs one gather; floor: "
+                    "copying the epoch's bytes as contiguous slices",
+                    cpu=cpu_pair(t, "ours_data", "td_data"), floor_s=t["copy"]),
+        speedup_row("b", "data only: lrpipe vs a hand index gather", t["ours_data"],
+                    t["hand_data"], note=f"x.index_select(0, idx) instead of x[idx]: "
+                    f"{t['select_data']:.2f} s (lrpipe.engine.data gathers with x[idx])",
+                    cpu=cpu_pair(t, "ours_data", "hand_data"), floor_s=t["copy"]),
     ]
 
 
@@ -171,7 +218,10 @@ def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
         def batched(cfgs=cfgs, d=d, acc=bat_train) -> None:
             acc.append(float(train_batched(cfgs, d)[0].history["time_s"].iloc[-1]))
 
-        t = interleaved({"seq": sequential, "bat": batched}, repeats)
+        t = interleaved({"seq": sequential, "bat": batched,
+                         "floor": GemmFloor(DIMS[model]).sample}, repeats)
+        floor = GemmFloor.seconds(floor_of(t), step_equivalents(len(d.train), 128),
+                                  _evaluated(d, base, 2), members=k)
         chosen = trains_batched(cfgs)
         ratio = t["seq"] / t["bat"]
         verdict = ("batched and faster" if chosen and ratio > 1 else
@@ -182,8 +232,8 @@ def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
             f"{len(d.train)}", t["bat"], t["seq"], target,
             f"whole runs incl. evaluation; training only "
             f"{np.median(seq_train) / np.median(bat_train):.2f}x; "
-            f"batching=auto on {base.device} chooses: {verdict}",
-            cpu_pair(t, "bat", "seq")))
+            f"batching=auto on {base.device} chooses: {verdict}; floor: {k} members' "
+            "training and evaluation GEMMs", cpu_pair(t, "bat", "seq"), floor))
         rows[-1].met = (rows[-1].met if target else True) and verdict != "BATCHED BUT SLOWER"
     return rows
 
@@ -193,7 +243,7 @@ def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
 def case_e(data: Dataset, root: str, steps: int, repeats: int,
            memory_repeats: int) -> list[Row]:
     import torchvision
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, TensorDataset
     from torch_lr_finder import LRFinder
 
     cfg = TrainConfig(device="cpu", optim=OptimConfig(name="sgd", lr=1e-4))
@@ -223,10 +273,15 @@ def case_e(data: Dataset, root: str, steps: int, repeats: int,
         batches = list(itertools.islice(iterate_batches(data.train, 128, gen), steps))
         return DataLoader(batches, batch_size=None)
 
+    tensors = TensorDataset(data.train.x, data.train.y)
     t = interleaved({
         "ours": ours,
+        "td": lambda: finder(lambda: DataLoader(tensors, batch_size=128, shuffle=True), "td"),
         "loader": lambda: finder(lambda: DataLoader(images, batch_size=128, shuffle=True),
-                                 "loader")}, repeats)
+                                 "loader"),
+        "floor": GemmFloor(DIMS["mlp"]).sample}, repeats)
+    floor = GemmFloor.seconds(floor_of(t), steps)
+    soft_floor = GemmFloor.seconds(GemmFloor(DIMS["softmax"]).sample(), steps)
     # Against in-memory batches the two differ by per-step bookkeeping only (~0.1-0.2 ms of a
     # 2-4 ms step), so a few 0.3 s rounds cannot tell them apart on a shared machine: many
     # short rounds, medians and the round-by-round ratios.
@@ -248,14 +303,50 @@ def case_e(data: Dataset, root: str, steps: int, repeats: int,
         say(f"  (e) warning: step counts differ: {counts}")
     what = f"MLP, {steps} steps, batch 128, lr {lo:g}..{hi:g}"
     return [
-        speedup_row("e", f"range test vs LRFinder fed by DataLoader + ToTensor ({what})",
-                    t["ours"], t["loader"], 4.0, "both snapshot and restore the model",
-                    cpu_pair(t, "ours", "loader")),
+        speedup_row("e", f"range test (lrpipe's in-memory data) vs LRFinder fed "
+                    f"DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True) ({what})",
+                    t["ours"], t["td"], 1.3, "what a competent user feeds LRFinder; both "
+                    "snapshot and restore the model; floor: the steps' GEMMs",
+                    cpu_pair(t, "ours", "td"), floor),
+        speedup_row("e", "the same vs LRFinder fed the tutorial's DataLoader + ToTensor",
+                    t["ours"], t["loader"], note="PIL images decoded per example",
+                    cpu=cpu_pair(t, "ours", "loader"), floor_s=floor),
         speedup_row("e", "range test vs LRFinder fed lrpipe's in-memory batches", m["ours"],
                     m["memory"], 1.0, "same batches; DataLoader(list, batch_size=None); "
-                    + by_round(close), cpu_pair(m, "ours", "memory")),
+                    + by_round(close), cpu_pair(m, "ours", "memory"), floor),
         speedup_row("e", "the same, softmax regression (the step is cheap: bookkeeping shows)",
                     m_soft["ours"], m_soft["memory"], note=by_round(lean),
-                    cpu=cpu_pair(m_soft, "ours", "memory")),
+                    cpu=cpu_pair(m_soft, "ours", "memory"), floor_s=soft_floor),
     ]
 
+
+# (i) one epoch of the MLP against its GEMM floor -------------------------------------------
+
+def case_i(data: Dataset, repeats: int, target: float = 2.2) -> list[Row]:
+    """One epoch of the default MLP through train() (its two evaluations included) against
+    the same epoch's GEMMs timed alone; the hand loop's multiple beside it."""
+    cfg = TrainConfig(epochs=1, device="cpu")
+    def ours() -> dict:
+        result = train(cfg, data)
+        return {"train": float(result.history["time_s"].iloc[-1])}
+
+    def hand() -> dict:
+        return {"train": hand_loop(cfg, data, evaluate=True)["train"]}
+
+    t = interleaved({"ours": ours, "hand": hand,
+                     "floor": GemmFloor(DIMS["mlp"], cfg.batch_size).sample}, repeats)
+    steps = step_equivalents(len(data.train), cfg.batch_size)
+    whole = GemmFloor.seconds(floor_of(t), steps, _evaluated(data, cfg, 2))
+    training = GemmFloor.seconds(floor_of(t), steps)
+    what = f"MLP 784-256-10, 1 epoch x {len(data.train)}, batch 128, SGD, 1 thread"
+    return [
+        floor_row("i", f"one epoch through train() vs its GEMM floor ({what}), whole call",
+                  t["ours"], whole, target, f"floor: {steps:.0f} steps' GEMMs + 2 evaluations "
+                  f"of 20k examples; the hand loop with the same evaluation: "
+                  f"{t['hand'] / whole:.2f}x",
+                  (t["ours.cpu"], GemmFloor.seconds(floor_of(t, cpu=True), steps,
+                                                    _evaluated(data, cfg, 2)))),
+        floor_row("i", "the same, training only (train()'s time_s vs the steps' GEMMs)",
+                  t["ours.train"], training, target, "the hand loop's training: "
+                  f"{t['hand.train'] / training:.2f}x floor"),
+    ]

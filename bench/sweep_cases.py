@@ -1,5 +1,6 @@
-"""Cases (d), (f), (g): the default sweep through Prefect and MLflow (threads, serial, Dask)
-against the same trainings as plain train() calls, and the whole pipeline's wall time."""
+"""Cases (d), (f), (g), (j): the default sweep through Prefect and MLflow (threads, serial,
+Dask) against the same trainings as plain train() calls, the whole pipeline's wall time, and a
+small `lrpipe sweep` as a fresh process against a hand-loop script, timed from outside."""
 
 from __future__ import annotations
 
@@ -209,3 +210,62 @@ def case_g(log: Path) -> Row:
     return Row("g", "`make sweep` (lrpipe pipeline), setup excluded", seconds, None, seconds,
                unit="s", target="<= 10 min (600 s)", met=rc == 0 and seconds <= 600,
                note=f"exit status {rc}; wall seconds")
+
+
+def whole_command(argv: list[str], log: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``argv`` run as a fresh process, measured from outside it:
+    start-up and exit included; CPU = user + sys of it and every descendant it waited for
+    (``RUSAGE_CHILDREN``; Prefect's temporary API server is one)."""
+    import resource
+
+    def used() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    cpu, start = used(), time.perf_counter()
+    with open(log, "a") as out:
+        rc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=out,
+                            env=os.environ.copy()).returncode
+    if rc:
+        raise RuntimeError(f"{argv[0]} exited {rc}; see {log}")
+    return time.perf_counter() - start, used() - cpu
+
+
+def case_j(log: Path, rounds: int, lrs: str = "0.03,0.1,0.3", subset: int = 5000) -> Row:
+    """A small ``lrpipe sweep`` (one epoch per rate) as a fresh process against a user's
+    script doing the same trainings with hand-written loops (``hand_sweep.py``), both timed
+    from outside, the two alternating per round; the floor is the trainings' GEMMs."""
+    from floor import DIMS, GemmFloor, evaluated_examples, step_equivalents
+
+    from flows.common import dataset_for
+    from lrpipe.engine.train import eval_train_split
+
+    bin_dir = Path(sys.executable).parent
+    ours = [str(bin_dir / "lrpipe"), "sweep", "--lrs", lrs, "--epochs", "1",
+            "--set", f"data.subset={subset}"]
+    theirs = [sys.executable, str(ROOT / "bench" / "hand_sweep.py"), "--lrs", lrs, "--epochs",
+              "1", "--subset", str(subset)]
+    samples: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for name, argv in (("ours", ours), ("hand", theirs))[::1 if r % 2 == 0 else -1]:
+            wall, cpu = whole_command(argv, log)
+            samples.setdefault(name, []).append(wall)
+            samples.setdefault(f"{name}.cpu", []).append(cpu)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    cfg = merge(TrainConfig(), {"epochs": 1, "data": {"subset": subset}})
+    data = dataset_for(cfg)
+    k = len(lrs.split(","))
+    floor = GemmFloor.seconds(GemmFloor(DIMS["mlp"]).sample(),
+                              step_equivalents(len(data.train), cfg.batch_size),
+                              evaluated_examples(len(data.val),
+                                                 len(eval_train_split(data, cfg)), 2), k)
+    return speedup_row(
+        "j", f"`lrpipe sweep --lrs {lrs} --epochs 1 --set data.subset={subset}` as a fresh "
+        f"process vs a script of {k} hand torch.optim loops (bench/hand_sweep.py), timed from "
+        "outside", med["ours"], med["hand"],
+        note=f"lrpipe runs its default 2 thread tasks, the script one loop after another; "
+             f"start-up and exit included; CPU s (user + sys, RUSAGE_CHILDREN: the process and "
+             f"what it reaped, Prefect's API server included) {med['ours.cpu']:.1f} vs "
+             f"{med['hand.cpu']:.1f}; medians of {rounds} rounds; floor: the {k} trainings' "
+             "GEMMs (training + 2 evaluations each)",
+        cpu=(med["ours.cpu"], med["hand.cpu"]), floor_s=floor)
