@@ -25,6 +25,7 @@ from prefect import flow, task
 from flows.batched import gather, group_run_name, plan_tasks, train_group_and_log
 from flows.common import (
     check_runner,
+    collect,
     parallel_tasks,
     set_torch_threads,
     train_and_log,
@@ -35,6 +36,8 @@ from flows.decay_results import (
     mean_curve,
     print_summary,
     rank_schedules,
+    rate_set_by,
+    selection_notes,
     versus_constant,
 )
 from flows.harness import flow_parent
@@ -52,6 +55,7 @@ from flows.schedule_preview import (
     select_schedules,
     steps_per_epoch,
 )
+from flows.tested import describe_tested, log_test, train_and_test
 from lrpipe import runs, tracking
 from lrpipe.engine.config import (
     LOSSES,
@@ -65,6 +69,14 @@ from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
 from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
+from lrpipe.experiments.final import (
+    CONFIRM_OFF,
+    TEST_HEADING,
+    test_line,
+    test_set_name,
+    test_summary,
+    test_table,
+)
 from lrpipe.plots import decay as decay_plots
 from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS, searched_identity
 
@@ -289,45 +301,62 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     return table
 
 
+@task(name="train-schedule-and-test", task_run_name="train and test {name}")
+def test_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
+                  threads: int, tags: dict, planned_decay: float | None,
+                  updates_per_epoch: int) -> dict:
+    """One run of the best schedule's confirmation (``tested.train_and_test``: without the
+    test split, scored once on it after training) plus its schedule extras."""
+    result = train_and_test.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
+    return _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
+
+
 def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment: str,
                  threads: int, workers: int) -> dict | None:
     """The best and the runner-up schedule on ``plan.confirm_seeds`` (seeds that did not rank
     them): their final validation losses summarized (``confirm.summarize_arms``), a verdict,
-    ``confirm.csv``, the tag ``confirm_verdict``; None without seeds or a runner-up."""
+    ``confirm.csv``, the tag ``confirm_verdict``; None without seeds or a runner-up. The
+    best's runs train without the test split and are scored once on it (``test``: the
+    ``test_summary`` and its ``line``, on the parent); the verdict reads validation only."""
     if not plan.confirm_seeds or len(ranking) < 2:
         return None
     best, rival = ranking["schedule"].iloc[0], ranking["schedule"].iloc[1]
     fresh = dataclasses.replace(plan, seeds=plan.confirm_seeds)
     specs = [{**s, "tags": {**s["tags"], "role": "confirm"}}
              for s in run_specs(fresh, [best, rival], plan.base.loss)]
-    history = train_stage(plan, specs, parent, experiment, threads, workers, "lr-decay-confirm")
+    tested = [test_schedule.submit(s["cfg"], parent, experiment, s["name"], threads, s["tags"],
+                                   s["total_decay"], plan.steps_per_epoch)
+              for s in specs if s["schedule"] == best]
+    rivals = train_stage(plan, [s for s in specs if s["schedule"] == rival], parent,
+                         experiment, threads, workers, "lr-decay-confirm")
+    scored = collect(tested, "lr-decay-confirm-test", describe_tested)
+    history = pd.concat([pd.DataFrame([{**row, "schedule": best, "loss": plan.base.loss}
+                                       for r in scored for row in r["history"]]), rivals],
+                        ignore_index=True)
+    record = confirmation_record(plan, history, best, rival)
+    summary = test_summary(pd.DataFrame(scored), best, plan.confirm_seeds)
+    line = test_line(summary, test_set_name(plan.base.data.dataset))
+    log_test(parent, summary, line)
+    return {**log_confirmation(parent, record, rival, "best"), "test": summary,
+            "test_line": line}
+
+
+def untested_line(plan: DecayPlan) -> str:
+    """The report's test line when no run was scored: the confirmation was off (``--confirm-
+    seeds none``) or there was no runner-up to confirm against."""
+    why = CONFIRM_OFF if not plan.confirm_seeds else "no test score: one schedule, no runner-up"
+    return f"{TEST_HEADING}: {why}"
+
+
+def confirmation_record(plan: DecayPlan, history: pd.DataFrame, best: str, rival: str) -> dict:
+    """``confirm.confirm`` of the confirmation runs' histories on final validation loss: the
+    test figures are not in ``history`` and never reach the verdict."""
     last = decay.final_rows(history)
     finished = (last["epoch"] >= plan.base.epochs) & np.isfinite(last["val_loss"].astype(float))
     last = last.assign(arm=last["schedule"], status=np.where(finished, "ok", "diverged"))
-    record = confirm(last, "val_loss", best, rival, seeds=plan.confirm_seeds,
-                     what=f"The best schedule against the runner-up ({plan.base.epochs} epochs)",
-                     metric="final validation loss")
-    return log_confirmation(parent, record, rival, "best")
-
-
-def rate_set_by(plan: DecayPlan, name: str) -> str:
-    """What moves a schedule's rate: ``selection loss`` for plateau (it steps when the
-    validation loss, the selection split that ranks it, stalls), else ``its plan``."""
-    return "selection loss" if plan.schedules[name].name == "plateau" else "its plan"
-
-
-def selection_notes(plan: DecayPlan, ranking: pd.DataFrame) -> list[str]:
-    """The ranking's labels: every figure is measured on the selection split by the runs that
-    rank (in-sample); plateau's rate also looked at that split while training."""
-    notes = [f"In-sample: the ranking's figures are the selection (validation) split's, on the "
-             f"seeds that rank ({', '.join(map(str, plan.seeds))}); the test set is scored only "
-             f"for the final model (`make sweep`'s final stage)."]
-    seen = ranking.loc[ranking["rate_set_by"] == "selection loss", "schedule"].tolist()
-    if seen:
-        notes.append(f"{', '.join(seen)} cut the rate when the selection loss stalled: it saw "
-                     "the split it is ranked on while training, the fixed-plan schedules did "
-                     "not; its rank is marked `rate_set_by = selection loss`.")
-    return notes
+    return confirm(last, "val_loss", best, rival, seeds=plan.confirm_seeds,
+                   what=f"The best schedule against the runner-up ({plan.base.epochs} epochs)",
+                   metric="final validation loss")
 
 
 @flow(name="lr-decay")
@@ -374,6 +403,7 @@ def decay_compare(
         tracking.log_metrics(parent, {"best_val_loss": best["final_val_loss_mean"],
                                       "best_val_error": best["final_val_error_mean"]}, step=0)
         confirmation = confirm_best(plan, ranking, parent, experiment, threads, tasks)
+        test_text = untested_line(plan) if confirmation is None else confirmation["test_line"]
         losses_df = compare_losses(plan, history, best["schedule"], parent, experiment, threads,
                                    tasks)
         publish_flow_report(
@@ -382,14 +412,16 @@ def decay_compare(
             f"{best['final_val_loss_mean']:.4f}, error {best['final_val_error_mean']:.4f}, "
             f"mean over {len(plan.seeds)} seeds) at lr={plan.base.optim.lr:g}", ranking,
             evidence=[f"rate from: {plan.lr_source}"] + (
-                [] if confirmation is None else [confirmation["line"]]) + [
+                [] if confirmation is None else [confirmation["line"]]) + [test_text] + [
                 f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
                 for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
                 f"beats the constant rate: {vs['beats_constant']}"]),
             notes=[w for w in plan.decays["warning"] if w] + selection_notes(plan, ranking),
-            key="lr-decay")
+            key="lr-decay", tables=None if confirmation is None else {
+                TEST_HEADING: test_table(confirmation["test"])})
     if confirmation is not None:
         print(confirmation["line"], flush=True)
+    print(test_text, flush=True)
     print_summary(ranking, losses_df, vs, parent, experiment, time.perf_counter() - start)
     return {"parent_run_id": parent, "lr": plan.base.optim.lr, "lr_source": plan.lr_source,
             "best_schedule": best["schedule"], "ranking": ranking.to_dict("records"),

@@ -34,6 +34,27 @@ def rank_schedules(history: pd.DataFrame, decays: pd.DataFrame) -> pd.DataFrame:
     return ranking
 
 
+def rate_set_by(plan, name: str) -> str:
+    """What moves a schedule's rate: ``selection loss`` for plateau (it steps when the
+    validation loss, the selection split that ranks it, stalls), else ``its plan``."""
+    return "selection loss" if plan.schedules[name].name == "plateau" else "its plan"
+
+
+def selection_notes(plan, ranking: pd.DataFrame) -> list[str]:
+    """The ranking's labels: every figure is measured on the selection split by the runs that
+    rank (in-sample); plateau's rate also looked at that split while training."""
+    notes = [f"In-sample: the ranking's figures are the selection (validation) split's, on the "
+             f"seeds that rank ({', '.join(map(str, plan.seeds))}); the test set is scored once, "
+             "only for the best schedule's runs on the fresh seeds, reported beside the "
+             "ranking and never read by it."]
+    seen = ranking.loc[ranking["rate_set_by"] == "selection loss", "schedule"].tolist()
+    if seen:
+        notes.append(f"{', '.join(seen)} cut the rate when the selection loss stalled: it saw "
+                     "the split it is ranked on while training, the fixed-plan schedules did "
+                     "not; its rank is marked `rate_set_by = selection loss`.")
+    return notes
+
+
 def loss_table(history: pd.DataFrame) -> pd.DataFrame:
     """Final cross-entropy and error per training loss (mean, std, min, max over seeds)."""
     table = decay.summarize_runs(history.assign(schedule=history["loss"]))

@@ -156,8 +156,9 @@ def _figures(figures: list[str], run_url: str | None) -> list[str]:
 
 # What each flow's numbers are measured on (issue 27): the selection split (``val_*``: examples
 # held out of the training split, which every choice may look at), the test split (scored
-# once, for the final model only), in-sample (on the runs that made the choice) or out of
-# sample (fresh seeds or start points that did not make it). Every report opens with its line.
+# once, for the final model and each recommended recipe), in-sample (on the runs that made the
+# choice) or out of sample (fresh seeds or start points that did not make it). Every report
+# opens with its line.
 SELECTION = "the selection split (`val_*`: `data.val_size` examples held out of the training split)"
 MEASURED_ON = {
     "lr-sweep": f"{SELECTION}, one run per rate; the best rate is in-sample (picked on these "
@@ -165,15 +166,20 @@ MEASURED_ON = {
     "lr-search": f"{SELECTION}; the choice and its regret are in-sample (the runs that chose); "
                  "the confirmation on fresh seeds is out of sample; no test set",
     "lr-decay": f"{SELECTION}; the ranking is in-sample (the seeds that rank); the best against "
-                "the runner-up on fresh seeds is out of sample; no test set (the pipeline's "
-                "final stage tests the winner)",
+                "the runner-up on fresh seeds is out of sample; the test split only in the "
+                "line and table `Test set (never used to choose)`: the best schedule's "
+                "fresh-seed runs, trained without it and scored once after training",
     "transfer": "the target task's selection split (validation); the strategy ranking is "
-                "in-sample, the best against the runner-up on fresh seeds out of sample; no "
-                "test set",
+                "in-sample, the best against the runner-up on fresh seeds out of sample; the "
+                "target task's test split only in the line and table `Test set (never used "
+                "to choose)`: the best strategy's fresh-seed fine-tunings, trained without it "
+                "and scored once after training",
     "optimizers": "2-D surfaces: tuned and reported from the same start (in-sample), "
                   "`fresh_*` from start points nobody tuned on (out of sample); real data: "
                   f"{SELECTION}, on seeds other than the one each rate was searched on (out "
-                  "of sample for the rates); no test set",
+                  "of sample for the rates); the test split only in the line and table "
+                  "`Test set (never used to choose)`: the winner at its rate retrained on "
+                  "fresh seeds without it and scored once after training",
     "final": "the test split, scored once after training and never used to choose (training "
              "saw the whole training split, validation included)",
     "pipeline": "each stage as its own report says; the final model's figures are the test "

@@ -300,9 +300,59 @@ def test_the_best_schedule_is_confirmed_on_fresh_seeds(decay):
     assert parent.data.tags["confirm_verdict"] == conf["verdict"]
     with open(c.download_artifacts(result["parent_run_id"], "report.md")) as f:
         assert "out of sample (fresh seeds 100, 101, final validation loss" in f.read()
+    assert {k.data.tags["trained"] for k in kids
+            if k.data.tags["schedule"] == result["best_schedule"]} == {"alone"}
     with pytest.raises(ConfigError, match=r"^confirm_seeds: got \[1, 100\]"):
         dc.make_plan(0.3, 2, (0, 1), ["cosine", "step"], overrides=OVERRIDES,
                      confirm_seeds=[1, 100])
+
+
+def test_the_best_schedule_gets_a_test_score_that_chooses_nothing(decay):
+    """Issue 27: the best schedule's fresh-seed runs trained without the test split and were
+    scored once on it; the figure is on those runs, the parent and the report, labelled, and
+    neither the verdict nor the ranking reads it."""
+    result, uri = decay
+    c = tracking.client(uri)
+    conf, best = result["confirmation"], result["best_schedule"]
+    kids = [k for k in _children(c, result["parent_run_id"])
+            if k.data.tags.get("role") == "confirm"]
+    scored = [k for k in kids if k.data.tags["schedule"] == best]
+    assert len(scored) == 2 and all(k.data.tags["test_set"] == "scored once after training"
+                                    for k in scored)
+    accs = [k.data.metrics["test_accuracy"] for k in scored]
+    for k in scored:
+        m = k.data.metrics
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert m["test_error"] == pytest.approx(1.0 - m["test_accuracy"])
+        assert [h.step for h in c.get_metric_history(k.info.run_id, "test_loss")] == [EPOCHS]
+    assert not any("test_accuracy" in k.data.metrics for k in kids if k not in scored)
+    test = conf["test"]
+    assert test["recipe"] == best and test["seeds"] == [100, 101] and test["scored"] == 2
+    assert test["test_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert (test["test_accuracy_min"], test["test_accuracy_max"]) == (min(accs), max(accs))
+    parent = c.get_run(result["parent_run_id"])
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(test["test_accuracy"])
+    assert parent.data.tags["test_recipe"] == best
+    with open(c.download_artifacts(result["parent_run_id"], "report.md")) as f:
+        md = f.read()
+    assert conf["test_line"] in md and "## Test set (never used to choose)" in md
+    assert "the best schedule's fresh-seed runs" in md.split("\n")[4]  # the measured-on line
+    # the choice reads validation only: the same histories with other test figures decide alike
+    history = pd.DataFrame([{"schedule": k.data.tags["schedule"], "epoch": EPOCHS,
+                             "seed": int(k.data.params["seed"]),
+                             **{m: k.data.metrics[m] for m in ("val_loss", "val_error",
+                                                                "train_loss", "train_error")},
+                             "lr": float(k.data.params["optim.lr"]),
+                             "test_accuracy": k.data.metrics.get("test_accuracy", 0.5)}
+                            for k in kids])
+    plan = dc.make_plan(0.3, EPOCHS, SEEDS, SCHEDULES, overrides=OVERRIDES,
+                        confirm_seeds=[100, 101])
+    rival = conf["rival"]
+    first = dc.confirmation_record(plan, history, best, rival)
+    other = dc.confirmation_record(plan, history.assign(test_accuracy=1.0 - history[
+        "test_accuracy"], test_loss=99.0), best, rival)
+    assert (first["verdict"], first["line"]) == (other["verdict"], other["line"]) == (
+        conf["verdict"], conf["line"])
 
 
 def test_total_decay_on_children_and_parent(decay):
@@ -369,6 +419,15 @@ def test_plateau_is_marked_as_stepping_on_the_split_that_ranks_it():
     assert notes[0].startswith("In-sample") and "seeds that rank (0, 1)" in notes[0]
     assert notes[1].startswith("plateau cut the rate when the selection loss stalled")
     assert len(dc.selection_notes(plan, ranking.iloc[[1]])) == 1
+
+
+def test_without_confirmation_the_report_says_there_is_no_test_score():
+    off = dc.make_plan(0.3, EPOCHS, SEEDS, SCHEDULES, overrides=OVERRIDES, confirm_seeds=[])
+    assert dc.untested_line(off) == ("Test set (never used to choose): no test score: "
+                                     "confirmation seeds were turned off")
+    on = dc.make_plan(0.3, EPOCHS, SEEDS, ["cosine"], overrides=OVERRIDES,
+                      confirm_seeds=[100, 101])
+    assert dc.untested_line(on).endswith("no test score: one schedule, no runner-up")
 
 
 def test_loss_choice_trains_the_best_schedule_with_mse(decay):

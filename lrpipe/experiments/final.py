@@ -13,19 +13,25 @@ test split once, after its training ended. Pure functions; ``flows.final`` runs 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, is_plugin, merge
 from lrpipe.engine.data import Dataset, Split
 from lrpipe.engine.members import evaluate
 from lrpipe.engine.schedules import total_decay
+from lrpipe.experiments.bands import band, band_text
 from lrpipe.experiments.decay import default_schedules
 
-__all__ = ["EPOCH_FACTOR", "FINAL_DECAY", "FinalPlan", "final_epochs", "final_plan",
-           "plan_summary", "test_metrics", "test_set_name", "without_test"]
+__all__ = ["CONFIRM_OFF", "EPOCH_FACTOR", "FINAL_DECAY", "FinalPlan", "TEST_HEADING",
+           "TEST_KEYS", "final_epochs", "final_plan", "plan_summary", "score_once",
+           "test_line", "test_metrics", "test_parent_metrics", "test_set_name",
+           "test_summary", "test_table", "without_test"]
 
 # The final budget is this many times the decay comparison's (epochs, not steps): the ranking
 # was read after a short budget on a subset; the final model gets the longer one it deserves.
@@ -33,6 +39,12 @@ EPOCH_FACTOR = 2
 # Peak rate / last rate of the final schedule (x): the usual ~100x target, as the comparison's.
 FINAL_DECAY = 100.0
 CONSTANT = "constant"
+# The figures a test scoring logs on its run (``test_metrics`` adds the split's size).
+TEST_KEYS = ("test_loss", "test_accuracy", "test_error")
+# How every report labels the test figure of a recommended recipe, and what it says instead
+# when the runs that would carry it (the confirmation on fresh seeds) were turned off.
+TEST_HEADING = "Test set (never used to choose)"
+CONFIRM_OFF = "no test score: confirmation seeds were turned off"
 
 
 @dataclass(frozen=True)
@@ -154,3 +166,76 @@ def test_metrics(model: torch.nn.Module, data: Dataset) -> dict[str, float]:
     loss, error = evaluate(model, data.test.to(device))
     return {"test_loss": float(loss), "test_accuracy": 1.0 - float(error),
             "test_error": float(error), "test_size": float(len(data.test))}
+
+
+def score_once(model: torch.nn.Module | None, data: Dataset, status: str) -> dict[str, float]:
+    """``TEST_KEYS`` of a model trained on ``without_test(data)``, scored once on
+    ``data.test`` after its training ended; NaN for each when the run diverged (a diverged
+    model is not tested) or kept no model."""
+    if status == "diverged" or model is None:
+        return {k: math.nan for k in TEST_KEYS}
+    scored = test_metrics(model, data)
+    return {k: scored[k] for k in TEST_KEYS}
+
+
+def test_summary(runs: pd.DataFrame, recipe: str, seeds: Sequence[int]) -> dict:
+    """A recommended recipe's test figures over its seeds: one row per run in ``runs``
+    (columns test_loss, test_accuracy; NaN for a diverged run, which was not tested).
+
+    Returns {recipe, seeds, n, scored, test_accuracy, test_accuracy_min, test_accuracy_max,
+    test_loss, test_loss_min, test_loss_max, test_error}: mean, min and max over the scored
+    runs (``bands.band``), all NaN when none was scored. Reported beside a choice, never
+    read by one.
+    Raises:
+        ValueError: ``runs`` lacks a test column or holds no run.
+    """
+    missing = {"test_loss", "test_accuracy"} - set(runs.columns)
+    if missing or runs.empty:
+        raise ValueError(f"runs: got columns {sorted(runs.columns)} and {len(runs)} rows; "
+                         "allowed: at least one run with test_loss and test_accuracy")
+    out = {"recipe": recipe, "seeds": [int(s) for s in seeds], "n": len(runs)}
+    acc = runs["test_accuracy"].astype(float).to_numpy()
+    scored = np.isfinite(acc) & np.isfinite(runs["test_loss"].astype(float).to_numpy())
+    out["scored"] = int(scored.sum())
+    for key in ("test_accuracy", "test_loss"):
+        vals = runs.loc[scored, key].astype(float)
+        stats = band(vals) if len(vals) else (math.nan,) * 3
+        out.update({key: stats[0], f"{key}_min": stats[1], f"{key}_max": stats[2]})
+    out["test_error"] = 1.0 - out["test_accuracy"]
+    return out
+
+
+def test_line(summary: dict, test_set: str, trained: str = "trained without the test split"
+              ) -> str:
+    """One sentence for a report or a terminal, headed ``TEST_HEADING``: the recipe's test
+    accuracy and loss, mean [min..max] over its seeds, on ``test_set``."""
+    seeds = ", ".join(map(str, summary["seeds"]))
+    head = f"{TEST_HEADING}: {summary['recipe']}, seeds {seeds} ({trained}, scored once after"
+    if not summary["scored"]:
+        return f"{head} training): not scored, every run diverged"
+    acc = band_text((summary["test_accuracy"], summary["test_accuracy_min"],
+                     summary["test_accuracy_max"]))
+    loss = band_text((summary["test_loss"], summary["test_loss_min"], summary["test_loss_max"]))
+    skipped = summary["n"] - summary["scored"]
+    note = f"; {skipped} diverged run(s) not tested" if skipped else ""
+    return (f"{head} training): test accuracy {acc}, test loss {loss} (mean [min..max] over "
+            f"{summary['scored']} seeds{note}) on {test_set}")
+
+
+def test_parent_metrics(summary: dict) -> dict[str, float]:
+    """The parent run's metrics of a ``test_summary``: test_accuracy (mean), its min and max,
+    test_loss and test_error (means); empty when nothing was scored."""
+    if not summary["scored"]:
+        return {}
+    keys = ("test_accuracy", "test_accuracy_min", "test_accuracy_max", "test_loss",
+            "test_error")
+    return {k: float(summary[k]) for k in keys}
+
+
+def test_table(summary: dict) -> pd.DataFrame:
+    """A ``test_summary`` as the report's one-row table."""
+    return pd.DataFrame([{"recipe": summary["recipe"],
+                          "seeds": ", ".join(map(str, summary["seeds"])),
+                          "scored": f"{summary['scored']} of {summary['n']}",
+                          **{k: summary[k] for k in ("test_accuracy", "test_accuracy_min",
+                                                     "test_accuracy_max", "test_loss")}}])
