@@ -87,6 +87,10 @@ def _range_run(cfg: TrainConfig, seed: int, parent_run_id: str, experiment: str,
                                                 **procs.process_tags()})
 
 
+# A range test's curves as MLflow metrics (at step = the test's step): metric key -> column.
+RANGE_METRICS = {"range_test_loss": "loss", "lr": "lr", "range_test_smoothed": "smoothed"}
+
+
 def _log_range_curve(run_id: str, seed: int, curve: pd.DataFrame, num_steps: int,
                      batched: bool, uri: str | None) -> dict:
     """A range test's params, per-step metrics, table and stop reason on its child run."""
@@ -94,10 +98,8 @@ def _log_range_curve(run_id: str, seed: int, curve: pd.DataFrame, num_steps: int
     stop_reason = result["stop_reason"]
     tracking.log_params(run_id, {**{f"range.{k}": v for k, v in RANGE_OPTS.items()},
                                  "range.num_steps": num_steps}, uri=uri)
-    for row in curve.itertuples(index=False):
-        tracking.log_metrics(run_id, {"range_test_loss": row.loss, "lr": row.lr,
-                                      "range_test_smoothed": row.smoothed}, step=row.step,
-                             uri=uri)
+    for key, column in RANGE_METRICS.items():  # a whole curve per call, not a call per step
+        tracking.log_step_losses(run_id, curve, uri=uri, key=key, column=column)
     tracking.log_table(run_id, curve, "range_test.csv", uri=uri)
     tracking.set_tags(run_id, {"stop_reason": stop_reason,
                                "trained": "batched" if batched else "alone"}, uri=uri)

@@ -294,14 +294,14 @@ STEP_METRIC = "train_loss_step"
 
 
 def log_step_losses(run_id: str, step_log: pd.DataFrame, uri: str | None = None,
-                    key: str = STEP_METRIC) -> None:
+                    key: str = STEP_METRIC, column: str = "train_loss_smooth") -> None:
     """Log a run's step log (``TrainResult.step_log``: step, epoch, train_loss_smooth) as the
     metric ``key`` with ``step`` = the global step (1-based), 1000 points per ``log_batch``
     (MLflow's most per call). Its own metric, so the per-epoch ``train_loss`` (step=epoch)
-    stays as it is; an empty log writes nothing."""
+    stays; ``column``: another whole curve (a range test's loss, lr); empty writes nothing."""
     now = int(time.time() * 1000)
     points = [Metric(key, float(v), now, int(s))
-              for s, v in zip(step_log["step"], step_log["train_loss_smooth"], strict=True)]
+              for s, v in zip(step_log["step"], step_log[column], strict=True)]
     for i in range(0, len(points), 1000):
         retry_locked(client(uri).log_batch, run_id, metrics=points[i:i + 1000])
 
