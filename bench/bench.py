@@ -119,7 +119,7 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
         say("(a) train() vs a hand-written loop ...")
         rows += speed_cases.case_a(small, 1 if quick else 2, args.repeats)
     if "b" in args.only:
-        say("(b) data path vs DataLoader + ToTensor ...")
+        say("(b) data path vs DataLoader(TensorDataset), a hand gather, ToTensor ...")
         rows += speed_cases.case_b(speed_cases.subset(data, 5_000 if quick else 20_000),
                                    "data", args.repeats)
     if "c" in args.only:
