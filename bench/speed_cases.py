@@ -233,7 +233,8 @@ def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
             f"whole runs incl. evaluation; training only "
             f"{np.median(seq_train) / np.median(bat_train):.2f}x; "
             f"batching=auto on {base.device} chooses: {verdict}; floor: the GEMMs of {k} "
-            "separate runs (training + evaluation; batching's wide GEMMs may go below it)", cpu_pair(t, "bat", "seq"), floor))
+            "separate runs (training + evaluation; batching's wide GEMMs may go below it)",
+            cpu_pair(t, "bat", "seq"), floor))
         rows[-1].met = (rows[-1].met if target else True) and verdict != "BATCHED BUT SLOWER"
     return rows
 
