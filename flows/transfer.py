@@ -34,18 +34,27 @@ from flows.common import (
 )
 from flows.harness import flow_parent
 from flows.report import log_confirmation, publish_flow_report
+from flows.tested import log_scored, log_test, logged_test
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
+from flows.transfer_settings import CUSTOM, DEFAULT_GRID_SEEDS, validate
+from flows.transfer_settings import transfer_config as transfer_config  # the tests' import
 from lrpipe import procs, resume, runs, tracking
-from lrpipe.engine import checkpoint
-from lrpipe.engine.config import ConfigError, ModelConfig, TrainConfig, check_number
-from lrpipe.engine.models import HEAD, build_model
-from lrpipe.engine.optim import param_groups
+from lrpipe.engine.config import TrainConfig
+from lrpipe.engine.models import HEAD
 from lrpipe.engine.train import TrainResult, resolve_device, train
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
+from lrpipe.experiments.final import (
+    CONFIRM_OFF,
+    TEST_HEADING,
+    score_once,
+    test_line,
+    test_set_name,
+    test_summary,
+    test_table,
+    without_test,
+)
 from lrpipe.experiments.transfer import (
-    STRATEGIES,
     TransferConfig,
-    check_layer_mult,
     final_rows,
     finetune,
     grid_configs,
@@ -61,97 +70,6 @@ from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EXPERIMENT = "transfer"
-CUSTOM = "custom"  # the strategy --lr-mult defines: uniform plus the given layer multipliers
-DEFAULT_SEEDS = 3
-# The grid (4 base rates x 5 head multipliers) runs on the first seed only by default: with 3
-# seeds it would triple the flow's cost, and `make sweep` must fit in about 8 minutes.
-DEFAULT_GRID_SEEDS = 1
-# Dotted TrainConfig names the other commands accept in --set, mapped to TransferConfig fields.
-ALIASES = {"data.dataset": "dataset", "data.root": "root", "model.name": "model",
-           "model.hidden": "hidden", "optim.name": "optimizer", "optim.lr": "base_lr",
-           "epochs": "finetune_epochs"}
-
-
-# --- settings: everything is checked here, before any run is recorded -----------------------
-
-def transfer_config(lr=None, epochs=None, seeds=None, overrides=None) -> TransferConfig:
-    """TransferConfig defaults, then ``overrides`` (its field names, or ALIASES), then ``lr``
-    (fine-tuning base rate), ``epochs`` (fine-tuning epochs) and ``seeds`` (a count or a list).
-    """
-    fields = {f.name for f in dataclasses.fields(TransferConfig)}
-    values = {}
-    for key, value in (overrides or {}).items():
-        name = ALIASES.get(key, key)
-        if name not in fields:
-            raise ConfigError(f"overrides: unknown field {key!r}; allowed: "
-                              f"{', '.join(sorted(fields))} (or {', '.join(ALIASES)})")
-        values[name] = value
-    for name, value in (("base_lr", lr), ("finetune_epochs", epochs)):
-        if value is not None:
-            values[name] = value
-    if seeds is not None:
-        values["seeds"] = seed_list(seeds)
-    return TransferConfig(**values)
-
-
-def seed_list(seeds) -> tuple[int, ...]:
-    """A count n -> seeds 0..n-1; a list is taken as given (TransferConfig checks it)."""
-    if isinstance(seeds, (list, tuple)):
-        return tuple(seeds)
-    check_number("seeds", seeds, low=1, integer=True)
-    return tuple(range(seeds))
-
-
-def skeleton(tc: TransferConfig) -> torch.nn.Sequential:
-    """The fine-tuned model's layers on the meta device: names only, no memory, no RNG."""
-    shape = (1, 8, 8) if tc.dataset == "digits" else (1, 28, 28)
-    with torch.device("meta"):
-        return build_model(ModelConfig(name=tc.model, hidden=tc.hidden), shape,
-                           len(tc.target_classes))
-
-
-def check_strategies(strategies, lr_mult) -> tuple[str, ...]:
-    """None -> every strategy (plus custom when ``lr_mult`` is given); names must be known."""
-    if strategies is None:
-        strategies = STRATEGIES
-    elif isinstance(strategies, str):
-        strategies = [s.strip() for s in strategies.split(",") if s.strip()]
-    strategies, allowed = tuple(strategies), (*STRATEGIES, CUSTOM)
-    if (not strategies or len(set(strategies)) != len(strategies)
-            or not set(strategies) <= set(allowed)):
-        raise ConfigError(f"strategies: got {strategies!r}; allowed: distinct names from "
-                          f"{', '.join(allowed)}")
-    if CUSTOM in strategies and lr_mult is None:
-        raise ConfigError("strategies: 'custom' needs lr_mult (--lr-mult layer=mult,...)")
-    return strategies + ((CUSTOM,) if lr_mult is not None and CUSTOM not in strategies else ())
-
-
-def check_custom_mult(tc: TransferConfig, lr_mult) -> dict[str, float] | None:
-    """Validate the custom multipliers against the model's layer names (unknown names list the
-    valid ones), their values (finite, >= 0) and that some layer still trains."""
-    if lr_mult is None:
-        return None
-    if not isinstance(lr_mult, Mapping) or not lr_mult:
-        raise ConfigError(f"lr_mult: got {lr_mult!r}; allowed: a mapping of layer name to "
-                          "multiplier, e.g. {fc1: 0.1, head: 10}")
-    model = skeleton(tc)
-    mult = check_layer_mult(model, lr_mult)
-    param_groups(model, tc.base_lr, mult)  # refuses a mapping that freezes every layer
-    return mult
-
-
-def validate(lr=None, epochs=None, seeds=None, overrides=None, strategies=None,
-             grid_seeds=DEFAULT_GRID_SEEDS, lr_mult=None, model_name=None):
-    """(TransferConfig, strategies, custom lr_mult, registered-model name), or ConfigError."""
-    tc = transfer_config(lr, epochs, DEFAULT_SEEDS if seeds is None else seeds, overrides)
-    mult = check_custom_mult(tc, lr_mult)
-    names = check_strategies(strategies, mult)
-    check_number("grid_seeds", grid_seeds, low=0, high=len(tc.seeds), integer=True)
-    model_name = model_name or f"lrpipe-pretrained-{tc.model}"
-    checkpoint.check_model_name(model_name)
-    return tc, names, mult, model_name
-
-
 # --- the plan: each distinct fine-tuning once ------------------------------------------------
 
 def pretrain_hash(tc: TransferConfig) -> str:
@@ -282,14 +200,17 @@ def finetuned_before(run: dict, child) -> dict:
                        status=tags.get("status", "ok"),
                        diverged_epoch=int(diverged) if diverged.isdigit() else None,
                        device=tags.get("device", "cpu"))
-    return finetune_result(run, child.info.run_id, done, reused=True)
+    return {**finetune_result(run, child.info.run_id, done, reused=True),
+            **(logged_test(child) if run.get("test") else {})}
 
 
 @task(name="finetune", task_run_name="finetune {run[name]}")
 def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: str,
                      threads: int = 1) -> dict:
     """Fine-tune one planned run (``plan_runs``) from the registered model as one child run;
-    return its labels, final metrics and history rows.
+    return its labels, final metrics and history rows. A run marked ``test`` (the best
+    strategy's confirmation) trains without the test split and is scored once on it after
+    training: ``TEST_KEYS`` logged on the run and returned (NaN when it diverged).
 
     A FINISHED child of the parent with the same ``finetune_key`` (a resumed run) is reused:
     nothing is trained, the result is rebuilt from MLflow (``reused`` True)."""
@@ -299,7 +220,8 @@ def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: 
         return finetuned_before(run, done)
     tc = TransferConfig(**run["tc"])
     cfg = finetune_config(tc, run["strategy"], run["seed"], run["lr_mult"])
-    data = dataset_for(cfg)
+    data, scored = dataset_for(cfg), bool(run.get("test"))
+    seen = without_test(data) if scored else data
     tags = {"strategy": run["strategy"], "head_mult": run["head_mult"],
             "base_lr": run["base_lr"], "grid": run["grid"], "phase": "finetune",
             "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri,
@@ -309,13 +231,17 @@ def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: 
         pretrained = (None if run["strategy"] == "scratch"
                       else pretrained_model(model_uri, str(resolve_device(cfg.device))))
         if run["strategy"] == CUSTOM:
-            result = train(cfg, data, model=transplant(pretrained, data.num_classes, cfg.seed))
+            result = train(cfg, seen, model=transplant(pretrained, data.num_classes, cfg.seed),
+                           keep_model=scored)
         else:
-            result = finetune(tc, run["strategy"], cfg.seed, pretrained, data)
+            result = finetune(tc, run["strategy"], cfg.seed, pretrained, seen, scored)
         log_history(run_id, result.history)
         tracking.set_tags(run_id, {"status": result.status, "device": result.device,
                                    "diverged_epoch": result.diverged_epoch or ""})
-    return finetune_result(run, run_id, result)
+        test = score_once(result.model, data, result.status) if scored else {}
+        if scored:
+            log_scored(run_id, test, int(result.history["epoch"].iloc[-1]))
+    return {**finetune_result(run, run_id, result), **test}
 
 
 # --- the flow -------------------------------------------------------------------------------
@@ -383,17 +309,21 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
         best = summary.iloc[0]
         confirmation = confirm_best(tc, summary, mult, confirm_seeds, pre["model_uri"], parent,
                                     experiment, threads)
+        test_text = (untested_line(confirm_seeds) if confirmation is None
+                     else confirmation["test_line"])
         publish_flow_report(
             parent, experiment, "Pretrain, then fine-tune",
             f"Best strategy: {best['strategy']} (final target validation error "
             f"{best['mean']:.4f} ± {best['std']:.4f} over {len(tc.seeds)} seeds)", summary,
             evidence=[f"pretrained model: {pre['model_uri']} (reused: {pre['reused']})"]
-            + ([] if confirmation is None else [confirmation["line"]])
+            + ([] if confirmation is None else [confirmation["line"]]) + [test_text]
             + [f"{v['strategy']} {'beat' if v['beat'] else 'lost to'} {v['rival']} by "
                f"{abs(v['gap']):.4f} ({'clear' if v['clear'] else 'within the seed spread'})"
-               for v in verdicts], key="transfer")
+               for v in verdicts], key="transfer", tables=None if confirmation is None
+            else {TEST_HEADING: test_table(confirmation["test"])})
     print_summary(tc, summary, grid_df, pre, verdicts, parent, experiment,
                   time.perf_counter() - start, grid_seeds)
+    print(test_text, flush=True)
     return {"parent_run_id": parent, "model_uri": pre["model_uri"], "reused": pre["reused"],
             "pretrain_run_id": pre["run_id"], "summary": summary.to_dict("records"),
             "verdicts": verdicts, "run_ids": [r["run_id"] for r in results],
@@ -404,20 +334,42 @@ def confirm_best(tc: TransferConfig, summary: pd.DataFrame, mult, seeds, model_u
                  parent: str, experiment: str, threads: int) -> dict | None:
     """The best and the runner-up strategy fine-tuned on ``seeds`` (seeds that did not rank
     them): final target validation errors summarized (``confirm.summarize_arms``), a verdict,
-    ``confirm.csv`` and the tag ``confirm_verdict``; None without seeds or a runner-up."""
+    ``confirm.csv`` and the tag ``confirm_verdict``; None without seeds or a runner-up. The
+    best's runs train without the target test split and are scored once on it (``test``: the
+    ``test_summary``, on the parent, and its ``test_line``); the verdict reads validation
+    only."""
     if not seeds or len(summary) < 2:
         return None
     best, rival = summary["strategy"].iloc[0], summary["strategy"].iloc[1]
-    plan = plan_runs(dataclasses.replace(tc, seeds=tuple(seeds)), (best, rival), 0, mult)
+    plan = [{**r, "test": best in r["strategies"]} for r in plan_runs(
+        dataclasses.replace(tc, seeds=tuple(seeds)), (best, rival), 0, mult)]
     futures = finetune_and_log.map(plan, unmapped(model_uri), unmapped(parent),
                                    unmapped(experiment), unmapped(threads))
-    strategy_df, _ = result_frames(collect(futures, "transfer-confirm", describe_result))
+    results = collect(futures, "transfer-confirm", describe_result)
+    record = confirmation_record(results, best, rival, seeds)
+    test = test_summary(pd.DataFrame([r for r in results if best in r["strategies"]]), best, seeds)
+    line = test_line(test, f"{test_set_name(tc.dataset)}, target classes "
+                           f"{list(tc.target_classes)}")
+    log_test(parent, test, line)
+    return {**log_confirmation(parent, record, rival, "best"), "test": test,
+            "test_line": line}
+
+
+def confirmation_record(results: list[dict], best: str, rival: str, seeds) -> dict:
+    """``confirm.confirm`` of the confirmation's histories on final target validation error:
+    the runs' test figures are not in the frame and never reach the verdict."""
+    strategy_df, _ = result_frames(results)
     last = final_rows(strategy_df, ["strategy"])
-    last = last.assign(arm=last["strategy"])
-    record = confirm(last, "val_error", best, rival, seeds=seeds,
-                     what="The best strategy against the runner-up",
-                     metric="final target validation error")
-    return log_confirmation(parent, record, rival, "best")
+    return confirm(last.assign(arm=last["strategy"]), "val_error", best, rival, seeds=seeds,
+                   what="The best strategy against the runner-up",
+                   metric="final target validation error")
+
+
+def untested_line(seeds) -> str:
+    """The report's test line when no fine-tuning was scored: confirmation off, or one
+    strategy (no runner-up)."""
+    why = CONFIRM_OFF if not seeds else "no test score: one strategy, no runner-up"
+    return f"{TEST_HEADING}: {why}"
 
 
 def check(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,

@@ -18,6 +18,7 @@ from torch import nn
 
 from flows.commands import COMMANDS
 from flows.transfer import (
+    confirmation_record,
     finetune_and_log,
     finetune_config,
     plan_runs,
@@ -314,6 +315,42 @@ def test_the_best_strategy_is_confirmed_on_fresh_seeds(flows_run):
     assert second["confirmation"] is None  # one strategy: nothing to confirm against
 
 
+def test_the_best_strategy_gets_a_test_score_that_chooses_nothing(flows_run):
+    """Issue 27: the best strategy's fresh-seed fine-tunings trained without the target test
+    split and were scored once on it; the figure is on those runs, the parent, the report and
+    the result, labelled; the rival's runs carry none; the verdict reads validation only."""
+    first, second, uri = flows_run
+    c = tracking.client(uri)
+    conf, best = first["confirmation"], first["summary"][0]["strategy"]
+    kids = [r for r in children(c, first["parent_run_id"]) if " seed=10" in r.info.run_name]
+    scored = [r for r in kids if r.data.tags["strategy"] == best]
+    assert len(scored) == 2 and not any("test_accuracy" in r.data.metrics
+                                        for r in kids if r not in scored)
+    accs = sorted(r.data.metrics["test_accuracy"] for r in scored)
+    assert all(r.data.tags["test_set"] == "scored once after training" for r in scored)
+    test = conf["test"]
+    assert (test["recipe"], test["seeds"], test["scored"]) == (best, [100, 101], 2)
+    assert (test["test_accuracy_min"], test["test_accuracy_max"]) == tuple(accs)
+    parent = c.get_run(first["parent_run_id"])
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(sum(accs) / 2)
+    with open(c.download_artifacts(first["parent_run_id"], "report.md")) as f:
+        md = f.read()
+    assert conf["test_line"] in md and "target classes [5, 6, 7, 8, 9]" in conf["test_line"]
+    assert "## Test set (never used to choose)" in md
+    with open(c.download_artifacts(second["parent_run_id"], "report.md")) as f:
+        assert "Test set (never used to choose): no test score: one strategy" in f.read()
+    results = [{"history": tracking.run_history(r.info.run_id, uri).to_dict("records"),
+                "seed": int(r.data.params["seed"]), "base_lr": float(r.data.tags["base_lr"]),
+                "head_mult": float(r.data.tags["head_mult"]), "status": "ok",
+                "strategies": r.data.tags["strategies"].split(","), "grid": False,
+                "test_accuracy": r.data.metrics.get("test_accuracy", 0.5)} for r in kids]
+    flipped = [{**r, "test_accuracy": 1.0 - r["test_accuracy"], "test_loss": 9.0}
+               for r in results]
+    records = [confirmation_record(x, best, conf["rival"], [100, 101])
+               for x in (results, flipped)]
+    assert {(r["verdict"], r["line"]) for r in records} == {(conf["verdict"], conf["line"])}
+
+
 def test_figures_and_tables_on_the_parent(flows_run):
     first, _, uri = flows_run
     c = tracking.client(uri)
@@ -325,7 +362,9 @@ def test_figures_and_tables_on_the_parent(flows_run):
             "figures/grid_heatmap.png"} <= files
     top = {f.path for f in c.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "grid.csv", "strategy_history.csv"} <= top
-    assert set(parent.data.metrics) == {"final_val_error/uniform", "final_val_error/head_mult"}
+    assert set(parent.data.metrics) == {"final_val_error/uniform", "final_val_error/head_mult",
+                                        "test_accuracy", "test_accuracy_min",
+                                        "test_accuracy_max", "test_loss", "test_error"}
 
 
 def test_second_run_reuses_the_registered_model(flows_run):
