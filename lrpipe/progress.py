@@ -102,7 +102,8 @@ def plan_line(command: str, configs: int, epochs: int | None, uri: str,
 
 
 def stage_line(label: str, tasks: int) -> str:
-    return f"{label}: {tasks} task{'s' if tasks != 1 else ''} submitted"
+    """A stage's first line, the count its ``[k/N]`` lines go up to."""
+    return f"[0/{tasks}] {label} started: {tasks} task{'s' if tasks != 1 else ''}"
 
 
 def wall_line(command: str, wall_s: float, flow_s: float) -> str:

@@ -1,6 +1,8 @@
 """End to end: the lr_sweep flow on real digits under Prefect's test harness, tracked in a
 temporary MLflow store."""
 
+import re
+
 import pytest
 
 from flows.commands import COMMANDS
@@ -126,3 +128,45 @@ def test_step_log_on_request_is_logged_drawn_and_reused(prefect_harness, _sessio
     assert [r["step"] for r in again["steps"]] == [m.step for m in points]
     epochs = [r["epoch"] for r in again["steps"]]
     assert 0 < epochs[0] < 1 and epochs[-1] <= 2 and epochs == sorted(epochs)
+
+
+def test_the_terminal_says_what_runs_first_then_time_left_then_wall_time(
+        prefect_harness, _session_store, monkeypatch, capsys):
+    """Issue 24: a start line before anything else, then the plan and where it records, then
+    '~N min left' once an epoch is timed, and the whole command's wall time at the end."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _session_store)
+    COMMANDS["sweep"].run(lrs=[0.05, 0.3], epochs=3, overrides=OVERRIDES, workers=1,
+                          experiment="terminal")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lrpipe sweep: starting flow lr_sweep (lrs 0.05,0.3, epochs 3, "
+                               "workers 1, experiment terminal, --set ")
+    assert lines[1].startswith("lrpipe sweep: 2 training configs checked, 3 epochs each; "
+                               f"recording to experiment 'terminal' in {_session_store}; "
+                               "MLflow UI http://")
+    epochs = [i for i, line in enumerate(lines) if " epoch " in line and "/3  train" in line]
+    started = lines.index("[0/2] lr-sweep started: 2 tasks")
+    assert len(epochs) == 8 and 1 < started < epochs[0]
+    # one task at a time: the first run's epoch 0 has nothing timed; every later line has
+    # time left in the stage ("<1 min": digits train in milliseconds)
+    assert "left" not in lines[epochs[0]]
+    assert all(lines[i].endswith("<1 min left in lr-sweep") for i in epochs[1:])
+    assert [ln for ln in lines if ln.startswith("[1/2] lr-sweep: ")][0].endswith(
+        "(<1 min left in lr-sweep)")
+    assert re.fullmatch(r"lrpipe sweep: done in \d+ s wall \(start-up and checks \d+ s, "
+                        r"the work \d+ s\)", lines[-1])
+
+
+def test_each_child_has_its_figure_colour_for_the_mlflow_ui(sweep):
+    """MLflow's UI colours a run by its mlflow.runColor tag: each rate's, as in the figures
+    (without it the UI repeats three colours over eight rates)."""
+    from matplotlib.colors import to_hex
+
+    from lrpipe.plots.sweep import lr_palette
+
+    result, uri = sweep
+    c = tracking.client(uri)
+    palette = lr_palette([0.01, 0.3, 1e4])
+    tags = {row["lr"]: c.get_run(row["run_id"]).data.tags.get("mlflow.runColor")
+            for row in result["summary"]}
+    assert tags == {lr: to_hex(palette[lr]) for lr in (0.01, 0.3, 1e4)}
+    assert len(set(tags.values())) == 3

@@ -96,6 +96,11 @@ def test_start_and_plan_lines():
                                                                  "http://h:5000", None, "u")
 
 
+def test_stage_line_opens_the_count():
+    assert progress.stage_line("lr-sweep", 8) == "[0/8] lr-sweep started: 8 tasks"
+    assert progress.stage_line("final", 1) == "[0/1] final started: 1 task"
+
+
 def test_wall_line_counts_from_the_command_start():
     assert progress.wall_line("sweep", 48.3, 5.2) == (
         "lrpipe sweep: done in 48 s wall (start-up and checks 43 s, the work 5 s)")
