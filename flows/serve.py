@@ -5,6 +5,9 @@ The served flow is ``flows.pipeline.pipeline`` where that module exists, else
 cannot schedule): the one at ``PREFECT_API_URL`` if set (one on this machine is started here on
 its port if it does not answer), else ``python -m flows.server``'s on 127.0.0.1 at
 ``PREFECT_SERVER_API_PORT`` (default 4200), started here if needed (``make schedule PORT=4277``).
+``--port N`` names that local server's port outright (127.0.0.1:N, started if needed, its UI
+calling the API it serves: ``flows.server.server_env``); with a PREFECT_API_URL naming another
+server it is a ConfigError, not a silent choice between the two.
 Each scheduled run is a new sweep (a new MLflow parent run): the previous one FINISHED, so
 nothing is resumed or served from a cache.
 """
@@ -73,10 +76,27 @@ def flow_parameters(flow, settings: dict) -> dict:
     return given
 
 
-def api_for_schedules() -> str:
-    """PREFECT_API_URL if it answers, started here on its port if it is a local one that does
-    not; unset: the local server on ``server.default_port()``, started if needed."""
+def check_port(port: int | None) -> int | None:
+    """``--port``: None (the server PREFECT_API_URL or PREFECT_SERVER_API_PORT names), or a
+    port 1-65535 that agrees with PREFECT_API_URL where that is set; else a ConfigError."""
+    if port is None:
+        return None
+    server.check_port(port)
     url = os.environ.get("PREFECT_API_URL")
+    if url and server.local_port(url) != port:
+        same = server.api_url(port=port)
+        raise ConfigError(f"port: got {port}, but PREFECT_API_URL names {url}; allowed: one "
+                          f"of them (unset PREFECT_API_URL, or set it to {same})")
+    return port
+
+
+def api_for_schedules(port: int | None = None) -> str:
+    """The local server on ``port`` when given (started if needed); else PREFECT_API_URL if
+    it answers, started here on its port if it is a local one that does not; unset: the
+    local server on ``server.default_port()``, started if needed."""
+    url = os.environ.get("PREFECT_API_URL")
+    if port is not None:
+        return server.start(port=check_port(port))
     if not url:
         return server.start()
     if server.healthy(url):
@@ -89,9 +109,11 @@ def api_for_schedules() -> str:
 
 
 def check(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None,
-          runner="threads", workers=None, **flow_settings) -> tuple[dict, list]:
+          runner="threads", workers=None, port=None, **flow_settings) -> tuple[dict, list]:
     """The schedule, the flow it serves and that flow's settings (its own command's check:
-    data and optimizer too), before anything is served. Returns the deployment's settings."""
+    data and optimizer too), and the Prefect server's port, before anything is served.
+    Returns the deployment's settings."""
+    port = check_port(port)
     schedule = check_schedule(cron, interval)
     which, served = target(flow)
     params = flow_parameters(served, {**flow_settings, "overrides": overrides,
@@ -101,14 +123,16 @@ def check(cron=None, interval=None, name=DEFAULT_NAME, flow=None, overrides=None
     own = COMMANDS[which]
     takes = inspect.signature(own.load("check")).parameters
     _, configs = own.load("check")(**{k: v for k, v in params.items() if k in takes})
-    return {"which": which, "name": name, "schedule": schedule, "params": params}, configs
+    return {"which": which, "name": name, "schedule": schedule, "params": params,
+            "port": port}, configs
 
 
-def run(which: str, name: str, schedule: dict, params: dict, runner="threads",
-        workers=None) -> None:
-    """Serve the checked flow until interrupted."""
+def run(which: str, name: str, schedule: dict, params: dict, port: int | None = None,
+        runner="threads", workers=None) -> None:
+    """Serve the checked flow until interrupted, on the Prefect server of ``port`` (None:
+    ``api_for_schedules``'s choice)."""
     _, served = target(which)
-    serve(served, name, schedule, params, runner, workers, api_for_schedules())
+    serve(served, name, schedule, params, runner, workers, api_for_schedules(port))
 
 
 def serve(flow, name: str, schedule: dict, params: dict, runner: str, workers, url: str) -> None:

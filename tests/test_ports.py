@@ -86,3 +86,48 @@ def test_schedule_starts_a_silent_local_api_on_its_port(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api")
     with pytest.raises(ConfigError, match=r"^PREFECT_API_URL: http://10.0.0.5:4200/api does "):
         serve.api_for_schedules()
+
+
+def test_schedule_port_starts_the_local_server_on_it(monkeypatch):
+    """``lrpipe schedule --port N`` (as ``make server PORT=N``): the local server on N, whatever
+    PREFECT_SERVER_API_PORT says; a PREFECT_API_URL of the same server agrees with it."""
+    started = []
+    monkeypatch.setattr(server, "start", lambda port=None, **kw: started.append(port) or
+                        server.api_url(port=port or 4200))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", "4200")
+    assert serve.api_for_schedules(4277) == "http://127.0.0.1:4277/api" and started == [4277]
+    monkeypatch.setenv("PREFECT_API_URL", "http://localhost:4277/api")
+    assert serve.api_for_schedules(4277) == "http://127.0.0.1:4277/api" and started[-1] == 4277
+
+
+def test_a_schedule_port_that_disagrees_with_prefect_api_url_is_named(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    with pytest.raises(ConfigError, match=r"^port: got 4277, but PREFECT_API_URL names "
+                                          r"http://127.0.0.1:4200/api; allowed: one of them \("
+                                          r"unset PREFECT_API_URL, or set it to "
+                                          r"http://127.0.0.1:4277/api\)"):
+        serve.check_port(4277)
+    monkeypatch.delenv("PREFECT_API_URL")
+    for bad in (0, 70000, 4.5):
+        with pytest.raises(ConfigError, match=r"^port: got "):
+            serve.check_port(bad)
+    assert serve.check_port(None) is None and serve.check_port(4277) == 4277
+
+
+def test_schedule_check_carries_the_port_to_the_server_it_serves_on(monkeypatch):
+    """The checked settings hand the port to ``serve.run``, which serves on that server (whose
+    UI calls the same API: test_the_server_ui_calls_the_api_it_serves); the port is not a
+    parameter of the served flow."""
+    import inspect
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    kwargs, _ = serve.check(interval=60, flow="sweep", lrs=[0.1], epochs=1, port=4277,
+                            overrides={"data.dataset": "digits", "data.val_size": 300})
+    assert kwargs["port"] == 4277 and "port" not in kwargs["params"]
+    assert set(kwargs) <= set(inspect.signature(serve.run).parameters)
+    served = []
+    monkeypatch.setattr(serve, "serve", lambda *args: served.append(args[-1]))
+    monkeypatch.setattr(server, "start", lambda port=None, **kw: server.api_url(port=port))
+    serve.run(**kwargs)
+    assert served == ["http://127.0.0.1:4277/api"]
