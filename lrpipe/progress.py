@@ -151,10 +151,12 @@ class Meter:
         self._stage_start = clock()
 
     def start_stage(self, label: str, tasks: int) -> None:
-        """A new stage of ``tasks`` tasks; runs of earlier stages that ended are forgotten
-        (those still training, already reporting, stay)."""
+        """A new stage of ``tasks`` tasks; the runs seen so far are forgotten (a run that
+        diverged reports no last epoch: kept, it would count as unfinished work, from its
+        stage's start, in every later stage). A run of this stage that reported before the
+        stage started is seen again at its next epoch."""
         with self._lock:
-            self._runs = {n: r for n, r in self._runs.items() if r.done < r.planned}
+            self._runs = {}
             self._label, self._tasks, self._finished = label, tasks, 0
             self._stage_start = self._clock()
 

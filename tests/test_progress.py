@@ -65,9 +65,10 @@ def test_meter_on_a_fake_clock():
     assert meter.epoch("c", 1, 5, ended=True) == "~3 min left in lr-sweep"  # 161.5 s
     assert meter.task_done() and meter.task_done()
     assert meter.task_done() == ""  # the last task: nothing left to say
-    meter.start_stage("confirm", 2)  # a and c ended and are forgotten; b still trains
-    # b: 3 of 5 done since t=100, plus one task not started of b's length: 300 * 7 / 3 s
-    assert meter.task_done() == "~12 min left in confirm"
+    meter.start_stage("confirm", 2)  # the runs seen are forgotten: b's 3 of 5 epochs too
+    now[0] = 460.0
+    assert meter.task_done() == "~1 min left in confirm"  # 1 of 2 tasks in 60 s
+    assert meter.epoch("b", 4, 5) == "<1 min left in confirm"  # b again: 4 done, 1 + 5 left
 
 
 def test_meter_times_tasks_without_epoch_lines():
