@@ -47,6 +47,7 @@ from flows.optimizer_surfaces import (
     describe_surface,
     log_surfaces,
 )
+from flows.tested import describe_tested, log_test, train_and_test
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     ConfigError,
@@ -60,10 +61,13 @@ from lrpipe.engine.config import (
     to_dict,
 )
 from lrpipe.experiments import optimizers as real
+from lrpipe.experiments.confirm import fresh_seeds
 from lrpipe.experiments.entries import ENTRY_NAMES, entry_config
+from lrpipe.experiments.final import test_line, test_set_name, test_summary
 from lrpipe.experiments.surfaces import SURFACES
 from lrpipe.plots.ratios import plot_update_ratio
 from lrpipe.plots.surfaces import optimizer_palette
+from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS
 
 EXPERIMENT = "optimizers"
 DEFAULT_SEEDS = 3  # a band needs at least 2; 3 is the house minimum for a comparison
@@ -235,10 +239,44 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
            "data": (f"{base.data.dataset}, {n_train} training examples, {base.model.name}, "
                     f"{base.epochs} epochs, seeds {seeds[0]}-{seeds[-1]} (out of sample: "
                     f"every rate was searched on seed {base.seed})")}
+    if not table.empty:
+        out.update(test_winner(plan, table, parent, experiment, threads))
     if lbfgs is not None:
         out["full_batch"] = lbfgs.result()
         second.log_full_batch(parent, out["full_batch"])
     return out
+
+
+def test_seeds(plan: dict) -> tuple[int, ...]:
+    """The winner's test runs' seeds: as many as the comparison's, none of the search's or
+    the comparison's (``confirm.fresh_seeds`` from ``DEFAULT_CONFIRM_SEEDS``)."""
+    base = plan["base"]
+    used = [base.seed, *real.compare_seeds(base, plan["seeds"])]
+    return fresh_seeds(used, plan["seeds"], DEFAULT_CONFIRM_SEEDS[0])
+
+
+def test_winner(plan: dict, table: pd.DataFrame, parent: str, experiment: str,
+                threads: int) -> dict:
+    """The recommended recipe, the real-data winner (``table``'s first row, ranked on the
+    selection split before this runs) at its searched rate, trained again on ``test_seeds``
+    without the test split and scored once on it (``tested.train_and_test``): ``test`` (the
+    ``test_summary``, also on the parent) and ``test_line``. Fresh seeds, not the comparison's:
+    the winner's comparison runs are the ones that won, and a test figure on the seeds that
+    chose would inherit their luck where selection and test errors move together."""
+    winner, lr = table["optimizer"].iloc[0], float(table["lr"].iloc[0])
+    seeds = test_seeds(plan)
+    cfgs = [merge(entry_config(plan["base"], winner), {"optim.lr": lr, "seed": seed})
+            for seed in seeds]
+    futures = [train_and_test.submit(to_dict(cfg), parent, experiment,
+                                     f"test {winner} lr={lr:.3g} {cfg.model.name} seed={cfg.seed}",
+                                     threads, {"optimizer": winner, "part": "test"})
+               for cfg in cfgs]
+    scored = collect(futures, "optimizers-test", describe_tested)
+    summary = test_summary(pd.DataFrame(scored), f"{winner} at lr {lr:.3g}", seeds)
+    line = test_line(summary, test_set_name(plan["base"].data.dataset),
+                     "retrained on fresh seeds without the test split")
+    log_test(parent, summary, line)
+    return {"test": summary, "test_line": line}
 
 
 def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
@@ -361,7 +399,8 @@ def optimizer_compare(
                for k in ("real", "rprop", "race", "full_batch", "cost")}
     return {"parent_run_id": parent, "surfaces": out["surfaces"].to_dict("records"),
             "searches": [{k: s[k] for k in ("optimizer", "lr", "reason")}
-                         for s in out.get("searches", [])], **records}
+                         for s in out.get("searches", [])], **records,
+            "test": out.get("test"), "test_line": out.get("test_line")}
 
 
 def check(optimizers=None, surfaces=None, seeds=DEFAULT_SEEDS, epochs=DEFAULT_EPOCHS,

@@ -3,7 +3,8 @@
 From the comparison's results (``flows.optimizer_compare``: the surface race, the rate
 searches, the real-data table and its winner against the runner-up, the Rprop arms and the
 second-order sentences), the lines printed at the end and the markdown report on the parent
-run. Nothing here trains or decides.
+run (the winner's test figure, from its retraining on fresh seeds, reported beside the
+choice). Nothing here trains or decides.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flows.optimizer_surfaces import surface_answer
 from flows.report import publish_flow_report
 from lrpipe import tracking
 from lrpipe.experiments import optimizers as real
+from lrpipe.experiments.final import TEST_HEADING, test_table
 from lrpipe.experiments.surfaces import FRESH_STARTS, LR_GRID
 
 SEARCH_NOTE = ("Every optimizer's rate comes from the same search: 8 one-epoch trainings from "
@@ -57,6 +59,8 @@ def print_summary(out: dict, parent: str, experiment: str, seconds: float) -> No
               f"error {best['val_error']}")
         if out.get("real_versus"):
             print(out["real_versus"])
+        if out.get("test_line"):
+            print(out["test_line"])
     if not out.get("rprop", pd.DataFrame()).empty:
         print("\nRprop full batch against mini-batch (same subset, rate and seeds):")
         print(out["rprop"][["batch", "epochs", "updates", "val_error", "val_loss_mean",
@@ -80,11 +84,14 @@ def report_optimizers(out: dict, parent: str, experiment: str) -> None:
     else:
         answer, table = "Tuned rate and final distance to the minimum per surface", \
             out["surfaces"]
-    evidence = [f"{s['optimizer']}: {s['reason']}" for s in out.get("searches", [])]
+    evidence = [out["test_line"]] if out.get("test_line") else []
+    evidence += [f"{s['optimizer']}: {s['reason']}" for s in out.get("searches", [])]
     if not out.get("rprop", pd.DataFrame()).empty:
         evidence.append(real.rprop_claim(out["rprop"]))
     tables = {"Rprop: full batch vs mini-batch": out["rprop"]} if not out.get(
         "rprop", pd.DataFrame()).empty else {}
+    if out.get("test"):
+        tables[TEST_HEADING] = test_table(out["test"])
     if not out.get("race", pd.DataFrame()).empty:
         tables["Second order beside the race (no rate; evals = gradient evaluations)"] = \
             out["race"]

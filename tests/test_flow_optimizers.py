@@ -257,7 +257,7 @@ def test_one_child_per_surface_optimizer_search_and_training(flow_run):
     assert parent.info.status == "FINISHED"
     assert all(r.info.status == "FINISHED" for r in runs)
     parts = pd.Series([r.data.tags["part"] for r in runs]).value_counts().to_dict()
-    assert parts == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6}
+    assert parts == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6, "test": 2}
     compare = [r for r in runs if r.data.tags["part"] == "compare"]
     assert sorted((r.data.tags["optimizer"], r.data.params["seed"]) for r in compare) == sorted(
         (o, s) for o in OPTIMIZERS for s in ("1", "2"))  # not seed 0, which searched the rates
@@ -367,11 +367,51 @@ def test_seed_repeats_of_an_optimizer_train_as_one_batched_group(flow_run):
     trained = {}
     for run in runs:
         tags = run.data.tags
-        if tags.get("role") == "real" or "trained" in tags:
+        if (tags.get("role") == "real" or "trained" in tags) and tags.get("part") != "test":
             trained.setdefault(run.data.params.get("optim.name"), set()).add(
                 tags.get("trained", "alone"))
     assert trained["sgd"] == {"batched k=2"} and trained["adam"] == {"batched k=2"}
     assert "batched k=2" not in trained.get("rprop", {"alone"})  # rprop cannot be batched
+
+
+def test_the_winner_gets_a_test_score_that_chooses_nothing(flow_run):
+    """Issue 27: the real-data winner at its rate is trained again on fresh seeds without the
+    test split and scored once on it; the figure is on those runs, the parent, the report and
+    the result, labelled, and the ranking (built from the comparison runs only) ignores it."""
+    result, uri = flow_run
+    c = tracking.client(uri)
+    parent, runs = children(result, uri)
+    winner, lr = result["real"][0]["optimizer"], result["real"][0]["lr"]
+    tested = [r for r in runs if r.data.tags["part"] == "test"]
+    assert sorted(int(r.data.params["seed"]) for r in tested) == [100, 101]
+    for r in tested:
+        assert r.data.tags["optimizer"] == winner and r.data.tags["trained"] == "alone"
+        assert float(r.data.params["optim.lr"]) == pytest.approx(lr)
+        assert r.data.tags["test_set"] == "scored once after training"
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "test_accuracy")] == [2]
+    assert not any("test_accuracy" in r.data.metrics for r in runs if r not in tested)
+    accs = sorted(r.data.metrics["test_accuracy"] for r in tested)
+    test = result["test"]
+    assert test["recipe"] == f"{winner} at lr {lr:.3g}" and test["seeds"] == [100, 101]
+    assert (test["test_accuracy_min"], test["test_accuracy_max"]) == tuple(accs)
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(sum(accs) / 2)
+    with open(c.download_artifacts(parent.info.run_id, "report.md")) as f:
+        md = f.read()
+    assert result["test_line"] in md and "## Test set (never used to choose)" in md
+    assert result["test_line"].startswith("Test set (never used to choose): ")
+    compare = [r for r in runs if r.data.tags["part"] == "compare"]
+    last = pd.DataFrame([{"optimizer": r.data.tags["optimizer"], "seed": int(r.data.params[
+        "seed"]), "epoch": 2, "lr": float(r.data.params["optim.lr"]), "status": r.data.tags[
+        "status"], "val_error": r.data.metrics["val_error"], "val_loss": r.data.metrics[
+        "val_loss"], "test_accuracy": 0.5} for r in compare])
+    last = last.sort_values(["optimizer", "seed"], key=lambda col: col.map(
+        OPTIMIZERS.index) if col.name == "optimizer" else col, ignore_index=True)  # flow order
+    ranked = real.final_table(last)
+    assert ranked["optimizer"].tolist() == [row["optimizer"] for row in result["real"]]
+    flipped = real.final_table(last.assign(test_accuracy=np.linspace(0, 1, len(last))))
+    assert flipped.equals(ranked)
+    assert oc.test_seeds({"base": TrainConfig(seed=0), "seeds": 2}) == (100, 101)
+    assert oc.test_seeds({"base": TrainConfig(seed=0), "seeds": 120}) == tuple(range(121, 241))
 
 
 def test_the_real_data_winner_is_called_a_tie_when_the_seed_bands_overlap():

@@ -49,6 +49,18 @@ def check_fresh_seeds(seeds: Sequence[int], used: Sequence[int], field: str = "c
     return seeds
 
 
+def fresh_seeds(used: Sequence[int], n: int, start: int) -> tuple[int, ...]:
+    """``n`` consecutive seeds none of ``used`` holds: from ``start`` (a flow's usual fresh
+    seeds, e.g. ``search.plan.DEFAULT_CONFIRM_SEEDS[0]``) when every used seed is below it,
+    else from the largest used seed + 1. For a flow that has no confirmation seeds of its own
+    to give (the optimizers' test runs)."""
+    check_seed_list("used", used)
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n: got {n!r}; allowed: an integer >= 1")
+    first = max(int(start), max(used) + 1)
+    return tuple(range(first, first + n))
+
+
 def summarize_arms(runs: pd.DataFrame, value: str, chosen, rival) -> pd.DataFrame:
     """Per arm (``chosen`` then ``rival``): n, mean, lo, hi, spread ((hi - lo) / mean) and
     diverged (runs that did not finish) of ``value``; ``runs`` has columns arm, status, value.
