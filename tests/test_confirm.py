@@ -6,11 +6,17 @@ import math
 
 import pandas as pd
 import pytest
+import torch
+import torch.nn.functional as F
 
 from lrpipe.engine.config import ConfigError, TrainConfig
+from lrpipe.engine.data import Dataset, Split
+from lrpipe.experiments import final as fx
 from lrpipe.experiments.confirm import (
     check_fresh_seeds,
+    confirm,
     confirmation_line,
+    fresh_seeds,
     summarize_arms,
     verdict,
 )
@@ -86,3 +92,70 @@ def test_the_rival_is_the_best_other_finished_rate():
     assert [(c.optim.lr, c.seed) for c in cfgs] == [(0.1, 100), (0.1, 101), (0.316, 100),
                                                     (0.316, 101)]
     assert names[0] == "r (confirm chosen)" and tags[-1] == {"role": "confirm_rival"}
+
+
+# --- the test set's figure of a recommended recipe (issue 27: reported beside, never chosen on)
+
+def test_fresh_seeds_for_a_flow_without_confirmation_seeds():
+    assert fresh_seeds([0, 1, 2], 3, DEFAULT_CONFIRM_SEEDS[0]) == (100, 101, 102)
+    assert fresh_seeds([0, *range(1, 121)], 2, 100) == (121, 122)  # past every used seed
+    with pytest.raises(ConfigError, match=r"^n: got 0; allowed: an integer >= 1"):
+        fresh_seeds([0], 0, 100)
+    with pytest.raises(ConfigError, match=r"^used: got \[0, 0\]"):
+        fresh_seeds([0, 0], 2, 100)
+
+
+def test_test_summary_by_hand_skips_the_diverged_run():
+    runs_ = pd.DataFrame({"test_accuracy": [0.80, 0.90, math.nan],
+                          "test_loss": [0.50, 0.30, math.nan]})
+    s = fx.test_summary(runs_, "cosine", (100, 101, 102))
+    assert (s["n"], s["scored"], s["seeds"]) == (3, 2, [100, 101, 102])
+    assert s["test_accuracy"] == pytest.approx(0.85) and s["test_error"] == pytest.approx(0.15)
+    assert (s["test_accuracy_min"], s["test_accuracy_max"]) == (0.80, 0.90)
+    assert (s["test_loss"], s["test_loss_min"], s["test_loss_max"]) == pytest.approx(
+        (0.40, 0.30, 0.50))
+    line = fx.test_line(s, "the official MNIST test set")
+    assert line == ("Test set (never used to choose): cosine, seeds 100, 101, 102 (trained "
+                    "without the test split, scored once after training): test accuracy "
+                    "0.8500 [0.8000..0.9000], test loss 0.4000 [0.3000..0.5000] (mean "
+                    "[min..max] over 2 seeds; 1 diverged run(s) not tested) on the official "
+                    "MNIST test set")
+    assert fx.test_parent_metrics(s) == pytest.approx({
+        "test_accuracy": 0.85, "test_accuracy_min": 0.8, "test_accuracy_max": 0.9,
+        "test_loss": 0.4, "test_error": 0.15})
+    assert fx.test_table(s).iloc[0]["scored"] == "2 of 3"
+    none = fx.test_summary(runs_.iloc[[2]], "step", (100,))
+    assert none["scored"] == 0 and math.isnan(none["test_accuracy"])
+    assert fx.test_parent_metrics(none) == {}
+    assert fx.test_line(none, "x").endswith("not scored, every run diverged")
+    with pytest.raises(ValueError, match=r"^runs: got columns \['val_loss'\]"):
+        fx.test_summary(pd.DataFrame({"val_loss": [0.1]}), "a", (1,))
+
+
+def test_score_once_tests_a_trained_model_and_not_a_diverged_one():
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(12, 1, 2, 2, generator=gen), torch.arange(12) % 3)
+    data = Dataset(split, split, split, 3, (1, 2, 2), ("a", "b", "c"))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    got = fx.score_once(model, data, "ok")
+    assert set(got) == set(fx.TEST_KEYS)
+    with torch.no_grad():
+        logits = model(split.x)
+    assert got["test_loss"] == pytest.approx(float(F.cross_entropy(logits, split.y)), rel=1e-5)
+    assert got["test_error"] == pytest.approx(float((logits.argmax(1) != split.y).float().mean()))
+    assert all(math.isnan(v) for v in fx.score_once(model, data, "diverged").values())
+    assert all(math.isnan(v) for v in fx.score_once(None, data, "ok").values())
+    with pytest.raises(ValueError, match="data.test: got 0 examples"):
+        fx.score_once(model, fx.without_test(data), "ok")
+
+
+def test_test_figures_beside_the_runs_never_change_the_verdict():
+    """The verdict reads its value column only: the same runs with test figures that favour
+    the other arm, or none at all, confirm alike."""
+    base = runs([0.40, 0.41, 0.42], [0.445, 0.45, 0.455])
+    with_test = base.assign(test_accuracy=[0.1, 0.1, 0.1, 0.9, 0.9, 0.9], test_loss=5.0)
+    records = [confirm(r, "val_loss", "a", "b", what="The rate", seeds=(100, 101, 102),
+                       metric="validation loss") for r in (base, with_test)]
+    assert records[0]["verdict"] == records[1]["verdict"] == "confirmed"
+    assert records[0]["line"] == records[1]["line"]
+    pd.testing.assert_frame_equal(records[0]["summary"], records[1]["summary"])
