@@ -300,6 +300,17 @@ def quiet_prefect_tracebacks() -> None:
                 handler.setFormatter(MessageOnly(handler.formatter or logging.Formatter()))
 
 
+def start_api_early(command) -> None:
+    """A flow command with no configured Prefect API starts its temporary API now, while
+    lrpipe loads, the settings are checked and the data is mapped: the flow then finds it
+    ready, seconds sooner (``flows.api_server``). A command that fails its checks stops it
+    at exit, having recorded nothing in it."""
+    from flows import api_server
+
+    if not command.direct and not api_server.configured_url():
+        api_server.start()
+
+
 def run_command_line(command: str, settings: dict) -> int:
     """Run ``command`` with ``settings``: a serving command in this thread, any other on a
     worker thread, stopped cleanly by SIGINT or SIGTERM."""
@@ -311,6 +322,7 @@ def run_command_line(command: str, settings: dict) -> int:
     if command in SERVES:  # Prefect's runner handles its own signals, in this thread
         run(**settings)
         return 0
+    start_api_early(COMMANDS[command])
     stop = _Stop()
     clear_stop()
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}

@@ -137,43 +137,41 @@ def shared_api(runner: str) -> Iterator[str | None]:
     """The Prefect API for a flow call: one API for the flow and all its worker processes, and
     no flow heartbeats where the API is this process's own.
 
-    With no PREFECT_API_URL, Prefect serves the flow from a temporary API server that lives
-    and dies with this process. Heartbeats exist so that a server which outlives a crashed flow
-    can tell; this one cannot outlive it, and Prefect joins its heartbeat thread, which sleeps
-    in 1 s slices, at the end of every flow call: about 1 s of wall time per flow, for nothing.
-    So they are switched off here; with a configured API (``make server``, schedules, a
-    cluster) they stay on.
+    With no PREFECT_API_URL, the flow is served by this process's temporary API server
+    (``flows.api_server``: started when the command line was parsed, or now), which lives and
+    dies with this process; it is waited for here and put in the settings for the flow call,
+    so that Prefect never imports its server code in this process (3.5 CPU-s). Heartbeats
+    exist so that a server which outlives a crashed flow can tell; this one cannot outlive
+    it, and Prefect joins its heartbeat thread, which sleeps in 1 s slices, at the end of every
+    flow call: about 1 s of wall time per flow, for nothing. So they are switched off here;
+    with a configured API (``make server``, schedules, a cluster) they stay on.
 
-    Threads need nothing more. For process runners with no PREFECT_API_URL, start the
-    temporary API once here (the server this process would start anyway) and export its URL
-    before the workers spawn; otherwise each worker starts its own server on the same database
-    (slow and fragile, FIELD_NOTES). Yields the API URL (None for threads).
+    Process runners also get the URL in PREFECT_API_URL before the workers spawn; otherwise
+    each worker would start its own server on the same database (slow and fragile,
+    FIELD_NOTES). Yields the API URL (None for threads).
     """
-    from prefect.settings import get_current_settings
+    from flows import api_server
 
-    url = get_current_settings().api.url
-    with nullcontext() if url else _without_heartbeats():
-        if not is_process_runner(runner):
-            yield None
-        else:
-            with _exported_api(url) as exported:
-                yield exported
+    url = api_server.configured_url()
+    if url:
+        with _exported_api(url) if is_process_runner(runner) else nullcontext(url) as used:
+            yield used if is_process_runner(runner) else None
+        return
+    own = api_server.start().wait(float(os.environ.get(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
+    with _exported_api(own, environ=is_process_runner(runner)), _without_heartbeats():
+        yield own if is_process_runner(runner) else None
 
 
 @contextmanager
-def _exported_api(url: str | None) -> Iterator[str]:
-    """``url`` (or, if None, this process's temporary API, started now) in PREFECT_API_URL and
-    in the settings, for worker processes to inherit; the environment is restored after."""
+def _exported_api(url: str, environ: bool = True) -> Iterator[str]:
+    """``url`` in the settings and, with ``environ``, in PREFECT_API_URL for worker processes
+    to inherit; the environment is restored after."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()  # the singleton Prefect's engine would use; stops atexit
-        server.start()
-        url = server.api_url
     before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    if environ:
+        os.environ["PREFECT_API_URL"] = url
     try:
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
