@@ -156,3 +156,28 @@ def test_pipeline_report_opens_with_the_final_model(prefect_harness, mlflow_stor
     assert pipe.data.metrics["final_test_accuracy"] == pytest.approx(
         final["winner"]["test_accuracy"])
     assert pipe.data.tags["final_model"] == final["model_uri"]
+
+
+def test_a_tested_run_is_reused_with_its_logged_test_figures(mlflow_store, monkeypatch):
+    """flows.tested.train_and_test (a recommended recipe's run, issue 27): it trains without
+    the test split and scores once; run again under the same parent (a resumed flow), it
+    trains and tests nothing and returns the figures it logged."""
+    from flows import tested
+    from lrpipe.engine.config import TrainConfig, merge
+
+    cfg = merge(TrainConfig(), {**OVERRIDES, "epochs": 1, "seed": 100})
+    parent = tracking.start_run("tested-reuse", "parent")
+    seen = []
+    real_train = tested.train
+    monkeypatch.setattr(tested, "train", lambda c, data, **kw: (
+        seen.append(len(data.test)), real_train(c, data, **kw))[1])
+    fresh = tested.train_and_test.fn(cfg.to_dict(), parent, "tested-reuse", "cosine seed=100")
+    again = tested.train_and_test.fn(cfg.to_dict(), parent, "tested-reuse", "cosine seed=100")
+    assert seen == [0]  # trained once, and never saw a test image
+    assert not fresh["reused"] and again["reused"] and again["run_id"] == fresh["run_id"]
+    assert 0.0 < fresh["test_accuracy"] <= 1.0
+    assert {k: again[k] for k in fx.TEST_KEYS} == pytest.approx(
+        {k: fresh[k] for k in fx.TEST_KEYS})
+    run = tracking.client().get_run(fresh["run_id"])
+    assert run.data.tags["test_set"] == "scored once after training"
+    assert run.data.metrics["test_error"] == pytest.approx(1.0 - fresh["test_accuracy"])
