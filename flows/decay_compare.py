@@ -7,6 +7,8 @@ run. Every name, seed, loss and budget is checked (and each schedule's total dec
 before any run is recorded. The same command after a crash or a kill resumes into the same
 parent (``flows.harness``) and reuses every child that FINISHED: only the rest train again,
 and the ranking, the best schedule and the loss choice come out as an uninterrupted run's.
+The best schedule's confirmation runs train without the test split and are scored once on it
+(``flows.tested``): a figure reported beside the ranking and the verdict, never read by them.
 """
 
 from __future__ import annotations

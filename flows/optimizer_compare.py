@@ -16,6 +16,9 @@ Two parts under one parent run (experiment ``optimizers``):
   L-BFGS beside the race on every surface, full-batch L-BFGS (softmax) against SGD at its
   searched rate, and the step-cost table (unless ``skip_cost``).
 
+The real-data winner at its searched rate is then trained again on fresh seeds without the test
+split and scored once on it (``test_winner``): its test figure, reported beside the choice.
+
 A re-run of a killed comparison resumes into its parent (``flows.harness``) and reuses every
 child that FINISHED: trainings by config hash (``train_and_log``), surface tasks and rate
 searches by their task key, their results rebuilt from what the child logged.
