@@ -149,18 +149,21 @@ def shared_api(runner: str) -> Iterator[str | None]:
     Process runners also get the URL in PREFECT_API_URL before the workers spawn; otherwise
     each worker would start its own server on the same database (slow and fragile,
     FIELD_NOTES). Yields the API URL (None for threads).
-    """
-    from flows import api_server
 
-    url = api_server.configured_url()
+    Figures the flow logs are written on a background thread meanwhile, all of them by the
+    time the block ends (``flows.figures.in_background``).
+    """
+    from flows import api_server, figures
+
+    url, processes = api_server.configured_url(), is_process_runner(runner)
     if url:
-        with _exported_api(url) if is_process_runner(runner) else nullcontext(url) as used:
-            yield used if is_process_runner(runner) else None
+        with figures.in_background(), _exported_api(url) if processes else nullcontext():
+            yield url if processes else None
         return
     own = api_server.start().wait(float(os.environ.get(
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
-    with _exported_api(own, environ=is_process_runner(runner)), _without_heartbeats():
-        yield own if is_process_runner(runner) else None
+    with figures.in_background(), _exported_api(own, environ=processes), _without_heartbeats():
+        yield own if processes else None
 
 
 @contextmanager

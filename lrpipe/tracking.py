@@ -32,6 +32,8 @@ T = TypeVar("T")
 DEFAULT_STORE = Path("mlruns")
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
+FIGURE_WRITER: list[Callable[[Callable[[], Any]], None]] = []  # set by flows.figures
+_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}  # (uri, name) -> id (experiment_id)
 
 
 class TrackingError(ValueError):
@@ -121,9 +123,6 @@ def experiment_id(name: str, uri: str | None = None) -> str:
     return _EXPERIMENT_IDS[uri, name]
 
 
-_EXPERIMENT_IDS: dict[tuple[str, str], str] = {}
-
-
 def _get_or_create_experiment(name: str, uri: str) -> str:
     c = client(uri)
     exp = retry_locked(c.get_experiment_by_name, name)
@@ -187,11 +186,13 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
 
 
 def log_figure(run_id: str, figure: Any, name: str, uri: str | None = None) -> None:
-    """Save a matplotlib Figure as a PNG artifact ``figures/<name>.png``, then close it."""
+    """Save a Figure as ``figures/<name>.png`` and close it; FIGURE_WRITER's thread if set."""
     import matplotlib.pyplot as plt
 
-    retry_locked(client(uri).log_figure, run_id, figure, f"figures/{name}.png")
-    plt.close(figure)
+    plt.close(figure)  # out of pyplot's registry; the Figure itself still draws and saves
+    path = f"figures/{name}.png"
+    save = functools.partial(retry_locked, client(uri).log_figure, run_id, figure, path)
+    FIGURE_WRITER[0](save) if FIGURE_WRITER else save()
 
 
 def log_bytes(run_id: str, data: bytes, path: str, uri: str | None = None) -> None:
@@ -295,10 +296,9 @@ STEP_METRIC = "train_loss_step"
 
 def log_step_losses(run_id: str, step_log: pd.DataFrame, uri: str | None = None,
                     key: str = STEP_METRIC, column: str = "train_loss_smooth") -> None:
-    """Log a run's step log (``TrainResult.step_log``: step, epoch, train_loss_smooth) as the
-    metric ``key`` with ``step`` = the global step (1-based), 1000 points per ``log_batch``
-    (MLflow's most per call). Its own metric, so the per-epoch ``train_loss`` (step=epoch)
-    stays; ``column``: another whole curve (a range test's loss, lr); empty writes nothing."""
+    """Log a run's step log (``TrainResult.step_log``), or any curve with a ``step`` column
+    (``column``: its values), as metric ``key`` at ``step``, 1000 points per ``log_batch``
+    (MLflow's most), beside the per-epoch ``train_loss``; an empty log writes nothing."""
     now = int(time.time() * 1000)
     points = [Metric(key, float(v), now, int(s))
               for s, v in zip(step_log["step"], step_log[column], strict=True)]
