@@ -93,6 +93,8 @@ class Row:
     floor_s: float | None = None
 
     def value_text(self) -> str:
+        if self.value != self.value:  # NaN: the measurement failed (the note says why)
+            return "failed"
         return {"%": f"{self.value:.1f}%", "s": f"{self.value:.1f} s"}.get(
             self.unit, f"{self.value:.2f}x")
 

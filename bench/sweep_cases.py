@@ -212,10 +212,14 @@ def case_g(log: Path) -> Row:
                note=f"exit status {rc}; wall seconds")
 
 
+class CommandFailed(RuntimeError):
+    """A timed command exited non-zero."""
+
+
 def whole_command(argv: list[str], log: Path) -> tuple[float, float]:
     """(wall, CPU) seconds of ``argv`` run as a fresh process, measured from outside it:
     start-up and exit included; CPU = user + sys of it and every descendant it waited for
-    (``RUSAGE_CHILDREN``; Prefect's temporary API server is one)."""
+    (``RUSAGE_CHILDREN``; Prefect's temporary API server is one). Raises CommandFailed."""
     import resource
 
     def used() -> float:
@@ -227,7 +231,8 @@ def whole_command(argv: list[str], log: Path) -> tuple[float, float]:
         rc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=out,
                             env=os.environ.copy()).returncode
     if rc:
-        raise RuntimeError(f"{argv[0]} exited {rc}; see {log}")
+        raise CommandFailed(f"`{' '.join(Path(a).name for a in argv[:2])}` exited {rc}: "
+                            + log.read_text().strip().splitlines()[-1][:300])
     return time.perf_counter() - start, used() - cpu
 
 
@@ -245,12 +250,19 @@ def case_j(log: Path, rounds: int, lrs: str = "0.03,0.1,0.3", subset: int = 5000
             "--set", f"data.subset={subset}"]
     theirs = [sys.executable, str(ROOT / "bench" / "hand_sweep.py"), "--lrs", lrs, "--epochs",
               "1", "--subset", str(subset)]
+    what = (f"`lrpipe sweep --lrs {lrs} --epochs 1 --set data.subset={subset}` as a fresh "
+            f"process vs a script of {len(lrs.split(','))} hand torch.optim loops "
+            "(bench/hand_sweep.py), timed from outside")
     samples: dict[str, list[float]] = {}
-    for r in range(rounds):
-        for name, argv in (("ours", ours), ("hand", theirs))[::1 if r % 2 == 0 else -1]:
-            wall, cpu = whole_command(argv, log)
-            samples.setdefault(name, []).append(wall)
-            samples.setdefault(f"{name}.cpu", []).append(cpu)
+    try:
+        for r in range(rounds):
+            for name, argv in (("ours", ours), ("hand", theirs))[::1 if r % 2 == 0 else -1]:
+                wall, cpu = whole_command(argv, log)
+                samples.setdefault(name, []).append(wall)
+                samples.setdefault(f"{name}.cpu", []).append(cpu)
+    except CommandFailed as failed:
+        say(f"  (j) {failed}")
+        return Row("j", what, None, None, float("nan"), met=False, note=str(failed))
     med = {k: statistics.median(v) for k, v in samples.items()}
     cfg = merge(TrainConfig(), {"epochs": 1, "data": {"subset": subset}})
     data = dataset_for(cfg)
@@ -260,9 +272,7 @@ def case_j(log: Path, rounds: int, lrs: str = "0.03,0.1,0.3", subset: int = 5000
                               evaluated_examples(len(data.val),
                                                  len(eval_train_split(data, cfg)), 2), k)
     return speedup_row(
-        "j", f"`lrpipe sweep --lrs {lrs} --epochs 1 --set data.subset={subset}` as a fresh "
-        f"process vs a script of {k} hand torch.optim loops (bench/hand_sweep.py), timed from "
-        "outside", med["ours"], med["hand"],
+        "j", what, med["ours"], med["hand"],
         note=f"lrpipe runs its default 2 thread tasks, the script one loop after another; "
              f"start-up and exit included; CPU s (user + sys, RUSAGE_CHILDREN: the process and "
              f"what it reaped, Prefect's API server included) {med['ours.cpu']:.1f} vs "

@@ -66,3 +66,16 @@ def test_previous_rows_drop_an_older_layout(tmp_path):
     path = tmp_path / "results.md"
     path.write_text("\n".join([new, old, new.replace("| a |", "| e |")]))
     assert bench.previous_rows(path, {"e"}) == [new]
+
+
+def test_whole_command_reads_cpu_from_outside_and_names_a_failure(tmp_path):
+    import sweep_cases
+
+    log = tmp_path / "log"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass"
+    wall, cpu = sweep_cases.whole_command([sys.executable, "-c", burn], log)
+    assert cpu >= 0.15 and wall >= 0.15  # the child's CPU, read after it was reaped
+    with pytest.raises(sweep_cases.CommandFailed, match="exited 3: boom"):
+        sweep_cases.whole_command([sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+                                  log)
+    assert Row("j", "failed", None, None, float("nan"), met=False).value_text() == "failed"
