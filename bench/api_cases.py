@@ -56,7 +56,8 @@ def case_h(data: Dataset, steps: int, repeats: int) -> list[Row]:
 
     t = interleaved({"loader": lambda: ours("loader", loader),
                      "tensors": lambda: ours("tensors", (x, y)), "finder": finder,
-                     "data": loader_alone, "floor": GemmFloor(DIMS["mlp"]).sample}, repeats)
+                     "data": loader_alone, "floor": GemmFloor(DIMS["mlp"], 128, steps).sample},
+                    repeats)
     floor = GemmFloor.seconds(floor_of(t), steps)
     if len(set(counts.values())) != 1:
         say(f"  (h) warning: step counts differ: {counts}")

@@ -28,10 +28,15 @@ class GemmFloor:
     """The GEMMs of one training step (``batch`` rows) and of evaluation for a Linear/ReLU
     network of widths ``dims``; ``sample()`` times them, ``seconds()`` scales a sample."""
 
-    def __init__(self, dims: tuple[int, ...], batch: int = 128, steps: int = 50,
-                 eval_rows: int = EVAL_BATCH, seed: int = 0) -> None:
+    def __init__(self, dims: tuple[int, ...], batch: int = 128, steps: float = 50,
+                 eval_examples: int = 2 * EVAL_BATCH, eval_rows: int = EVAL_BATCH,
+                 seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.dims, self.batch, self.steps, self.eval_rows = dims, batch, steps, eval_rows
+        self.dims, self.batch, self.eval_rows = dims, batch, eval_rows
+        # Timed at the work's own length: a short sample on a loaded host lands in one time
+        # slice more often than the long run beside it, which would flatter the run.
+        self.steps = max(1, round(steps))
+        self.chunks = max(1, -(-eval_examples // eval_rows))
         self.weights = [torch.randn(o, i, generator=gen)
                         for i, o in zip(dims[:-1], dims[1:], strict=True)]
         self.biases = [torch.randn(o, generator=gen) for o in dims[1:]]
@@ -57,7 +62,7 @@ class GemmFloor:
     def sample(self) -> dict[str, float]:
         """{"step": seconds per training step, "example": seconds per evaluated example}
         (and the same in CPU seconds, ``step_cpu``/``example_cpu``), from ``steps`` steps and
-        two evaluation chunks on one torch thread."""
+        the chunks of ``eval_examples`` examples, on one torch thread."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -68,10 +73,10 @@ class GemmFloor:
             per_step = (time.perf_counter() - start) / self.steps
             per_step_cpu = (time.process_time() - cpu) / self.steps
             start, cpu = time.perf_counter(), time.process_time()
-            for _ in range(2):
+            for _ in range(self.chunks):
                 self.evaluate_chunk()
-            per_example = (time.perf_counter() - start) / (2 * self.eval_rows)
-            per_example_cpu = (time.process_time() - cpu) / (2 * self.eval_rows)
+            per_example = (time.perf_counter() - start) / (self.chunks * self.eval_rows)
+            per_example_cpu = (time.process_time() - cpu) / (self.chunks * self.eval_rows)
         finally:
             torch.set_num_threads(threads)
         return {"step": per_step, "example": per_example, "step_cpu": per_step_cpu,

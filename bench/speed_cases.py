@@ -101,10 +101,10 @@ def case_a(data: Dataset, epochs: int, repeats: int) -> list[Row]:
     def hand_eval() -> dict:
         return {"train": hand_loop(cfg, data, evaluate=True)["train"]}
 
-    gemms = GemmFloor(DIMS["mlp"], cfg.batch_size)
+    steps = epochs * step_equivalents(len(data.train), cfg.batch_size)
+    gemms = GemmFloor(DIMS["mlp"], cfg.batch_size, steps, _evaluated(data, cfg, epochs + 1))
     t = interleaved({"ours": ours, "hand": hand, "hand_eval": hand_eval,
                      "floor": gemms.sample}, repeats)
-    steps = epochs * step_equivalents(len(data.train), cfg.batch_size)
     train_floor = GemmFloor.seconds(floor_of(t), steps)
     whole_floor = GemmFloor.seconds(floor_of(t), steps, _evaluated(data, cfg, epochs + 1))
     same = max(float((a - b).abs().max()) for a, b in zip(out["ours"], out["hand"], strict=True))
@@ -173,7 +173,7 @@ def case_b(data: Dataset, root: str, repeats: int) -> list[Row]:
     sides = {name: (lambda f=f: run(f(), True)) for name, f in sources.items()}
     sides |= {f"{name}_data": (lambda f=f: run(f(), False)) for name, f in sources.items()}
     sides |= {"select_data": lambda: run(hand(True), False), "copy": lambda: run(copies(), False),
-              "floor": GemmFloor(DIMS["mlp"]).sample}
+              "floor": GemmFloor(DIMS["mlp"], 128, step_equivalents(n, 128)).sample}
     t = interleaved(sides, repeats)
     floor = GemmFloor.seconds(floor_of(t), step_equivalents(n, 128))
     what = f"one MLP epoch of {n} examples, batch 128"
@@ -220,7 +220,9 @@ def case_c(data: Dataset, mlp_data: Dataset, k: int, repeats: int) -> list[Row]:
             acc.append(float(train_batched(cfgs, d)[0].history["time_s"].iloc[-1]))
 
         t = interleaved({"seq": sequential, "bat": batched,
-                         "floor": GemmFloor(DIMS[model]).sample}, repeats)
+                         "floor": GemmFloor(DIMS[model], 128,
+                                            step_equivalents(len(d.train), 128),
+                                            _evaluated(d, base, 2)).sample}, repeats)
         floor = GemmFloor.seconds(floor_of(t), step_equivalents(len(d.train), 128),
                                   _evaluated(d, base, 2), members=k)
         chosen = trains_batched(cfgs)
@@ -281,9 +283,9 @@ def case_e(data: Dataset, root: str, steps: int, repeats: int,
         "td": lambda: finder(lambda: DataLoader(tensors, batch_size=128, shuffle=True), "td"),
         "loader": lambda: finder(lambda: DataLoader(images, batch_size=128, shuffle=True),
                                  "loader"),
-        "floor": GemmFloor(DIMS["mlp"]).sample}, repeats)
+        "floor": GemmFloor(DIMS["mlp"], 128, steps).sample}, repeats)
     floor = GemmFloor.seconds(floor_of(t), steps)
-    soft_floor = GemmFloor.seconds(GemmFloor(DIMS["softmax"]).sample(), steps)
+    soft_floor = GemmFloor.seconds(GemmFloor(DIMS["softmax"], 128, steps).sample(), steps)
     # Against in-memory batches the two differ by per-step bookkeeping only (~0.1-0.2 ms of a
     # 2-4 ms step), so a few 0.3 s rounds cannot tell them apart on a shared machine: many
     # short rounds, medians and the round-by-round ratios.
@@ -335,9 +337,10 @@ def case_i(data: Dataset, repeats: int, target: float = 2.2) -> list[Row]:
     def hand() -> dict:
         return {"train": hand_loop(cfg, data, evaluate=True)["train"]}
 
-    t = interleaved({"ours": ours, "hand": hand,
-                     "floor": GemmFloor(DIMS["mlp"], cfg.batch_size).sample}, repeats)
     steps = step_equivalents(len(data.train), cfg.batch_size)
+    t = interleaved({"ours": ours, "hand": hand,
+                     "floor": GemmFloor(DIMS["mlp"], cfg.batch_size, steps,
+                                        _evaluated(data, cfg, 2)).sample}, repeats)
     whole = GemmFloor.seconds(floor_of(t), steps, _evaluated(data, cfg, 2))
     training = GemmFloor.seconds(floor_of(t), steps)
     what = f"MLP 784-256-10, 1 epoch x {len(data.train)}, batch 128, SGD, 1 thread"

@@ -267,10 +267,10 @@ def case_j(log: Path, rounds: int, lrs: str = "0.03,0.1,0.3", subset: int = 5000
     cfg = merge(TrainConfig(), {"epochs": 1, "data": {"subset": subset}})
     data = dataset_for(cfg)
     k = len(lrs.split(","))
-    floor = GemmFloor.seconds(GemmFloor(DIMS["mlp"]).sample(),
-                              step_equivalents(len(data.train), cfg.batch_size),
-                              evaluated_examples(len(data.val),
-                                                 len(eval_train_split(data, cfg)), 2), k)
+    steps = step_equivalents(len(data.train), cfg.batch_size)
+    evaluated = evaluated_examples(len(data.val), len(eval_train_split(data, cfg)), 2)
+    floor = GemmFloor.seconds(GemmFloor(DIMS["mlp"], cfg.batch_size, steps, evaluated).sample(),
+                              steps, evaluated, k)
     return speedup_row(
         "j", what, med["ours"], med["hand"],
         note=f"lrpipe runs its default 2 thread tasks, the script one loop after another; "

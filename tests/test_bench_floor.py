@@ -35,7 +35,7 @@ def test_floor_of_reads_interleaved_medians():
 
 
 def test_gemm_shapes_are_autograds_for_the_mlp():
-    gemms = floor.GemmFloor(floor.DIMS["mlp"], batch=8, steps=1, eval_rows=16)
+    gemms = floor.GemmFloor(floor.DIMS["mlp"], batch=8, steps=1, eval_examples=40, eval_rows=16)
     assert [tuple(w.shape) for w in gemms.weights] == [(256, 784), (10, 256)]
     assert [tuple(x.shape) for x in gemms.inputs] == [(8, 784), (8, 256)]
     # The products of one step equal autograd's gradients of a Linear-ReLU-Linear net.
@@ -79,3 +79,8 @@ def test_whole_command_reads_cpu_from_outside_and_names_a_failure(tmp_path):
         sweep_cases.whole_command([sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
                                   log)
     assert Row("j", "failed", None, None, float("nan"), met=False).value_text() == "failed"
+
+
+def test_the_floor_is_timed_at_the_works_length():
+    gemms = floor.GemmFloor(floor.DIMS["softmax"], steps=390.6, eval_examples=20_000)
+    assert (gemms.steps, gemms.chunks) == (391, 5)  # 20k examples in chunks of 4096
