@@ -197,13 +197,18 @@ def _describe(result: dict | list[dict]) -> str:
 
 def explore_subset(sub: TrainConfig, seeds: list[int], parent: str, experiment: str,
                    range_steps: int, runner: str, threads: int) -> tuple[pd.DataFrame, list]:
-    """Range tests and halving searches, all in flight together: the range tests as one
+    """Halving searches and range tests, all in flight together: the range tests as one
     batched task when the declared policy batches the seeds' members (``trains_batched``),
     else one task per seed; one halving task per seed (each batches windows of rungs by the
     same policy)."""
     cfg_dict, uri = to_dict(sub), tracking.tracking_uri()
     together = len(seeds) > 1 and trains_batched(member_cfgs(sub, dataset_for(sub), seeds))
     with task_resources(runner):
+        # Longest first, so that no long task starts last and runs alone: a halving search
+        # trains a rung of budget_epochs per halving of the rate from start_lr to min_lr
+        # (up to 20 epochs of the subset by HALVING_OPTS), a range test at most range_steps steps.
+        halvings = halving_seed.map(unmapped(cfg_dict), seeds, unmapped(parent),
+                                    unmapped(experiment), unmapped(threads), unmapped(uri))
         if together:
             tests = [range_test_seeds_together.submit(cfg_dict, list(seeds), parent,
                                                       experiment, range_steps, threads, uri)]
@@ -211,8 +216,6 @@ def explore_subset(sub: TrainConfig, seeds: list[int], parent: str, experiment: 
             tests = range_test_seed.map(unmapped(cfg_dict), seeds, unmapped(parent),
                                         unmapped(experiment), unmapped(range_steps),
                                         unmapped(threads), unmapped(uri))
-        halvings = halving_seed.map(unmapped(cfg_dict), seeds, unmapped(parent),
-                                    unmapped(experiment), unmapped(threads), unmapped(uri))
     curves = collect(tests, "range-test", _describe)
     if together:
         curves = curves[0]
