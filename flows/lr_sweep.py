@@ -30,7 +30,21 @@ from lrpipe.experiments.sweep import (
 )
 from lrpipe.plots import sweep as plots
 from lrpipe.plots.ratios import plot_update_ratio_by_lr
+from lrpipe.plots.sweep import lr_palette
 from lrpipe.report import final_metrics
+
+# The tag MLflow's UI reads a run's colour from (its charts and runs table; the UI's own
+# choice repeats three colours across eight rates): each child gets its rate's colour in the
+# sweep's figures, so the UI's val_loss chart and the figures tell the rates apart alike.
+RUN_COLOR_TAG = "mlflow.runColor"
+
+
+def run_colors(summary: pd.DataFrame) -> dict[str, str]:
+    """Child run id -> its rate's colour in the sweep's figures (``lr_palette``), as #rrggbb."""
+    from matplotlib.colors import to_hex
+
+    palette = lr_palette(summary["lr"])
+    return {row.run_id: to_hex(palette[float(row.lr)]) for row in summary.itertuples()}
 
 
 @flow(name="lr-sweep")
@@ -77,6 +91,8 @@ def lr_sweep(
             figures["update_ratio"] = plot_update_ratio_by_lr(history)
         for name, fig in figures.items():
             tracking.log_figure(parent, fig, name)
+        for run_id, color in run_colors(summary).items():
+            tracking.set_tags(run_id, {RUN_COLOR_TAG: color}, uri)
         tracking.log_table(parent, final_metrics(summary), "summary.csv")
         if best is not None:
             tracking.log_metrics(parent, {"best_lr": best["lr"], "best_val_loss":
