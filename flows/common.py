@@ -260,7 +260,7 @@ def epoch_printer(name: str, epochs: int):
 
     import math
 
-    from lrpipe.progress import METER
+    from lrpipe.engine.progress import METER
 
     def show(row: dict) -> None:
         ended = not (math.isfinite(row["train_loss"]) and math.isfinite(row["val_loss"]))
@@ -298,7 +298,7 @@ def collect(futures, label: str, describe=None) -> list:
     training end within a step; those not started are not waited for, and ``Stopped`` is
     raised once the others ended or ``STOP_GRACE_S`` passed.
     """
-    from lrpipe.progress import METER, stage_line
+    from lrpipe.engine.progress import METER, stage_line
 
     futures = list(futures)
     total = len(futures)

@@ -20,7 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from lrpipe import procs, progress
+from lrpipe import procs
+from lrpipe.engine import progress
 
 # Prefect, torch and MLflow (flows.common, lrpipe.resume, lrpipe.runs) are imported where they
 # are used: ``run_command`` says what will run before they load (seconds on a cold start).

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lrpipe import progress
-from lrpipe.progress import Meter, eta_s, left_text, stage_work
+from lrpipe.engine import progress
+from lrpipe.engine.progress import Meter, eta_s, left_text, stage_work
 
 ROOT = Path(__file__).resolve().parent.parent
 

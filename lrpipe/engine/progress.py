@@ -7,6 +7,7 @@ done and planned of the runs it has seen, tasks finished of the stage it waits f
 lock since training tasks report from their own threads.
 
 Units: seconds of wall-clock time; work in epochs of one run (a run of 5 epochs is 5).
+It sits beside the loop whose per-epoch rows it counts; it imports neither torch nor the loop.
 """
 
 from __future__ import annotations
