@@ -13,7 +13,8 @@
   (h) lrpipe.find_lr on a user's model vs torch-lr-finder (same DataLoader; given tensors)
   (i) one epoch of the MLP through train() vs its GEMM floor (target within 2.2x)
   (j) a small `lrpipe sweep` as a fresh process vs a script of hand loops, wall and CPU
-      seconds measured from outside (start-up and exit included)
+      seconds measured from outside (start-up and exit included), and start-up alone
+      (`lrpipe sweep --help` vs `python -c "import torch"`)
 
 Every row states its physical floor: the GEMMs of lrpipe's side timed alone in the same run
 (bench/floor.py), and lrpipe's multiple of it.
@@ -142,6 +143,7 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
     if "j" in args.only:
         say("(j) a small lrpipe sweep as a fresh process vs a hand-loop script ...")
         rows.append(sweep_cases.case_j(log, max(2, args.sweep_repeats)))
+        rows.append(sweep_cases.case_j_startup(log, 3))
     if args.only & set("df"):
         say(f"(d, f) the default sweep: threads, serial, dask, plain train() "
             f"({args.sweep_repeats} rounds) ...")

@@ -279,3 +279,22 @@ def case_j(log: Path, rounds: int, lrs: str = "0.03,0.1,0.3", subset: int = 5000
              f"{med['hand.cpu']:.1f}; medians of {rounds} rounds; floor: the {k} trainings' "
              "GEMMs (training + 2 evaluations each)",
         cpu=(med["ours.cpu"], med["hand.cpu"]), floor_s=floor)
+
+
+def case_j_startup(log: Path, rounds: int) -> Row:
+    """What any command pays before its work: ``lrpipe sweep --help`` (imports, argument
+    parsing, exit) against ``python -c "import torch"``, both timed from outside."""
+    ours = [str(Path(sys.executable).parent / "lrpipe"), "sweep", "--help"]
+    theirs = [sys.executable, "-c", "import torch"]
+    samples: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for name, argv in (("ours", ours), ("torch", theirs))[::1 if r % 2 == 0 else -1]:
+            wall, cpu = whole_command(argv, log)
+            samples.setdefault(name, []).append(wall)
+            samples.setdefault(f"{name}.cpu", []).append(cpu)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return speedup_row("j", "start-up and exit alone: `lrpipe sweep --help` vs `python -c "
+                       "'import torch'`, timed from outside", med["ours"], med["torch"],
+                       note=f"CPU s {med['ours.cpu']:.1f} vs {med['torch.cpu']:.1f}; medians of "
+                            f"{rounds} rounds; floor: none (no training)",
+                       cpu=(med["ours.cpu"], med["torch.cpu"]))
