@@ -234,8 +234,9 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
     n_train = len(dataset_for(base).train)
     history = real.history_frame(runs, finals, "optimizer")
     table = log_real(parent, searches, history)
-    rprop_table = (log_rprop(parent, real.history_frame(pending["rprop_runs"], rprop, "batch",
-                                                        n_train)) if rprop else pd.DataFrame())
+    rprop_table = (log_rprop(parent, real.history_frame(
+        pending["rprop_runs"], rprop, "batch", len(dataset_for(real.rprop_base(base)).train)))
+        if rprop else pd.DataFrame())
     seeds = real.compare_seeds(base, plan["seeds"])
     out = {"searches": searches, "real": table, "rprop": rprop_table,
            "real_versus": None if table.empty else real.best_against_runner_up(history, table),
@@ -301,9 +302,11 @@ def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
         n_train = len(dataset_for(base).train)  # loads the data once, before the workers do
         pending["search"] = search_rate_task.map(unmapped(to_dict(base)), opts, unmapped(parent),
                                                  unmapped(experiment), unmapped(threads))
-        if "rprop" in opts and n_train > base.batch_size:
-            pending["rprop_runs"] = real.rprop_batch_runs(base, n_train, plan["rprop_epochs"],
-                                                          plan["seeds"])
+        rprop_base = real.rprop_base(base)
+        n_rprop = len(dataset_for(rprop_base).train)
+        if "rprop" in opts and n_rprop > base.batch_size:
+            pending["rprop_runs"] = real.rprop_batch_runs(rprop_base, n_rprop,
+                                                          plan["rprop_epochs"], plan["seeds"])
             pending["rprop"] = submit_training(pending["rprop_runs"], parent, experiment,
                                                threads)
     return pending

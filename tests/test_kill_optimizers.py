@@ -182,7 +182,9 @@ def reference(config, api_url, tmp_path_factory) -> dict:
     kids = _children(parent, uri)
     assert {k.info.status for k in kids} == {"FINISHED"}
     # three Rprop arms (mini-batch, full batch at equal epochs, at equal updates) x 2 seeds
-    assert _parts(kids) == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6}
+    # and the winner trained again on 2 fresh seeds, scored once on the test split
+    assert _parts(kids) == {"surface": 3, "search": 3, "compare": 6, "rprop-batch": 6,
+                            "test": 2}
     return {"answer": _answer(parent, uri), "tasks": sorted(map(_task, kids))}
 
 
