@@ -407,6 +407,9 @@ server PREFECT_API_URL names (`make server`: http://127.0.0.1:4200, or the PORT=
                     Option("--flow", str, "pipeline (default) | sweep"),
                     Option("--lrs", parse_lrs, "learning rates passed to the flow"),
                     Option("--epochs", int, "epochs passed to the flow"),
+                    Option("--port", int, "port of the local Prefect server to serve on, "
+                           "127.0.0.1:PORT, started if needed (default "
+                           "$PREFECT_SERVER_API_PORT, else 4200)"),
                 ), direct=True),
     )
     return {c.name: c for c in commands}

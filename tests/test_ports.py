@@ -131,3 +131,16 @@ def test_schedule_check_carries_the_port_to_the_server_it_serves_on(monkeypatch)
     monkeypatch.setattr(server, "start", lambda port=None, **kw: server.api_url(port=port))
     serve.run(**kwargs)
     assert served == ["http://127.0.0.1:4277/api"]
+
+
+def test_schedule_takes_port_on_the_command_line(capsys):
+    """`lrpipe schedule --port` is declared (flows.commands) and checked before anything starts:
+    a port out of range exits 2 with one line naming the field."""
+    from flows.cli import main
+
+    assert main(["schedule", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "port" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["schedule", "--help"])
+    assert "--port" in capsys.readouterr().out
