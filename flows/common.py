@@ -9,25 +9,20 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     ConfigError,
     DataConfig,
     TrainConfig,
     check_number,
-    from_dict,
     is_plugin,
 )
 from lrpipe.engine.data import Dataset, load_data
@@ -35,7 +30,7 @@ from lrpipe.engine.loop import Stopped, stop_requested
 from lrpipe.engine.models import build_model
 from lrpipe.engine.optim import make_optimizer
 from lrpipe.engine.plugins import DATA_FIELD, MODEL_FIELD
-from lrpipe.engine.train import TrainResult, resolve_device, train
+from lrpipe.engine.train import resolve_device
 
 RUNNERS = ("threads", "dask", "serial")
 PROCESS_RUNNERS = ("dask",)  # and every tcp:// address
@@ -341,71 +336,3 @@ def _record(future, index: dict, results: list, failures: list, describe) -> str
         return f"FAILED: {type(exc).__name__}: {exc}"
     results[index[future.task_run_id]] = result
     return describe(result) if describe else ""
-
-
-@dataclass
-class ResumeCache(CachePolicy):
-    """Prefect's cache key for training tasks: the inputs (minus ``threads``, which changes no
-    number) and the task's source. Not the flow run id: the parent run id is an input, so a
-    resumed sweep (same parent) hits the cache and a new sweep does not. No parent, no cache."""
-
-    inner: CachePolicy = field(default_factory=lambda: (INPUTS - "threads") + TASK_SOURCE)
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        if not inputs.get("parent_run_id"):
-            return None
-        return self.inner.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-
-
-def result_from_run(run, cfg: TrainConfig, name: str, uri: str | None = None) -> dict:
-    """The task result of a FINISHED child run, rebuilt from its metric histories and tags."""
-    tags = run.data.tags
-    diverged = tags.get("diverged_epoch", "")
-    steps = tracking.run_step_log(run.info.run_id, uri)
-    if len(steps):  # the fractional epoch of each logged step, as the loop wrote it
-        per_epoch = -(-len(dataset_for(cfg).train) // cfg.batch_size)
-        steps.insert(1, "epoch", steps["step"] / per_epoch)
-    done = TrainResult(history=tracking.run_history(run.info.run_id, uri), step_log=steps,
-                       status=tags.get("status", "ok"),
-                       diverged_epoch=int(diverged) if diverged.isdigit() else None,
-                       device=tags.get("device", "cpu"))
-    return task_result(run.info.run_id, name, cfg, done, reused=True)
-
-
-def task_result(run_id: str, name: str, cfg: TrainConfig, result: TrainResult,
-                reused: bool = False) -> dict:
-    return {"run_id": run_id, "name": name, "lr": cfg.optim.lr, "seed": cfg.seed,
-            "config_hash": cfg.hash(), **result.final(), "reused": reused,
-            "history": history_records(result.history, lr=cfg.optim.lr, seed=cfg.seed,
-                                       status=result.status,
-                                       diverged_epoch=result.diverged_epoch),
-            "steps": history_records(result.step_log, lr=cfg.optim.lr, seed=cfg.seed)}
-
-
-@task(name="train", task_run_name="train {name}", cache_policy=ResumeCache(),
-      persist_result=True, result_storage=RESULTS)
-def train_and_log(
-    cfg_dict: dict, parent_run_id: str, experiment: str, name: str, threads: int = 1,
-    tags: dict | None = None, uri: str | None = None,
-) -> dict:
-    """Train one config as one MLflow child run; return its final metrics and history rows.
-
-    If the parent already has a FINISHED child with this config hash (a resumed sweep), that
-    run is reused: nothing is trained, the result is rebuilt from MLflow (``reused`` True).
-    ``uri`` names the tracking store for workers on other machines (default: their own env).
-    """
-    # torch's intra-op thread count is per OS thread under OpenMP: set it in the task's thread.
-    torch.set_num_threads(threads)
-    cfg = from_dict(cfg_dict)
-    if stop_requested():  # a task that starts after Ctrl-C records nothing
-        raise Stopped(f"{name}: not started")
-    if parent_run_id and (done := resume.finished_child(parent_run_id, cfg.hash(), uri)):
-        return result_from_run(done, cfg, name, uri)
-    data = dataset_for(cfg)
-    run_tags = {"trained": "alone", **procs.process_tags(), **(tags or {})}
-    with runs.training_run(cfg, experiment, parent_run_id, name=name, tags=run_tags,
-                               uri=uri) as run_id:
-        result = train(cfg, data, on_epoch=both(tracking.epoch_logger(run_id, uri),
-                                                 epoch_printer(name, cfg.epochs)))
-        runs.record_result(run_id, result, uri)
-    return task_result(run_id, name, cfg, result)

@@ -22,16 +22,10 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from prefect import flow, task
+from prefect import flow
 
-from flows.batched import gather, group_run_name, plan_tasks, train_group_and_log
-from flows.common import (
-    check_runner,
-    collect,
-    parallel_tasks,
-    set_torch_threads,
-    train_and_log,
-)
+from flows.batched import train_planned
+from flows.common import check_runner, describe_result, parallel_tasks, set_torch_threads
 from flows.decay_results import (
     loss_figure,
     loss_table,
@@ -57,7 +51,7 @@ from flows.schedule_preview import (
     select_schedules,
     steps_per_epoch,
 )
-from flows.tested import describe_tested, log_test, train_and_test
+from flows.tested import describe_tested, log_test
 from lrpipe import runs, tracking
 from lrpipe.engine.config import (
     LOSSES,
@@ -67,7 +61,6 @@ from lrpipe.engine.config import (
     merge,
     to_dict,
 )
-from lrpipe.engine.schedules import preview
 from lrpipe.experiments import decay
 from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
@@ -173,68 +166,22 @@ def run_specs(plan: DecayPlan, names, loss: str) -> list[dict]:
     return specs
 
 
-def _log_schedule(result: dict, cfg: TrainConfig, planned_decay: float | None,
-                  updates_per_epoch: int) -> dict:
-    """A schedule run's extras: its total decay as a metric, its per-update rate curve
-    (``schedules.preview``) as ``schedule/lr_per_step.csv``; returns ``result``.
-
-    A reused run (``result["reused"]``: a resumed comparison found it FINISHED) may have been
-    killed between its end and its extras, so the curve is written again (the same file) and
-    the total decay logged where it is missing. Its history, rebuilt from every metric of the
-    run, loses ``total_decay`` (no epoch metric): the rows a fresh run returns.
-    """
-    history = result["history"]
-    logged = bool(history) and "total_decay" in history[0]
-    if planned_decay is not None and not logged:
-        tracking.log_metrics(result["run_id"], {"total_decay": planned_decay}, step=0)
-    curve = preview(cfg.schedule, cfg.epochs, updates_per_epoch, cfg.optim.lr)
-    tracking.log_table(result["run_id"], curve, "schedule/lr_per_step.csv")
-    if not logged:
-        return result
-    return {**result, "history": [{k: v for k, v in row.items() if k != "total_decay"}
-                                  for row in history]}
-
-
-@task(name="train-schedule", task_run_name="train {name}")
-def train_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
-                   threads: int, tags: dict, planned_decay: float | None,
-                   updates_per_epoch: int) -> dict:
-    """One training child run (``train_and_log``: a FINISHED one of the parent with this
-    config is reused, not trained) plus its schedule extras."""
-    result = train_and_log.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
-    return _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
-
-
-@task(name="train-schedules", task_run_name=group_run_name)
-def train_schedule_group(cfg_dicts: list[dict], parent_run_id: str, experiment: str,
-                         names: list[str], threads: int, tags: list[dict],
-                         planned: list[float | None], updates_per_epoch: int) -> list[dict]:
-    """Schedules and seeds trained as one group (``train_group_and_log``: batched, a child run
-    each; members FINISHED before under the parent are reused), each with its schedule
-    extras."""
-    results = train_group_and_log.fn(cfg_dicts, parent_run_id, experiment, names, threads,
-                                     tags)
-    return [_log_schedule(result, from_dict(cfg_dict), total, updates_per_epoch)
-            for result, cfg_dict, total in zip(results, cfg_dicts, planned, strict=True)]
-
-
 def train_stage(plan: DecayPlan, specs: list[dict], parent: str, experiment: str,
-                threads: int, workers: int, label: str) -> pd.DataFrame:
+                threads: int, workers: int, label: str, tested: str | None = None) -> list[dict]:
     """Train ``specs`` (schedules x seeds batched into one task per worker where measured to
-    pay); their histories stacked with schedule and loss columns."""
-    tasks = plan_tasks([from_dict(s["cfg"]) for s in specs], workers)
-    futures = []
-    for part in tasks:
-        group = [specs[i] for i in part]
-        cfgs, names = [g["cfg"] for g in group], [g["name"] for g in group]
-        tags, decays = [g["tags"] for g in group], [g["total_decay"] for g in group]
-        if len(part) == 1:
-            futures.append(train_schedule.submit(cfgs[0], parent, experiment, names[0], threads,
-                                                 tags[0], decays[0], plan.steps_per_epoch))
-        else:
-            futures.append(train_schedule_group.submit(cfgs, parent, experiment, names, threads,
-                                                       tags, decays, plan.steps_per_epoch))
-    results = gather(tasks, futures, label)
+    pay; the schedule ``tested`` each alone, without the test split, scored once on it), each
+    with its schedule extras (total decay, rate curve); one result per spec."""
+    return train_planned(
+        [from_dict(s["cfg"]) for s in specs], parent, experiment, [s["name"] for s in specs],
+        threads=threads, workers=workers, tags=[s["tags"] for s in specs], label=label,
+        describe=lambda r: (describe_tested if "test_loss" in r else describe_result)(r),
+        kinds=[{"test": s["schedule"] == tested, "extras": {
+            "total_decay": s["total_decay"], "updates_per_epoch": plan.steps_per_epoch}}
+            for s in specs])
+
+
+def stage_history(specs: list[dict], results: list[dict]) -> pd.DataFrame:
+    """The histories of ``train_stage``'s results stacked with schedule and loss columns."""
     return pd.DataFrame([{**row, "schedule": s["schedule"], "loss": s["loss"]}
                          for s, r in zip(specs, results, strict=True) for row in r["history"]])
 
@@ -291,8 +238,10 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     extra = [loss for loss in plan.losses if loss != plan.base.loss]
     if not extra:
         return None
-    runs = [train_stage(plan, run_specs(plan, [best], loss), parent, experiment, threads, workers,
-                        f"lr-decay-{loss.replace('_', '-')}") for loss in extra]
+    specs = {loss: run_specs(plan, [best], loss) for loss in extra}
+    runs = [stage_history(specs[loss], train_stage(
+        plan, specs[loss], parent, experiment, threads, workers,
+        f"lr-decay-{loss.replace('_', '-')}")) for loss in extra]
     both = pd.concat([history[history["schedule"] == best], *runs], ignore_index=True)
     rates = {loss: plan.loss_rates.get(loss, loss_rate(plan.base, loss))
              for loss in both["loss"].unique()}
@@ -301,16 +250,6 @@ def compare_losses(plan, history, best, parent, experiment, threads,
     tracking.log_table(parent, table, "loss_choice.csv")
     tracking.log_figure(parent, loss_figure(both, best, rates), "loss_choice")
     return table
-
-
-@task(name="train-schedule-and-test", task_run_name="train and test {name}")
-def test_schedule(cfg_dict: dict, parent_run_id: str, experiment: str, name: str,
-                  threads: int, tags: dict, planned_decay: float | None,
-                  updates_per_epoch: int) -> dict:
-    """One run of the best schedule's confirmation (``tested.train_and_test``: without the
-    test split, scored once on it after training) plus its schedule extras."""
-    result = train_and_test.fn(cfg_dict, parent_run_id, experiment, name, threads, tags)
-    return _log_schedule(result, from_dict(cfg_dict), planned_decay, updates_per_epoch)
 
 
 def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment: str,
@@ -326,15 +265,10 @@ def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment
     fresh = dataclasses.replace(plan, seeds=plan.confirm_seeds)
     specs = [{**s, "tags": {**s["tags"], "role": "confirm"}}
              for s in run_specs(fresh, [best, rival], plan.base.loss)]
-    tested = [test_schedule.submit(s["cfg"], parent, experiment, s["name"], threads, s["tags"],
-                                   s["total_decay"], plan.steps_per_epoch)
-              for s in specs if s["schedule"] == best]
-    rivals = train_stage(plan, [s for s in specs if s["schedule"] == rival], parent,
-                         experiment, threads, workers, "lr-decay-confirm")
-    scored = collect(tested, "lr-decay-confirm-test", describe_tested)
-    history = pd.concat([pd.DataFrame([{**row, "schedule": best, "loss": plan.base.loss}
-                                       for r in scored for row in r["history"]]), rivals],
-                        ignore_index=True)
+    results = train_stage(plan, specs, parent, experiment, threads, workers,
+                          "lr-decay-confirm", tested=best)
+    history = stage_history(specs, results)
+    scored = [r for s, r in zip(specs, results, strict=True) if s["schedule"] == best]
     record = confirmation_record(plan, history, best, rival)
     summary = test_summary(pd.DataFrame(scored), best, plan.confirm_seeds)
     line = test_line(summary, test_set_name(plan.base.data.dataset))
@@ -390,8 +324,9 @@ def decay_compare(
     threads, tasks = set_torch_threads(runner, workers), parallel_tasks(runner, workers)
     print_plan(plan)
     with decay_parent(plan, experiment, runner) as parent:
-        history = train_stage(plan, run_specs(plan, plan.schedules, plan.base.loss), parent,
-                              experiment, threads, tasks, "lr-decay")
+        specs = run_specs(plan, plan.schedules, plan.base.loss)
+        history = stage_history(specs, train_stage(plan, specs, parent, experiment, threads,
+                                                   tasks, "lr-decay"))
         ranking = rank_schedules(history, plan.decays)
         ranking["rate_set_by"] = ranking["schedule"].map(lambda n: rate_set_by(plan, n))
         tracking.log_table(parent, ranking, "ranking.csv")

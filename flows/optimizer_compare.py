@@ -20,7 +20,7 @@ The real-data winner at its searched rate is then trained again on fresh seeds w
 split and scored once on it (``test_winner``): its test figure, reported beside the choice.
 
 A re-run of a killed comparison resumes into its parent (``flows.harness``) and reuses every
-child that FINISHED: trainings by config hash (``train_and_log``), surface tasks and rate
+child that FINISHED: trainings by config hash (``flows.children``), surface tasks and rate
 searches by their task key, their results rebuilt from what the child logged.
 """
 
@@ -33,7 +33,8 @@ import torch
 from prefect import flow, task, unmapped
 
 from flows import optimizer_second_order as second
-from flows.batched import train_planned
+from flows.batched import describe_task, train_planned
+from flows.children import member, train_children
 from flows.common import (
     check_runner,
     collect,
@@ -41,7 +42,6 @@ from flows.common import (
     describe_result,
     parallel_tasks,
     set_torch_threads,
-    train_and_log,
 )
 from flows.harness import flow_parent
 from flows.optimizer_report import SEARCH_NOTE, print_summary, report_optimizers
@@ -50,7 +50,7 @@ from flows.optimizer_surfaces import (
     describe_surface,
     log_surfaces,
 )
-from flows.tested import describe_tested, log_test, train_and_test
+from flows.tested import describe_tested, log_test
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     ConfigError,
@@ -178,9 +178,8 @@ def describe_search(result: dict) -> str:
 def submit_training(runs: list[real.Run], parent: str, experiment: str, threads: int):
     if not runs:
         return []
-    return train_and_log.map([to_dict(r.cfg) for r in runs], unmapped(parent),
-                             unmapped(experiment), [r.name for r in runs], unmapped(threads),
-                             [r.tags for r in runs])
+    return train_children.map([[member(r.cfg, r.name, r.tags)] for r in runs], unmapped(parent),
+                              unmapped(experiment), unmapped(threads))
 
 
 def log_real(parent: str, searches: list[dict], history: pd.DataFrame) -> pd.DataFrame:
@@ -230,7 +229,8 @@ def compare_real(plan: dict, parent: str, experiment: str, threads: int, pending
     finals = train_planned([r.cfg for r in runs], parent, experiment, [r.name for r in runs],
                            threads=threads, workers=workers, tags=[r.tags for r in runs],
                            label="optimizers-train") if runs else []
-    rprop = collect(pending["rprop"], "optimizers-rprop", describe_result)
+    rprop = [r for out in collect(pending["rprop"], "optimizers-rprop",
+                                  describe_task(describe_result)) for r in out]
     n_train = len(dataset_for(base).train)
     history = real.history_frame(runs, finals, "optimizer")
     table = log_real(parent, searches, history)
@@ -263,19 +263,20 @@ def test_winner(plan: dict, table: pd.DataFrame, parent: str, experiment: str,
                 threads: int) -> dict:
     """The recommended recipe, the real-data winner (``table``'s first row, ranked on the
     selection split before this runs) at its searched rate, trained again on ``test_seeds``
-    without the test split and scored once on it (``tested.train_and_test``): ``test`` (the
-    ``test_summary``, also on the parent) and ``test_line``. Fresh seeds, not the comparison's:
-    the winner's comparison runs are the ones that won, and a test figure on the seeds that
-    chose would inherit their luck where selection and test errors move together."""
+    without the test split and scored once on it (``test`` members of ``flows.children``):
+    ``test`` (the ``test_summary``, also on the parent) and ``test_line``. Fresh seeds, not
+    the comparison's: the winner's comparison runs are the ones that won, and a test figure on
+    the seeds that chose would inherit their luck where selection and test errors move
+    together."""
     winner, lr = table["optimizer"].iloc[0], float(table["lr"].iloc[0])
     seeds = test_seeds(plan)
     cfgs = [merge(entry_config(plan["base"], winner), {"optim.lr": lr, "seed": seed})
             for seed in seeds]
-    futures = [train_and_test.submit(to_dict(cfg), parent, experiment,
-                                     f"test {winner} lr={lr:.3g} {cfg.model.name} seed={cfg.seed}",
-                                     threads, {"optimizer": winner, "part": "test"})
-               for cfg in cfgs]
-    scored = collect(futures, "optimizers-test", describe_tested)
+    scored = train_planned(
+        cfgs, parent, experiment,
+        [f"test {winner} lr={lr:.3g} {cfg.model.name} seed={cfg.seed}" for cfg in cfgs],
+        threads=threads, workers=1, tags={"optimizer": winner, "part": "test"},
+        label="optimizers-test", describe=describe_tested, kinds=[{"test": True}] * len(cfgs))
     summary = test_summary(pd.DataFrame(scored), f"{winner} at lr {lr:.3g}", seeds)
     line = test_line(summary, test_set_name(plan["base"].data.dataset),
                      "retrained on fresh seeds without the test split")
@@ -299,7 +300,7 @@ def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:
         pending["cost"] = second.step_cost_task.submit(plan["cost_scale"], threads)
     if not plan["skip_real"]:
         base = plan["base"]
-        n_train = len(dataset_for(base).train)  # loads the data once, before the workers do
+        dataset_for(base)  # loads the data once, before the workers do
         pending["search"] = search_rate_task.map(unmapped(to_dict(base)), opts, unmapped(parent),
                                                  unmapped(experiment), unmapped(threads))
         rprop_base = real.rprop_base(base)

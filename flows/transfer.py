@@ -14,55 +14,41 @@ reused from MLflow, so the summary and the best strategy come out as an uninterr
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
-from collections.abc import Mapping
 
 import pandas as pd
-import torch
-from prefect import flow, task, unmapped
+from prefect import flow
 
-from flows.common import (
-    both,
-    check_runner,
-    collect,
-    dataset_for,
-    describe_result,
-    epoch_printer,
-    set_torch_threads,
-)
+from flows.batched import train_members
+from flows.children import member, train_children
+from flows.common import check_runner, describe_result, set_torch_threads
 from flows.harness import flow_parent
 from flows.report import log_confirmation, publish_flow_report
-from flows.tested import log_scored, log_test, logged_test
+from flows.tested import log_test
 from flows.transfer_results import compare, log_outcome, print_summary, result_frames
-from flows.transfer_settings import CUSTOM, DEFAULT_GRID_SEEDS, validate
+from flows.transfer_settings import DEFAULT_GRID_SEEDS, validate
 from flows.transfer_settings import transfer_config as transfer_config  # the tests' import
-from lrpipe import procs, resume, runs, tracking
+from lrpipe import resume, runs, tracking
 from lrpipe.engine.config import TrainConfig
 from lrpipe.engine.models import HEAD
-from lrpipe.engine.train import TrainResult, resolve_device, train
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.experiments.final import (
     CONFIRM_OFF,
     TEST_HEADING,
-    score_once,
     test_line,
     test_set_name,
     test_summary,
     test_table,
-    without_test,
 )
+from lrpipe.experiments.finetuning import CUSTOM, strategy_config
+from lrpipe.experiments.registration import pretrained_registration
 from lrpipe.experiments.transfer import (
     TransferConfig,
     final_rows,
-    finetune,
     grid_configs,
     source_config,
     summarize_strategies,
-    target_config,
-    trainable_layers,
-    transplant,
 )
 from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS
 
@@ -76,13 +62,6 @@ def pretrain_hash(tc: TransferConfig) -> str:
     """The identity of the pretrained weights: the hash of the source run's TrainConfig. The
     fine-tuning fields (base_lr, head_mult, seeds, ...) don't change them, so they don't count."""
     return source_config(tc).hash()
-
-
-def finetune_config(tc: TransferConfig, strategy: str, seed: int,
-                    lr_mult: Mapping[str, float] | None = None) -> TrainConfig:
-    if strategy == CUSTOM:
-        return target_config(tc, "uniform", seed).replace(**{"optim.lr_mult": dict(lr_mult)})
-    return target_config(tc, strategy, seed)
 
 
 def run_name(strategy: str, cfg: TrainConfig) -> str:
@@ -104,7 +83,7 @@ def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> 
                for lr, mult in grid_configs(tc) for seed in tc.seeds[:grid_seeds]]
     runs: dict[tuple, dict] = {}
     for strategy, run_tc, seed, in_grid in wanted:
-        cfg = finetune_config(run_tc, strategy, seed, lr_mult)
+        cfg = strategy_config(run_tc, strategy, seed, lr_mult)
         kind = strategy if strategy in ("scratch", "gradual_unfreeze") else "transplant"
         run = runs.setdefault((kind, cfg.hash()), {
             "strategy": strategy, "seed": seed, "base_lr": cfg.optim.lr,
@@ -118,130 +97,56 @@ def plan_runs(tc: TransferConfig, strategies, grid_seeds: int, lr_mult=None) -> 
     return list(runs.values())
 
 
-# --- tasks ----------------------------------------------------------------------------------
-
-def log_history(run_id: str, history: pd.DataFrame) -> None:
-    """Per-epoch metrics (train()'s names, step=epoch) of a run that trained without a hook."""
-    log = tracking.epoch_logger(run_id)
-    for row in history.to_dict("records"):
-        log(row)
-
-
-@functools.lru_cache(maxsize=4)
-def _registered(model_uri: str, store: str, device: str) -> torch.nn.Module:
-    return tracking.load_registered(model_uri, device, uri=store)
-
-
-def pretrained_model(model_uri: str, device: str) -> torch.nn.Module:
-    """The registered model, loaded once per process, store and device (a registered version
-    never changes; fine-tuning works on transplant()'s deep copy, never on this one)."""
-    return _registered(model_uri, tracking.tracking_uri(), device)
-
-
-@task(name="pretrain", task_run_name="pretrain {name}")
-def pretrain_and_register(tc_dict: dict, parent_run_id: str, experiment: str, name: str,
-                          model_name: str, threads: int = 1) -> dict:
-    """Train the source task as one child run and register the weights; return the URI."""
-    torch.set_num_threads(threads)
-    tc = TransferConfig(**tc_dict)
-    cfg = source_config(tc)
-    data = dataset_for(cfg)
-    # The writer's tags let the next run mark this one KILLED if its process dies.
-    with runs.training_run(cfg, experiment, parent_run_id, name=name,
-                               tags={"phase": "pretrain", **procs.process_tags()}) as run_id:
-        result = train(cfg, data, keep_model=True, on_epoch=both(
-            tracking.epoch_logger(run_id), epoch_printer(name, cfg.epochs)))
-        tracking.set_tags(run_id, {"status": result.status, "device": result.device})
-        if result.status == "diverged":
-            raise ValueError(f"pretraining diverged in epoch {result.diverged_epoch}; "
-                             f"allowed: a smaller pretrain_lr than {tc.pretrain_lr:g}")
-        final = result.final()
-        uri = tracking.register_model(
-            run_id, result.model, model_name, pretrain_hash(tc), model_cfg=cfg.model,
-            input_shape=data.input_shape, num_classes=data.num_classes,
-            tags={"dataset": tc.dataset, "source_classes": list(tc.source_classes),
-                  "source_val_error": f"{final['val_error']:.4f}"},
-            description=f"{tc.model} {list(tc.hidden)} pretrained on {tc.dataset} classes "
-                        f"{list(tc.source_classes)}, {tc.pretrain_epochs} epochs")
-    return {"model_uri": uri, "run_id": run_id, "reused": False,
-            "source_val_error": final["val_error"]}
-
-
-def pretrained_here(run) -> dict:
-    """``pretrain_and_register``'s result, rebuilt from its FINISHED child run (an mlflow Run):
-    the registered model's URI, the run, and the source val error of its last epoch."""
-    return {"model_uri": run.data.tags["registered_model"], "run_id": run.info.run_id,
-            "reused": False, "source_val_error": run.data.metrics["val_error"]}
-
+# --- members: what each child run is ------------------------------------------------------
 
 def finetune_key(run: dict) -> str:
     """What identifies a planned fine-tuning (``plan_runs``) across re-runs: its kind and its
     config. The config alone does not: gradual_unfreeze ends at discriminative's config."""
-    cfg = finetune_config(TransferConfig(**run["tc"]), run["strategy"], run["seed"],
+    cfg = strategy_config(TransferConfig(**run["tc"]), run["strategy"], run["seed"],
                           run["lr_mult"])
     return resume.task_key("finetune", {"kind": run["kind"], "config_hash": cfg.hash()})
 
 
-def finetune_result(run: dict, run_id: str, result: TrainResult, reused: bool = False) -> dict:
-    """What ``finetune_and_log`` returns: the planned run's labels, final metrics, history."""
-    labels = {k: run[k] for k in ("name", "strategy", "seed", "base_lr", "head_mult",
-                                  "strategies", "grid")}
-    return {"run_id": run_id, **labels, **result.final(), "reused": reused,
-            "history": result.history.to_dict("records")}
+def finetune_members(plan: list[dict], model_uri: str) -> list[dict]:
+    """Planned fine-tunings (``plan_runs``) as members: each starts from ``model_uri`` under
+    its strategy, is reused by its ``finetune_key`` and returns its labels; a run marked
+    ``test`` (the best strategy's confirmation) trains without the test split and is scored
+    once on it."""
+    return [member(
+        strategy_config(TransferConfig(**r["tc"]), r["strategy"], r["seed"], r["lr_mult"]),
+        r["name"], {"strategy": r["strategy"], "head_mult": r["head_mult"],
+                    "base_lr": r["base_lr"], "grid": r["grid"], "phase": "finetune",
+                    "strategies": ",".join(r["strategies"]), "pretrained_model": model_uri},
+        key=finetune_key(r), test=bool(r.get("test")),
+        init={"model_uri": model_uri, "strategy": r["strategy"], "tc": r["tc"]},
+        labels={k: r[k] for k in ("strategy", "seed", "base_lr", "head_mult", "strategies",
+                                  "grid")}) for r in plan]
 
 
-def finetuned_before(run: dict, child) -> dict:
-    """``finetune_and_log``'s result rebuilt from its FINISHED child run (an mlflow Run): the
-    logged epochs, with ``trainable_layers`` read back from the per-layer rates."""
-    history = tracking.run_history(child.info.run_id)
-    tags = child.data.tags
-    diverged = tags.get("diverged_epoch", "")
-    done = TrainResult(history=history.assign(trainable_layers=trainable_layers(history)),
-                       status=tags.get("status", "ok"),
-                       diverged_epoch=int(diverged) if diverged.isdigit() else None,
-                       device=tags.get("device", "cpu"))
-    return {**finetune_result(run, child.info.run_id, done, reused=True),
-            **(logged_test(child) if run.get("test") else {})}
+def finetune_all(plan: list[dict], model_uri: str, parent: str, experiment: str,
+                 threads: int, label: str) -> list[dict]:
+    """Every planned fine-tuning, one task each (each keeps its model), as child runs."""
+    return train_members(finetune_members(plan, model_uri), parent, experiment,
+                         threads=threads, workers=1, label=label, describe=describe_result)
 
 
-@task(name="finetune", task_run_name="finetune {run[name]}")
-def finetune_and_log(run: dict, model_uri: str, parent_run_id: str, experiment: str,
-                     threads: int = 1) -> dict:
-    """Fine-tune one planned run (``plan_runs``) from the registered model as one child run;
-    return its labels, final metrics and history rows. A run marked ``test`` (the best
-    strategy's confirmation) trains without the test split and is scored once on it after
-    training: ``TEST_KEYS`` logged on the run and returned (NaN when it diverged).
+def pretrain_member(tc: TransferConfig, name: str, model_name: str) -> dict:
+    """The pretraining as a member: the source config, registered as ``model_name``."""
+    return member(source_config(tc), name, {"phase": "pretrain"},
+                  register=pretrained_registration(tc, model_name))
 
-    A FINISHED child of the parent with the same ``finetune_key`` (a resumed run) is reused:
-    nothing is trained, the result is rebuilt from MLflow (``reused`` True)."""
-    torch.set_num_threads(threads)
-    key = finetune_key(run)
-    if parent_run_id and (done := resume.finished_task(parent_run_id, key)) is not None:
-        return finetuned_before(run, done)
-    tc = TransferConfig(**run["tc"])
-    cfg = finetune_config(tc, run["strategy"], run["seed"], run["lr_mult"])
-    data, scored = dataset_for(cfg), bool(run.get("test"))
-    seen = without_test(data) if scored else data
-    tags = {"strategy": run["strategy"], "head_mult": run["head_mult"],
-            "base_lr": run["base_lr"], "grid": run["grid"], "phase": "finetune",
-            "strategies": ",".join(run["strategies"]), "pretrained_model": model_uri,
-            resume.TASK_TAG: key, **procs.process_tags()}
-    with runs.training_run(cfg, experiment, parent_run_id, name=run["name"],
-                               tags=tags) as run_id:
-        pretrained = (None if run["strategy"] == "scratch"
-                      else pretrained_model(model_uri, str(resolve_device(cfg.device))))
-        if run["strategy"] == CUSTOM:
-            result = train(cfg, seen, model=transplant(pretrained, data.num_classes, cfg.seed),
-                           keep_model=scored)
-        else:
-            result = finetune(tc, run["strategy"], cfg.seed, pretrained, seen, scored)
-        log_history(run_id, result.history)
-        tracking.set_tags(run_id, {"status": result.status, "device": result.device,
-                                   "diverged_epoch": result.diverged_epoch or ""})
-        test = score_once(result.model, data, result.status) if scored else {}
-        if scored:
-            log_scored(run_id, test, int(result.history["epoch"].iloc[-1]))
-    return {**finetune_result(run, run_id, result), **test}
+
+def pretrained_result(result: dict) -> dict:
+    """The pretraining's result as the flow reads it: URI, run, source val error."""
+    return {"model_uri": result["model_uri"], "run_id": result["run_id"], "reused": False,
+            "source_val_error": result["val_error"]}
+
+
+def pretrained_here(run) -> dict:
+    """The pretraining's result, rebuilt from its FINISHED child run (an mlflow Run):
+    the registered model's URI, the run, and the source val error of its last epoch."""
+    return {"model_uri": run.data.tags["registered_model"], "run_id": run.info.run_id,
+            "reused": False, "source_val_error": run.data.metrics["val_error"]}
 
 
 # --- the flow -------------------------------------------------------------------------------
@@ -263,8 +168,9 @@ def obtain_pretrained(tc, model_name, retrain, parent, experiment, threads) -> d
         return {"model_uri": found, "run_id": None, "reused": True}
     name = runs.training_run_name(source_config(tc), prefix="pretrain ")
     print(f"Pretraining {name} (no registered {model_name} for config {key})", flush=True)
-    return pretrain_and_register(dataclasses.asdict(tc), parent, experiment, name, model_name,
-                                 threads)
+    (done,) = train_children([pretrain_member(tc, name, model_name)], parent, experiment,
+                             threads)
+    return pretrained_result(done)
 
 
 @flow(name="transfer")
@@ -298,9 +204,8 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
         pre = obtain_pretrained(tc, model_name, retrain, parent, experiment, threads)
         tracking.set_tags(parent, {"pretrained_model": pre["model_uri"],
                                    "pretrained_reused": pre["reused"]})
-        futures = finetune_and_log.map(plan, unmapped(pre["model_uri"]), unmapped(parent),
-                                       unmapped(experiment), unmapped(threads))
-        results = collect(futures, "transfer", describe_result)
+        results = finetune_all(plan, pre["model_uri"], parent, experiment, threads,
+                               "transfer")
         strategy_df, grid_df = result_frames(results)
         summary = summarize_strategies(strategy_df)
         log_outcome(parent, strategy_df, grid_df, summary)
@@ -343,9 +248,7 @@ def confirm_best(tc: TransferConfig, summary: pd.DataFrame, mult, seeds, model_u
     best, rival = summary["strategy"].iloc[0], summary["strategy"].iloc[1]
     plan = [{**r, "test": best in r["strategies"]} for r in plan_runs(
         dataclasses.replace(tc, seeds=tuple(seeds)), (best, rival), 0, mult)]
-    futures = finetune_and_log.map(plan, unmapped(model_uri), unmapped(parent),
-                                   unmapped(experiment), unmapped(threads))
-    results = collect(futures, "transfer-confirm", describe_result)
+    results = finetune_all(plan, model_uri, parent, experiment, threads, "transfer-confirm")
     record = confirmation_record(results, best, rival, seeds)
     test = test_summary(pd.DataFrame([r for r in results if best in r["strategies"]]), best, seeds)
     line = test_line(test, f"{test_set_name(tc.dataset)}, target classes "

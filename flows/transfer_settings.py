@@ -12,9 +12,9 @@ from lrpipe.engine import checkpoint
 from lrpipe.engine.config import ConfigError, ModelConfig, check_number
 from lrpipe.engine.models import build_model
 from lrpipe.engine.optim import param_groups
+from lrpipe.experiments.finetuning import CUSTOM
 from lrpipe.experiments.transfer import STRATEGIES, TransferConfig, check_layer_mult
 
-CUSTOM = "custom"  # the strategy --lr-mult defines: uniform plus the given layer multipliers
 DEFAULT_SEEDS = 3
 # The grid (4 base rates x 5 head multipliers) runs on the first seed only by default: with 3
 # seeds it would triple the flow's cost, and `make sweep` must fit in about 8 minutes.

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flows import children
 from flows import final as final_flow
 from flows.commands import COMMANDS
 from lrpipe import tracking
@@ -82,10 +83,10 @@ def test_final_answer_opens_with_the_result():
 
 @pytest.fixture
 def spied(monkeypatch):
-    """Every train() and test_metrics() call of flows.final, in order: (event, config hash,
-    test examples the call could see)."""
+    """Every train() and test_metrics() call of the final flow's training task
+    (flows.children), in order: (event, config hash, test examples the call could see)."""
     events = []
-    train, test = final_flow.train, final_flow.test_metrics
+    train, test = children.train, fx.test_metrics
 
     def spy_train(cfg, data, **kw):
         events.append(("train start", cfg.hash(), len(data.test)))
@@ -97,8 +98,8 @@ def spied(monkeypatch):
         events.append(("test", None, len(data.test)))
         return test(model, data)
 
-    monkeypatch.setattr(final_flow, "train", spy_train)
-    monkeypatch.setattr(final_flow, "test_metrics", spy_test)
+    monkeypatch.setattr(children, "train", spy_train)
+    monkeypatch.setattr(fx, "test_metrics", spy_test)
     return events
 
 
@@ -159,20 +160,20 @@ def test_pipeline_report_opens_with_the_final_model(prefect_harness, mlflow_stor
 
 
 def test_a_tested_run_is_reused_with_its_logged_test_figures(mlflow_store, monkeypatch):
-    """flows.tested.train_and_test (a recommended recipe's run, issue 27): it trains without
-    the test split and scores once; run again under the same parent (a resumed flow), it
-    trains and tests nothing and returns the figures it logged."""
-    from flows import tested
+    """A ``test`` member of flows.children.train_children (a recommended recipe's run, issue
+    27): it trains without the test split and scores once; run again under the same parent (a
+    resumed flow), it trains and tests nothing and returns the figures it logged."""
     from lrpipe.engine.config import TrainConfig, merge
 
     cfg = merge(TrainConfig(), {**OVERRIDES, "epochs": 1, "seed": 100})
     parent = tracking.start_run("tested-reuse", "parent")
     seen = []
-    real_train = tested.train
-    monkeypatch.setattr(tested, "train", lambda c, data, **kw: (
+    real_train = children.train
+    monkeypatch.setattr(children, "train", lambda c, data, **kw: (
         seen.append(len(data.test)), real_train(c, data, **kw))[1])
-    fresh = tested.train_and_test.fn(cfg.to_dict(), parent, "tested-reuse", "cosine seed=100")
-    again = tested.train_and_test.fn(cfg.to_dict(), parent, "tested-reuse", "cosine seed=100")
+    members = [children.member(cfg, "cosine seed=100", test=True)]
+    (fresh,) = children.train_children.fn(members, parent, "tested-reuse")
+    (again,) = children.train_children.fn(members, parent, "tested-reuse")
     assert seen == [0]  # trained once, and never saw a test image
     assert not fresh["reused"] and again["reused"] and again["run_id"] == fresh["run_id"]
     assert 0.0 < fresh["test_accuracy"] <= 1.0

@@ -1,13 +1,16 @@
-"""flows.batched: a group of rates trained in one task, each member its own MLflow child run,
-against train_and_log on the same configs; and the plan that says what to group."""
+"""flows.children.train_children: a group of rates trained in one task, each member its own
+MLflow child run, against one task per config on the same configs; and flows.batched's plan
+that says what to group."""
 
 from __future__ import annotations
 
 import pytest
 
-from flows.batched import chunks, plan_groups, train_group_and_log
+from flows.batched import chunks, plan_groups, plan_tasks
+from flows.children import member as spec
+from flows.children import train_children
 from lrpipe import runs, tracking
-from lrpipe.engine.config import DataConfig, ModelConfig, TrainConfig, to_dict
+from lrpipe.engine.config import DataConfig, ModelConfig, TrainConfig
 
 LRS = (0.05, 0.1, 0.2, 1e4)  # 1e4 diverges: masked in the batch, its run marked
 EXPERIMENT = "test-flow-batched"
@@ -24,25 +27,24 @@ def digits(**changes) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_harness, _session_store):
-    """One flow: the 4 rates as one train_group_and_log task (batching declared on) and as 4
-    train_and_log tasks, side by side."""
+    """One flow: the 4 rates as one train_children task (batching declared on) and as 4
+    one-member tasks, side by side."""
     import os
 
     from prefect import flow, unmapped
-
-    from flows.common import train_and_log
 
     cfgs = [digits(**{"optim.lr": lr}) for lr in LRS]
     names = [runs.training_run_name(c) for c in cfgs]
 
     @flow(name="test-batched")
     def both(parent: str, other: str) -> tuple[list[dict], list[dict]]:
-        group = train_group_and_log.submit([to_dict(c) for c in cfgs], parent, EXPERIMENT,
-                                           names, 1, {"flow": "test"})
-        # Another parent: train_and_log would reuse a finished child of the same config.
-        singles = train_and_log.map([to_dict(c) for c in cfgs], unmapped(other),
-                                    unmapped(EXPERIMENT), names)
-        return group.result(), [f.result() for f in singles]
+        group = train_children.submit([spec(c, n, {"flow": "test"})
+                                       for c, n in zip(cfgs, names, strict=True)],
+                                      parent, EXPERIMENT, 1)
+        # Another parent: a task would reuse a finished child of the same config.
+        singles = train_children.map([[spec(c, n)] for c, n in zip(cfgs, names, strict=True)],
+                                     unmapped(other), unmapped(EXPERIMENT))
+        return group.result(), [f.result()[0] for f in singles]
 
     os.environ["MLFLOW_TRACKING_URI"] = _session_store
     try:
@@ -103,9 +105,10 @@ def test_results_equal_train_and_logs_within_tolerance(flow_run):
 
 def test_resumed_group_reuses_finished_members_and_trains_the_rest(flow_run, mlflow_store):
     parent, grouped, _, _ = flow_run
-    cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (*LRS, 0.4)]
+    cfgs = [digits(**{"optim.lr": lr}) for lr in (*LRS, 0.4)]
     names = [m["name"] for m in grouped] + ["new"]
-    out = train_group_and_log.fn(cfgs, parent, EXPERIMENT, names)
+    out = train_children.fn([spec(c, n) for c, n in zip(cfgs, names, strict=True)], parent,
+                            EXPERIMENT)
     assert [m["reused"] for m in out] == [True, True, True, True, False]
     assert [m["run_id"] for m in out[:4]] == [m["run_id"] for m in grouped]
     for got, want in zip(out, grouped, strict=False):  # diverged one too: last finite epoch
@@ -119,12 +122,12 @@ def test_a_failing_group_leaves_every_child_failed(mlflow_store, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("flows.batched.train_many", boom)
-    monkeypatch.setattr("flows.batched.plan_many", lambda cfgs: [([0, 1], True)])
-    cfgs = [to_dict(digits(**{"optim.lr": lr})) for lr in (0.1, 0.2)]
+    monkeypatch.setattr("flows.children.train_many", boom)
+    monkeypatch.setattr("flows.children.plan_many", lambda cfgs: [([0, 1], True)])
+    members = [spec(digits(**{"optim.lr": lr}), name) for lr, name in ((0.1, "a"), (0.2, "b"))]
     parent = tracking.start_run("test-flow-batched-fail", "parent")
     with pytest.raises(RuntimeError, match="boom"):
-        train_group_and_log.fn(cfgs, parent, "test-flow-batched-fail", ["a", "b"])
+        train_children.fn(members, parent, "test-flow-batched-fail")
     c = tracking.client(mlflow_store)
     exp = c.get_experiment_by_name("test-flow-batched-fail").experiment_id
     children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
@@ -133,12 +136,22 @@ def test_a_failing_group_leaves_every_child_failed(mlflow_store, monkeypatch):
 
 
 def test_bad_groups_are_refused_before_any_run():
-    cfg = to_dict(digits())
-    with pytest.raises(ValueError, match="names: got 1 for 2 configs"):
-        train_group_and_log.fn([cfg, cfg], "parent", EXPERIMENT, ["a"])
-    other = to_dict(digits(**{"data.val_size": 200}))
-    with pytest.raises(ValueError, match="cfg_dicts: members differ in data"):
-        train_group_and_log.fn([cfg, other], "parent", EXPERIMENT, ["a", "b"])
+    with pytest.raises(ValueError, match="members: got none"):
+        train_children.fn([], "parent", EXPERIMENT)
+    other = digits(**{"data.val_size": 200})
+    with pytest.raises(ValueError, match="members: they differ in data"):
+        train_children.fn([spec(digits(), "a"), spec(other, "b")], "parent", EXPERIMENT)
+    with pytest.raises(ValueError, match=r"member: unknown \['tested'\]; allowed: key, init"):
+        spec(digits(), "a", tested=True)
+
+
+def test_members_that_keep_their_model_are_planned_alone():
+    """A tested (or registered, or fine-tuned) member trains alone; the others are dealt as
+    they would be without it."""
+    cfgs = [digits(**{"optim.lr": lr}) for lr in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    assert plan_tasks(cfgs, 2) == [[0, 2, 4], [1, 3]]
+    assert plan_tasks(cfgs, 2, [False, True, False, False, False]) == [[0, 3], [1], [2, 4]]
+    assert plan_tasks(cfgs[:1] + cfgs[2:], 2) == [[0, 2], [1, 3]]  # the same deal of the rest
 
 
 def test_chunks_by_hand():

@@ -119,7 +119,7 @@ def test_step_log_on_request_is_logged_drawn_and_reused(prefect_harness, _sessio
     assert all(m.value > 0 for m in points)
     history = tracking.run_history(run_id, _session_store)
     assert list(history["epoch"]) == [0, 1, 2]  # the step metric is not an epoch row
-    from flows.common import result_from_run
+    from flows.children import result_from_run
     from lrpipe.engine.config import TrainConfig, merge
 
     cfg = merge(TrainConfig(), {"epochs": 2, **settings["overrides"], "optim.lr": 0.3})

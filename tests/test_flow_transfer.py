@@ -5,7 +5,6 @@ harness with a temporary MLflow store, run twice so the second run reuses the pr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -16,15 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from flows.children import train_children
 from flows.commands import COMMANDS
 from flows.transfer import (
     confirmation_record,
-    finetune_and_log,
-    finetune_config,
+    finetune_members,
     plan_runs,
-    pretrain_and_register,
     pretrain_hash,
-    pretrained_model,
+    pretrain_member,
     run_name,
     transfer_config,
 )
@@ -33,6 +31,7 @@ from lrpipe import tracking
 from lrpipe.engine import checkpoint
 from lrpipe.engine.config import ConfigError, ModelConfig
 from lrpipe.engine.models import layer_names, make_model
+from lrpipe.experiments.finetuning import strategy_config
 from lrpipe.experiments.transfer import finetune, target_config
 
 torch.set_num_threads(1)
@@ -162,7 +161,7 @@ def test_plan_runs_each_training_once_hand_counted():
 
 def test_custom_strategy_config_and_name():
     tc = transfer_config(overrides=OVERRIDES)
-    cfg = finetune_config(tc, "custom", 1, {"fc1": 0.1, "head": 10.0})
+    cfg = strategy_config(tc, "custom", 1, {"fc1": 0.1, "head": 10.0})
     assert dict(cfg.optim.lr_mult) == {"fc1": 0.1, "head": 10.0}
     assert (cfg.optim.lr, cfg.seed) == (0.01, 1)
     assert run_name("custom", cfg) == "custom lr=0.01 momentum mlp seed=1"
@@ -387,12 +386,14 @@ def test_custom_task_equals_frozen_backbone_oracle(flows_run, monkeypatch):
     tc = transfer_config(epochs=2, overrides=OVERRIDES)
     mult = {"fc1": 0.0, "fc2": 0.0, "head": 10.0}
     run = next(r for r in plan_runs(tc, ("custom",), 0, mult) if r["seed"] == 1)
-    out = finetune_and_log.fn(run, first["model_uri"], first["parent_run_id"], "transfer")
+    (out,) = train_children.fn(finetune_members([run], first["model_uri"]),
+                               first["parent_run_id"], "transfer")
     assert tracking.client(uri).get_run(out["run_id"]).data.tags["strategy"] == "custom"
     from flows.common import dataset_for
 
     data = dataset_for(target_config(tc, "frozen_backbone", 1))
-    oracle = finetune(tc, "frozen_backbone", 1, pretrained_model(first["model_uri"], "cpu"), data)
+    pretrained = tracking.load_registered(first["model_uri"], "cpu")
+    oracle = finetune(tc, "frozen_backbone", 1, pretrained, data)
     got = pd.DataFrame(out["history"])
     for key in METRICS:
         assert got[key].tolist() == oracle.history[key].tolist(), key
@@ -408,8 +409,8 @@ def test_failed_registration_leaves_no_running_run(flows_run, monkeypatch):
     monkeypatch.setattr(tracking, "register_model", broken)
     tc = transfer_config(overrides={**OVERRIDES, "pretrain_epochs": 1})
     with pytest.raises(RuntimeError, match="registry down"):
-        pretrain_and_register.fn(dataclasses.asdict(tc), first["parent_run_id"], "transfer",
-                                 "pretrain x", "test-broken")
+        train_children.fn([pretrain_member(tc, "pretrain x", "test-broken")],
+                          first["parent_run_id"], "transfer")
     c = tracking.client(uri)
     runs = [r for r in children(c, first["parent_run_id"]) if r.info.run_name == "pretrain x"]
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -154,7 +154,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 
 def test_a_reused_schedule_run_returns_the_same_result_and_gets_its_extras(mlflow_store):
-    from flows.common import train_and_log
+    from flows.children import member, train_children
 
     plan = dc.make_plan(LR, 2, (0,), ["cosine", "plateau"], losses=("cross_entropy", "mse"),
                         overrides=SETS)
@@ -162,8 +162,10 @@ def test_a_reused_schedule_run_returns_the_same_result_and_gets_its_extras(mlflo
     c = tracking.client(mlflow_store)
 
     def task(spec: dict) -> dict:
-        return dc.train_schedule.fn(spec["cfg"], parent, "decay-reuse", spec["name"], 1,
-                                    spec["tags"], spec["total_decay"], plan.steps_per_epoch)
+        extras = {"total_decay": spec["total_decay"], "updates_per_epoch": plan.steps_per_epoch}
+        (out,) = train_children.fn([member(from_dict(spec["cfg"]), spec["name"], spec["tags"],
+                                           extras=extras)], parent, "decay-reuse")
+        return out
 
     for spec in dc.run_specs(plan, plan.schedules, plan.base.loss):
         fresh, again = task(spec), task(spec)
@@ -176,7 +178,8 @@ def test_a_reused_schedule_run_returns_the_same_result_and_gets_its_extras(mlflo
         assert len(decays) == (spec["schedule"] != "plateau")  # logged once, not per reuse
     # Killed between the run's end and its extras: the reuse writes them.
     cut = dc.run_specs(plan, ["cosine"], "mse")[0]
-    done = train_and_log.fn(cut["cfg"], parent, "decay-reuse", cut["name"], 1, cut["tags"])
+    (done,) = train_children.fn([member(from_dict(cut["cfg"]), cut["name"], cut["tags"])],
+                                parent, "decay-reuse")
     assert "total_decay" not in c.get_run(done["run_id"]).data.metrics
     assert task(cut)["reused"]
     assert c.get_run(done["run_id"]).data.metrics["total_decay"] == pytest.approx(100.0)

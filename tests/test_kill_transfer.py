@@ -6,7 +6,6 @@ Also, fast: a fine-tuning task reused from MLflow returns what it returned when 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import signal
@@ -17,6 +16,7 @@ import yaml
 from killing import all_runs, by_status, signal_group, start, wait_for_output
 
 from flows import transfer as tr
+from flows.children import train_children
 from flows.commands import COMMANDS
 from lrpipe import resume, tracking
 
@@ -183,14 +183,15 @@ def test_a_reused_finetuning_returns_what_it_returned_when_it_trained(mlflow_sto
                                          "pretrain_batch_size": 32, "per_class": 10,
                                          "batch_size": 10})
     parent = tracking.start_run("transfer-reuse", "parent")
-    pre = tr.pretrain_and_register.fn(dataclasses.asdict(tc), parent, "transfer-reuse",
-                                      "pretrain", "test-reuse-finetune")
+    (pre,) = train_children.fn([tr.pretrain_member(tc, "pretrain", "test-reuse-finetune")],
+                               parent, "transfer-reuse")
     runs = tr.plan_runs(tc, ("frozen_backbone", "discriminative", "gradual_unfreeze",
                              "scratch"), 0)
     ids = []
     for run in runs:
-        fresh = tr.finetune_and_log.fn(run, pre["model_uri"], parent, "transfer-reuse")
-        again = tr.finetune_and_log.fn(run, pre["model_uri"], parent, "transfer-reuse")
+        members = tr.finetune_members([run], pre["model_uri"])
+        (fresh,) = train_children.fn(members, parent, "transfer-reuse")
+        (again,) = train_children.fn(members, parent, "transfer-reuse")
         assert not fresh["reused"] and again["reused"], run["name"]
         assert again["run_id"] == fresh["run_id"]
         drop = {"reused", "history"}

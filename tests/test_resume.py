@@ -96,13 +96,12 @@ def test_open_sweep_resumes_only_a_crashed_parent(mlflow_store):
 
 
 def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, digits_cfg):
-    from flows.common import train_and_log
-    from lrpipe.engine.config import to_dict
+    from flows.children import member, train_children
 
     parent = tracking.start_run("reuse", "parent")
-    args = (to_dict(digits_cfg), parent, "reuse", "lr=0.1")
-    fresh = train_and_log.fn(*args)
-    again = train_and_log.fn(*args)  # .fn: no Prefect cache, so MLflow alone says "done"
+    args = ([member(digits_cfg, "lr=0.1")], parent, "reuse")
+    (fresh,) = train_children.fn(*args)
+    (again,) = train_children.fn(*args)  # .fn: no Prefect cache, so MLflow alone says "done"
     assert again["reused"] and not fresh["reused"] and again["run_id"] == fresh["run_id"]
     assert len(children(parent, mlflow_store, "reuse")) == 1
     drop = {"reused", "history"}
@@ -114,8 +113,7 @@ def test_train_task_reuses_a_finished_child_with_the_same_numbers(mlflow_store, 
 
 def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
         mlflow_store, digits_cfg, monkeypatch):
-    from flows.common import train_and_log
-    from lrpipe.engine.config import to_dict
+    from flows.children import member, train_children
 
     searches = []
     search = resume._search_all
@@ -123,9 +121,9 @@ def test_a_sweep_started_here_finds_its_finished_children_without_a_search(
                         lambda *a, **k: searches.append(a) or search(*a, **k))
     parent, _ = resume.open_sweep("reuse-here", "parent", "id-here")
     searches.clear()  # open_sweep looked for stale runs in every experiment; reuse must not
-    args = (to_dict(digits_cfg), parent, "reuse-here", "lr=0.1")
-    fresh = train_and_log.fn(*args)
-    again = train_and_log.fn(*args)  # found in this process's memory of the sweep
+    args = ([member(digits_cfg, "lr=0.1")], parent, "reuse-here")
+    (fresh,) = train_children.fn(*args)
+    (again,) = train_children.fn(*args)  # found in this process's memory of the sweep
     assert again["reused"] and again["run_id"] == fresh["run_id"] and not searches
     assert len(children(parent, mlflow_store, "reuse-here")) == 1
     # Crashed and resumed: other processes may have finished children meanwhile, so search.
@@ -145,27 +143,33 @@ def table(rows: list[dict]) -> pd.DataFrame:
 
 
 def test_cache_key_is_inputs_and_source_not_threads_and_needs_a_parent():
-    from flows.common import ResumeCache, train_and_log
+    from flows.children import ResumeCache, train_children
 
-    ctx = SimpleNamespace(task=train_and_log)
+    ctx = SimpleNamespace(task=train_children)
     policy = ResumeCache()
 
     def key(**inputs):
-        base = {"cfg_dict": {"lr": 0.1}, "parent_run_id": "p1", "threads": 1}
+        base = {"members": [{"cfg": {"lr": 0.1}, "name": "a", "labels": {"x": 1}}],
+                "parent_run_id": "p1", "threads": 1}
         return policy.compute_key(ctx, {**base, **inputs}, {})
 
     assert key() == key(threads=2)  # threads change no number
     assert key() != key(parent_run_id="p2")  # a new sweep (new parent) trains again
-    assert key() != key(cfg_dict={"lr": 0.2})
+    assert key() != key(members=[{"cfg": {"lr": 0.2}, "name": "a"}])
     assert key(parent_run_id=None) is None  # no parent: never served from a cache
+    # More than a config (a test figure, a registered model, extras): MLflow alone resumes it.
+    for kind in ({"test": True}, {"register": {"name": "m"}}, {"extras": {"x": 1}},
+                 {"key": "k"}, {"init": {"model_uri": "models:/m/1"}}):
+        assert key(members=[{"cfg": {"lr": 0.1}, "name": "a", **kind}]) is None
+    assert key(members=[{"cfg": {"lr": 0.1}, "name": "a", "test": False}]) is not None
 
 
 def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harness, mlflow_store,
                                                                   monkeypatch):
-    import flows.common
+    import lrpipe.engine.many
     run = COMMANDS["sweep"].run
 
-    real, calls, faults = flows.common.train, [], []
+    real, calls, faults = lrpipe.engine.many.train, [], []
 
     def flaky(cfg, *args, **kwargs):
         calls.append(cfg.optim.lr)
@@ -174,7 +178,7 @@ def test_a_failed_task_loses_nothing_and_the_rerun_trains_only_it(prefect_harnes
             raise RuntimeError("injected fault")
         return real(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(flows.common, "train", flaky)
+    monkeypatch.setattr(lrpipe.engine.many, "train", flaky)
     # one train() per rate: batching declared off
     settings = dict(lrs=[0.05, 0.2, 0.5], epochs=2, overrides=NO_BATCHING, workers=2,
                     experiment="fault-test")
