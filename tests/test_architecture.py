@@ -125,3 +125,59 @@ def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
         test_no_import_cycles()
     with pytest.raises(AssertionError, match="lrpipe.a._y"):
         test_no_private_name_is_imported_from_another_module()
+
+
+# The search's range tests and halving ladders open their own child runs (search_tasks.py):
+# they are searches, not trainings of a flow's members, and train through lrpipe.search.
+SEARCH_RUNS = "search_tasks.py"
+ENGINE_TRAINING = {"train", "train_many", "train_batched", "finetune", "finetune_from",
+                   "train_stages"}
+
+
+def training_openers(flows: Path) -> dict[str, list[str]]:
+    """file -> the functions in it that open a training child run (``training_run``) or
+    train through the engine (``ENGINE_TRAINING``), for every flows/*.py."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(flows.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            called = {getattr(c.func, "attr", getattr(c.func, "id", None))
+                      for c in ast.walk(fn) if isinstance(c, ast.Call)}
+            if called & (ENGINE_TRAINING | {"training_run"}):
+                found.setdefault(path.name, []).append(fn.name)
+    return found
+
+
+def tasks_in(path: Path) -> list[str]:
+    """The functions of ``path`` decorated with Prefect's ``task`` (bare or called)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+            and any(getattr(d.func if isinstance(d, ast.Call) else d, "id", None) == "task"
+                    for d in fn.decorator_list)]
+
+
+def test_one_task_opens_training_child_runs(flows_root: Path = ROOT / "flows"):
+    """Every flow trains through flows.children.train_children: no other flows module opens a
+    training child run or calls the engine's training, and children.py holds one task."""
+    openers = training_openers(flows_root)
+    assert sorted(set(openers) - {SEARCH_RUNS}) == ["children.py"], openers
+    assert tasks_in(flows_root / "children.py") == ["train_children"]
+
+
+def test_the_one_task_check_sees_a_second_one(tmp_path):
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "children.py").write_text(
+        "@task(name='t')\ndef train_children(m):\n    with runs.training_run(m):\n"
+        "        pass\n")
+    test_one_task_opens_training_child_runs(flows)
+    (flows / "final.py").write_text("@task\ndef again(cfg):\n    return train(cfg)\n")
+    with pytest.raises(AssertionError, match="final.py"):
+        test_one_task_opens_training_child_runs(flows)
+    (flows / "final.py").unlink()
+    (flows / "children.py").write_text(
+        "@task\ndef a(m):\n    runs.training_run(m)\n@task()\ndef b(m):\n    train_many(m)\n")
+    with pytest.raises(AssertionError, match=r"\['a', 'b'\]"):
+        test_one_task_opens_training_child_runs(flows)
