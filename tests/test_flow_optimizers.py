@@ -340,9 +340,10 @@ def test_parent_holds_figures_gif_and_tables(flow_run):
     assert {row["optimizer"] for row in result["real"]} == set(OPTIMIZERS)
     assert all(row["seeds"] == 2 for row in result["real"])
     rprop = {row["batch"]: row for row in result["rprop"]}
+    # The Rprop arms train on their own 1,000-example subset (experiments.optimizers.rprop_base)
     assert {b: (r["epochs"], r["updates"]) for b, r in rprop.items()} == {
-        "mini-batch (64)": (2, 38), "full-batch (1200), equal epochs": (2, 2),
-        "full-batch (1200), equal updates": (38, 38)}
+        "mini-batch (64)": (2, 32), "full-batch (1000), equal epochs": (2, 2),
+        "full-batch (1000), equal updates": (32, 32)}
 
 
 def test_second_order_beside_the_race_and_in_the_report(flow_run):
