@@ -88,7 +88,7 @@ def test_members_have_per_epoch_metrics(flow_run):
     assert [m.step for m in c.get_metric_history(diverged["run_id"], "val_error")] == [0]
 
 
-def test_results_equal_train_and_logs_within_tolerance(flow_run):
+def test_results_equal_one_member_tasks_within_tolerance(flow_run):
     _, grouped, singles, _ = flow_run
     for got, want in zip(grouped, singles, strict=True):
         assert set(got) == set(want)
