@@ -1,5 +1,6 @@
 """Wiring shared by the flows: task runners, one Prefect API for process workers, per-process
-data cache, threads, checks before any run, resumable sweeps, and the train task."""
+data cache, threads, checks before any run, and progress as tasks finish (the training task
+is ``flows.children.train_children``)."""
 
 from __future__ import annotations
 
