@@ -84,6 +84,20 @@ def test_a_changed_source_or_setting_is_a_new_entry(cfg, tmp_path):
     assert same(fresh, build_data(cfg))
 
 
+def test_the_thread_count_is_part_of_the_key(cfg):
+    # mean and std are parallel reductions: their last bit depends on the thread count
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cache_path(cfg)
+        torch.set_num_threads(2)
+        assert cache_path(cfg) != one
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_not_cached_without_sources(tmp_path):
     assert cache_path(DataConfig(dataset="digits", val_size=100)) is None
     assert cache_path(DataConfig(dataset="mnist", root=str(tmp_path / "none"))) is None
@@ -119,7 +133,8 @@ def test_concurrent_writers_in_threads_leave_one_whole_entry(cfg):
 
 
 def test_concurrent_writers_in_processes_agree(cfg):
-    code = ("import sys, torch; from lrpipe.engine.config import DataConfig; "
+    code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            "from lrpipe.engine.config import DataConfig; "
             "from lrpipe.engine.data import load_data; "
             f"d = load_data(DataConfig(dataset='mnist', root={cfg.root!r}, val_size=20, "
             "subset=80)); print(float(d.train.x.double().sum()), int(d.val.y.sum()))")

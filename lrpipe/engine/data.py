@@ -170,17 +170,26 @@ def source_files(cfg: DataConfig) -> list[Path] | None:
 
 def cache_path(cfg: DataConfig) -> Path | None:
     """Where ``cfg``'s split and normalized dataset is cached: a name hashed from every field
-    of ``cfg`` but ``root``, the source files' sizes and modification times, and
-    CACHE_FORMAT, so that a changed source or setting is a new file, never a stale one.
-    None when the dataset is not cached (``source_files``)."""
+    of ``cfg`` but ``root``, the source files' sizes and modification times, this file's
+    code, CACHE_FORMAT and torch's thread count, so that a changed source, setting or code is
+    a new file, never a stale one. The thread count because the normalization's mean and std
+    are parallel reductions whose last bit depends on it: a hit is then bit for bit what this
+    process would build. None when the dataset is not cached (``source_files``)."""
     files = source_files(cfg)
     if files is None:
         return None
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "root"}
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    text = json.dumps([CACHE_FORMAT, fields, stats], sort_keys=True, default=list)
+    text = json.dumps([CACHE_FORMAT, fields, stats, _code_digest(), torch.get_num_threads()],
+                      sort_keys=True, default=list)
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     return Path(cfg.root) / "cache" / f"{cfg.dataset}-{digest}.pt"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """This module's source, hashed: a change to how datasets are built invalidates them."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def _read_cache(path: Path) -> Dataset | None:
