@@ -149,6 +149,6 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, or PORT= (LRPIPE_UI_PORT=...
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check lrpipe flows tests
 
-clean: ## remove runs, caches and the Prefect database (keeps .venv and data)
-	rm -rf mlruns/mlflow.db mlruns/artifacts .prefect .pytest_cache .ruff_cache
+clean: ## remove runs, caches and the Prefect database (keeps .venv and the downloaded data)
+	rm -rf mlruns/mlflow.db mlruns/artifacts .prefect .pytest_cache .ruff_cache data/cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
