@@ -64,14 +64,8 @@ from lrpipe.engine.config import (
 from lrpipe.experiments import decay
 from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
-from lrpipe.experiments.final import (
-    CONFIRM_OFF,
-    TEST_HEADING,
-    test_line,
-    test_set_name,
-    test_summary,
-    test_table,
-)
+from lrpipe.experiments.final import TEST_HEADING, test_set_name, test_table
+from lrpipe.experiments.final import untested_line as final_untested
 from lrpipe.plots import decay as decay_plots
 from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS, searched_identity
 
@@ -270,18 +264,14 @@ def confirm_best(plan: DecayPlan, ranking: pd.DataFrame, parent: str, experiment
     history = stage_history(specs, results)
     scored = [r for s, r in zip(specs, results, strict=True) if s["schedule"] == best]
     record = confirmation_record(plan, history, best, rival)
-    summary = test_summary(pd.DataFrame(scored), best, plan.confirm_seeds)
-    line = test_line(summary, test_set_name(plan.base.data.dataset))
-    log_test(parent, summary, line)
-    return {**log_confirmation(parent, record, rival, "best"), "test": summary,
-            "test_line": line}
+    return {**log_confirmation(parent, record, rival, "best"),
+            **log_test(parent, scored, best, plan.confirm_seeds,
+                       test_set_name(plan.base.data.dataset))}
 
 
 def untested_line(plan: DecayPlan) -> str:
-    """The report's test line when no run was scored: the confirmation was off (``--confirm-
-    seeds none``) or there was no runner-up to confirm against."""
-    why = CONFIRM_OFF if not plan.confirm_seeds else "no test score: one schedule, no runner-up"
-    return f"{TEST_HEADING}: {why}"
+    """The report's test line when no run was scored (``final.untested_line``)."""
+    return final_untested(plan.confirm_seeds, "schedule")
 
 
 def confirmation_record(plan: DecayPlan, history: pd.DataFrame, best: str, rival: str) -> dict:

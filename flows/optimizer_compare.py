@@ -66,7 +66,7 @@ from lrpipe.engine.config import (
 from lrpipe.experiments import optimizers as real
 from lrpipe.experiments.confirm import fresh_seeds
 from lrpipe.experiments.entries import ENTRY_NAMES, entry_config
-from lrpipe.experiments.final import test_line, test_set_name, test_summary
+from lrpipe.experiments.final import test_set_name
 from lrpipe.experiments.surfaces import SURFACES
 from lrpipe.plots.ratios import plot_update_ratio
 from lrpipe.plots.surfaces import optimizer_palette
@@ -277,11 +277,9 @@ def test_winner(plan: dict, table: pd.DataFrame, parent: str, experiment: str,
         [f"test {winner} lr={lr:.3g} {cfg.model.name} seed={cfg.seed}" for cfg in cfgs],
         threads=threads, workers=1, tags={"optimizer": winner, "part": "test"},
         label="optimizers-test", describe=describe_tested, kinds=[{"test": True}] * len(cfgs))
-    summary = test_summary(pd.DataFrame(scored), f"{winner} at lr {lr:.3g}", seeds)
-    line = test_line(summary, test_set_name(plan["base"].data.dataset),
-                     "retrained on fresh seeds without the test split")
-    log_test(parent, summary, line)
-    return {"test": summary, "test_line": line}
+    return log_test(parent, scored, f"{winner} at lr {lr:.3g}", seeds,
+                    test_set_name(plan["base"].data.dataset),
+                    "retrained on fresh seeds without the test split")
 
 
 def submit_all(plan: dict, parent: str, experiment: str, threads: int) -> dict:

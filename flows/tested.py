@@ -14,8 +14,10 @@ retrained on fresh seeds) and the transfer flow (its best strategy's fine-tuning
 
 from __future__ import annotations
 
+import pandas as pd
+
 from lrpipe import tracking
-from lrpipe.experiments.final import test_parent_metrics
+from lrpipe.experiments.final import test_line, test_parent_metrics, test_summary
 
 
 def describe_tested(result: dict) -> str:
@@ -29,10 +31,16 @@ def describe_tested(result: dict) -> str:
     return line + (" (finished before, reused)" if result.get("reused") else "")
 
 
-def log_test(parent_run_id: str, summary: dict, line: str) -> None:
-    """A ``test_summary`` on the flow's parent: metrics ``test_parent_metrics`` (step 0), tags
-    ``test_recipe`` and ``test_seeds``, and ``test_score.txt`` holding ``line``."""
+def log_test(parent_run_id: str, scored: list[dict], recipe: str, seeds, test_set: str,
+             trained: str = "trained without the test split") -> dict:
+    """A recommended recipe's test figure on the flow's parent: ``test_summary`` of its
+    ``scored`` runs (one result dict each, with test_loss/test_accuracy), worded by
+    ``test_line``, logged as metrics ``test_parent_metrics`` (step 0), tags ``test_recipe``
+    and ``test_seeds``, and ``test_score.txt``. Returns {"test": summary, "test_line": line}."""
+    summary = test_summary(pd.DataFrame(scored), recipe, seeds)
+    line = test_line(summary, test_set, trained)
     tracking.log_metrics(parent_run_id, test_parent_metrics(summary), step=0)
     tracking.set_tags(parent_run_id, {"test_recipe": summary["recipe"],
                                       "test_seeds": ",".join(map(str, summary["seeds"]))})
     tracking.log_text(parent_run_id, line + "\n", "test_score.txt")
+    return {"test": summary, "test_line": line}

@@ -33,14 +33,7 @@ from lrpipe import resume, runs, tracking
 from lrpipe.engine.config import TrainConfig
 from lrpipe.engine.models import HEAD
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
-from lrpipe.experiments.final import (
-    CONFIRM_OFF,
-    TEST_HEADING,
-    test_line,
-    test_set_name,
-    test_summary,
-    test_table,
-)
+from lrpipe.experiments.final import TEST_HEADING, test_set_name, test_table, untested_line
 from lrpipe.experiments.finetuning import CUSTOM, strategy_config
 from lrpipe.experiments.registration import pretrained_registration
 from lrpipe.experiments.transfer import (
@@ -214,7 +207,7 @@ def transfer(lr: float | None = None, epochs: int | None = None, seeds=None,
         best = summary.iloc[0]
         confirmation = confirm_best(tc, summary, mult, confirm_seeds, pre["model_uri"], parent,
                                     experiment, threads)
-        test_text = (untested_line(confirm_seeds) if confirmation is None
+        test_text = (untested_line(confirm_seeds, "strategy") if confirmation is None
                      else confirmation["test_line"])
         publish_flow_report(
             parent, experiment, "Pretrain, then fine-tune",
@@ -250,12 +243,10 @@ def confirm_best(tc: TransferConfig, summary: pd.DataFrame, mult, seeds, model_u
         dataclasses.replace(tc, seeds=tuple(seeds)), (best, rival), 0, mult)]
     results = finetune_all(plan, model_uri, parent, experiment, threads, "transfer-confirm")
     record = confirmation_record(results, best, rival, seeds)
-    test = test_summary(pd.DataFrame([r for r in results if best in r["strategies"]]), best, seeds)
-    line = test_line(test, f"{test_set_name(tc.dataset)}, target classes "
-                           f"{list(tc.target_classes)}")
-    log_test(parent, test, line)
-    return {**log_confirmation(parent, record, rival, "best"), "test": test,
-            "test_line": line}
+    return {**log_confirmation(parent, record, rival, "best"),
+            **log_test(parent, [r for r in results if best in r["strategies"]], best, seeds,
+                       f"{test_set_name(tc.dataset)}, target classes "
+                       f"{list(tc.target_classes)}")}
 
 
 def confirmation_record(results: list[dict], best: str, rival: str, seeds) -> dict:
@@ -268,11 +259,6 @@ def confirmation_record(results: list[dict], best: str, rival: str, seeds) -> di
                    metric="final target validation error")
 
 
-def untested_line(seeds) -> str:
-    """The report's test line when no fine-tuning was scored: confirmation off, or one
-    strategy (no runner-up)."""
-    why = CONFIRM_OFF if not seeds else "no test score: one strategy, no runner-up"
-    return f"{TEST_HEADING}: {why}"
 
 
 def check(lr=None, epochs=None, seeds=None, strategies=None, grid_seeds=DEFAULT_GRID_SEEDS,

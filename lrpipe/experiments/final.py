@@ -205,6 +205,13 @@ def test_summary(runs: pd.DataFrame, recipe: str, seeds: Sequence[int]) -> dict:
     return out
 
 
+def untested_line(confirm_seeds: Sequence[int], what: str) -> str:
+    """The report's test line when no run was scored: the confirmation was off (``--confirm-
+    seeds none``, ``CONFIRM_OFF``) or there was no runner-up ``what`` to confirm against."""
+    why = CONFIRM_OFF if not confirm_seeds else f"no test score: one {what}, no runner-up"
+    return f"{TEST_HEADING}: {why}"
+
+
 def test_line(summary: dict, test_set: str, trained: str = "trained without the test split"
               ) -> str:
     """One sentence for a report or a terminal, headed ``TEST_HEADING``: the recipe's test
