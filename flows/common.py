@@ -238,12 +238,17 @@ def check_plugin_output(cfg: TrainConfig, data: Dataset) -> None:
 
 
 def describe_result(result: dict) -> str:
-    """One line about a finished training task."""
+    """One line about a finished training task: its selection figures only. A run scored on
+    the test split (it has ``test_loss``) says so; its test figure is reported once, summarized
+    over its seeds (``flows.tested.log_test``)."""
+    tested = "test_loss" in result
     if result["status"] == "diverged":
-        line = f"{result['name']} diverged in epoch {result['diverged_epoch']}"
+        line = f"{result['name']} diverged in epoch {result['diverged_epoch']}" + (
+            ": not tested" if tested else "")
     else:
         line = (f"{result['name']} done: val loss {result['val_loss']:.4f}, "
-                f"val error {result['val_error']:.4f}")
+                f"val error {result['val_error']:.4f}") + (
+            "; test set scored once" if tested else "")
     return line + (" (finished before, reused)" if result.get("reused") else "")
 
 

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from prefect import flow
 
 from flows.batched import train_planned
-from flows.common import check_runner, describe_result, parallel_tasks, set_torch_threads
+from flows.common import check_runner, parallel_tasks, set_torch_threads
 from flows.decay_results import (
     loss_figure,
     loss_table,
@@ -51,7 +51,7 @@ from flows.schedule_preview import (
     select_schedules,
     steps_per_epoch,
 )
-from flows.tested import describe_tested, log_test
+from flows.tested import log_test
 from lrpipe import runs, tracking
 from lrpipe.engine.config import (
     LOSSES,
@@ -168,7 +168,6 @@ def train_stage(plan: DecayPlan, specs: list[dict], parent: str, experiment: str
     return train_planned(
         [from_dict(s["cfg"]) for s in specs], parent, experiment, [s["name"] for s in specs],
         threads=threads, workers=workers, tags=[s["tags"] for s in specs], label=label,
-        describe=lambda r: (describe_tested if "test_loss" in r else describe_result)(r),
         kinds=[{"test": s["schedule"] == tested, "extras": {
             "total_decay": s["total_decay"], "updates_per_epoch": plan.steps_per_epoch}}
             for s in specs])

@@ -50,7 +50,7 @@ from flows.optimizer_surfaces import (
     describe_surface,
     log_surfaces,
 )
-from flows.tested import describe_tested, log_test
+from flows.tested import log_test
 from lrpipe import procs, resume, runs, tracking
 from lrpipe.engine.config import (
     ConfigError,
@@ -276,7 +276,7 @@ def test_winner(plan: dict, table: pd.DataFrame, parent: str, experiment: str,
         cfgs, parent, experiment,
         [f"test {winner} lr={lr:.3g} {cfg.model.name} seed={cfg.seed}" for cfg in cfgs],
         threads=threads, workers=1, tags={"optimizer": winner, "part": "test"},
-        label="optimizers-test", describe=describe_tested, kinds=[{"test": True}] * len(cfgs))
+        label="optimizers-test", kinds=[{"test": True}] * len(cfgs))
     return log_test(parent, scored, f"{winner} at lr {lr:.3g}", seeds,
                     test_set_name(plan["base"].data.dataset),
                     "retrained on fresh seeds without the test split")

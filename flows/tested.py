@@ -6,10 +6,11 @@ Such a run is a member marked ``test`` of ``flows.children.train_children``: one
 trained alone on ``lrpipe.experiments.final.without_test`` of its data (so nothing it does can
 read a test image), then ``score_once`` on the test split, logged as test_loss /
 test_accuracy / test_error at step = its last epoch. A FINISHED child with the same config (a
-resumed flow) is reused with the test figures it logged. Here: ``describe_tested``, its
-progress line, and ``log_test``, the ``test_summary`` on the flow's parent run. The decay
-comparison (the best schedule's confirmation runs), the optimizers' comparison (the winner
-retrained on fresh seeds) and the transfer flow (its best strategy's fine-tunings) use them.
+resumed flow) is reused with the test figures it logged; its progress line is
+``flows.common.describe_result``'s. Here: ``log_test``, the ``test_summary`` on the flow's
+parent run. The decay comparison (the best schedule's confirmation runs), the optimizers'
+comparison (the winner retrained on fresh seeds) and the transfer flow (its best strategy's
+fine-tunings) use it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,6 @@ import pandas as pd
 
 from lrpipe import tracking
 from lrpipe.experiments.final import test_line, test_parent_metrics, test_summary
-
-
-def describe_tested(result: dict) -> str:
-    """One line about a trained-and-tested run: its selection figures only (its test figure
-    is reported once, summarized over its seeds)."""
-    if result["status"] == "diverged":
-        line = f"{result['name']} diverged in epoch {result['diverged_epoch']}: not tested"
-    else:
-        line = (f"{result['name']} done: val loss {result['val_loss']:.4f}, val error "
-                f"{result['val_error']:.4f}; test set scored once")
-    return line + (" (finished before, reused)" if result.get("reused") else "")
 
 
 def log_test(parent_run_id: str, scored: list[dict], recipe: str, seeds, test_set: str,

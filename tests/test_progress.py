@@ -3,6 +3,7 @@ start, plan and wall lines, and that the start line comes before anything slow."
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,16 @@ def test_the_start_line_comes_before_the_checks(capsys):
     out = capsys.readouterr().out
     assert out == ("lrpipe sweep: starting flow lr_sweep (lrs -1, epochs 1); checking the "
                    "settings, then the store and the Prefect API\n")
+
+
+def test_a_task_line_says_when_its_run_was_scored_on_the_test_split():
+    from flows.common import describe_result
+    done = {"name": "plateau seed=100", "status": "ok", "val_loss": 0.37519, "val_error": 0.1312}
+    assert describe_result(done) == "plateau seed=100 done: val loss 0.3752, val error 0.1312"
+    assert describe_result({**done, "test_loss": 0.39, "reused": True}) == (
+        "plateau seed=100 done: val loss 0.3752, val error 0.1312; test set scored once "
+        "(finished before, reused)")
+    diverged = {"name": "lr=3.16", "status": "diverged", "diverged_epoch": 1}
+    assert describe_result(diverged) == "lr=3.16 diverged in epoch 1"
+    assert describe_result({**diverged, "test_loss": math.nan}) == (
+        "lr=3.16 diverged in epoch 1: not tested")
