@@ -12,14 +12,7 @@ matplotlib, which ``lrpipe.api`` pulls in.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
-
-_PUBLIC = {
-    "find_lr": "lrpipe.api.find", "FindLRResult": "lrpipe.api.find",
-    "choose_lr": "lrpipe.api.choose", "ChooseLRResult": "lrpipe.api.choose",
-    "sweep": "lrpipe.api.sweep", "SweepResult": "lrpipe.api.sweep",
-}
 
 __all__ = ["find_lr", "FindLRResult", "choose_lr", "ChooseLRResult", "sweep", "SweepResult"]
 
@@ -30,11 +23,17 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    """``lrpipe.find_lr`` and the rest of ``__all__``, imported when first asked for."""
-    module = _PUBLIC.get(name)
-    if module is None:
+    """``lrpipe.find_lr`` and the rest of ``__all__``, imported when first asked for, each
+    from its own module (static imports: no import by name at run time)."""
+    if name in ("find_lr", "FindLRResult"):
+        from lrpipe.api import find as module
+    elif name in ("choose_lr", "ChooseLRResult"):
+        from lrpipe.api import choose as module
+    elif name in ("sweep", "SweepResult"):
+        from lrpipe.api import sweep as module
+    else:
         raise AttributeError(f"module 'lrpipe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(module, name)
     globals()[name] = value  # later lookups skip this function
     return value
 
