@@ -15,6 +15,8 @@
   (j) a small `lrpipe sweep` as a fresh process vs a script of hand loops, wall and CPU
       seconds measured from outside (start-up and exit included), and start-up alone
       (`lrpipe sweep --help` vs `python -c "import torch"`)
+  (k) the decay comparison raced over seeds (the default) vs every schedule on every seed
+      (`--prune off`), default config, three seed sets: the same winner, and the seconds saved
 
 Every row states its physical floor: the GEMMs of lrpipe's side timed alone in the same run
 (bench/floor.py), and lrpipe's multiple of it.
@@ -46,7 +48,7 @@ from kit import MATMUL_SEEN, Row, load_average, matmul_ms, say
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.md"
-CASES = "abcdefghij"
+CASES = "abcdefghijk"
 PIPELINE_MARK = "<!-- pipeline -->"
 
 
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--only", default="abcdefhij",
+    parser.add_argument("--only", default="abcdefhijk",
                         help="cases to run, e.g. a,c,e (default: all but g; g needs --pipeline)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also (g): time `lrpipe pipeline` (takes minutes)")
@@ -152,6 +154,11 @@ def run_cases(args: argparse.Namespace, log: Path) -> list[Row]:
                                      "".join(sorted(args.only & set("df"))))
         if "d" in args.only:
             rows.append(sweep_cases.case_d_threads(5_000 if quick else 20_000, args.repeats))
+    if "k" in args.only:
+        import race_case
+
+        say("(k) the decay comparison raced over seeds vs --prune off ...")
+        rows += race_case.case_k(log, quick)
     if "g" in args.only:
         say("(g) lrpipe pipeline ...")
         rows.append(sweep_cases.case_g(log))
@@ -187,7 +194,7 @@ def previous_rows(path: Path, cases_run: set[str]) -> list[str]:
         return []
     columns = table([]).splitlines()[0].count("|")  # rows of an older layout are dropped
     return [line for line in path.read_text().splitlines()
-            if re.match(r"\| [a-fh-j] \|", line) and line[2] not in cases_run
+            if re.match(r"\| [a-fh-k] \|", line) and line[2] not in cases_run
             and line.count("|") == columns]
 
 

@@ -230,9 +230,11 @@ def declarations() -> dict[str, Command]:
   lrpipe decay --set model.dropout=0.2 --set optim.weight_decay=5e-4   # against overfitting
   lrpipe decay --losses cross_entropy           # skip the squared-error comparison
   lrpipe decay --set data.subset=null           # all 50,000 training examples (~2.5x longer)
+  lrpipe decay --prune off                      # every schedule on every seed (27 runs, not 17)
 
 Default budget: 8 epochs on a seeded 20,000-example subset of the Fashion-MNIST training
-split (data.subset), validation on the usual 10,000 held-out examples.
+split (data.subset), validation on the usual 10,000 held-out examples. The schedules race
+over seeds: all train on the first seed, the best third and constant on the others.
 """, "flows.decay_compare:decay_compare", "flows.decay_compare:check", (
                     Option("--lr", float, f"base learning rate ({chosen})"),
                     Option("--epochs", int, "epochs per run (default 8)"),
@@ -243,6 +245,9 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                     schedules, final_decay,
                     Option("--losses", parse_names, "training losses compared for the best "
                            "schedule (default cross_entropy,mse)"),
+                    Option("--prune", str, "seeds (default): every schedule trains on the first "
+                           "seed, the best third and constant on the others; off: every "
+                           "schedule on every seed", metavar="{seeds,off}"),
                 )),
         Command("schedules", "preview every decay schedule's rate against epoch (no training) "
                 "and its total decay", """examples:
@@ -327,6 +332,9 @@ split (data.subset), validation on the usual 10,000 held-out examples.
                            + ", ".join(pipe.STAGES)),
                     Option("--final-epochs", int, "epochs of the final model's training "
                            "(default: twice the decay comparison's, 16)"),
+                    Option("--prune", str, "the decay comparison's: seeds (default: the "
+                           "schedules race over seeds) | off (every schedule on every seed)",
+                           metavar="{seeds,off}"),
                 )),
         Command("batch-size", "the best learning rate against the batch size, with the linear "
                 "and square-root rules", """examples:

@@ -61,7 +61,7 @@ from lrpipe.engine.config import (
     merge,
     to_dict,
 )
-from lrpipe.experiments import decay
+from lrpipe.experiments import decay, race
 from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.experiments.final import TEST_HEADING, test_set_name, test_table
@@ -94,12 +94,18 @@ class DecayPlan:
     loss_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     loss_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     confirm_seeds: tuple[int, ...] = ()
+    prune: str = "seeds"  # race.PRUNE_CHOICES: race the schedules over seeds, or train all
+
+
+# The schedule the verdicts compare with ("beats the constant rate"): never pruned.
+CONTROLS = ("constant",)
 
 
 def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
               final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
-              confirm_seeds=DEFAULT_CONFIRM_SEEDS) -> DecayPlan:
+              confirm_seeds=DEFAULT_CONFIRM_SEEDS, prune=None) -> DecayPlan:
     """Validate every input (ConfigError naming the field) and size the budget."""
+    prune = race.check_prune(prune)
     base = base_config(epochs, overrides)
     selected = select_schedules(schedules, final_decay, base.epochs)
     seeds = check_seed_list("seeds", seeds)
@@ -112,7 +118,7 @@ def make_plan(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=Non
     return DecayPlan(base, source, selected, seeds, losses, float(final_decay), spe,
                      decay_table(selected, base.epochs, spe),
                      {k: v[0] for k, v in rates.items()}, {k: v[1] for k, v in rates.items()},
-                     confirm_seeds)
+                     confirm_seeds, prune)
 
 
 def loss_source(base: TrainConfig, loss: str, given: bool) -> tuple[float, str]:
@@ -179,9 +185,45 @@ def stage_history(specs: list[dict], results: list[dict]) -> pd.DataFrame:
                          for s, r in zip(specs, results, strict=True) for row in r["history"]])
 
 
+def train_comparison(plan: DecayPlan, parent: str, experiment: str, threads: int,
+                     workers: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Every schedule x seed, raced over seeds where ``race.races`` says so: round 1 trains
+    every schedule on the first seed, round 2 the best third (``race.round_one``) and the
+    control on the others. Returns the histories and the race's table (None: not raced);
+    the race is logged as ``race.csv`` and each round-1 run is tagged kept, control or
+    pruned."""
+    specs = run_specs(plan, plan.schedules, plan.base.loss)
+    if not race.races(plan.prune, list(plan.schedules), plan.seeds, CONTROLS):
+        return stage_history(specs, train_stage(plan, specs, parent, experiment, threads,
+                                                workers, "lr-decay")), None
+    first = [s for s in specs if s["cfg"]["seed"] == plan.seeds[0]]
+    results = train_stage(plan, first, parent, experiment, threads, workers,
+                          "lr-decay-race-1")
+    finals = pd.DataFrame({"arm": [s["schedule"] for s in first], "val_loss": [
+        math.inf if r["status"] == "diverged" else r["val_loss"] for r in results]})
+    table = race.round_one(finals, [c for c in CONTROLS if c in plan.schedules])
+    verdict = table.set_index("arm")["race"]
+    for spec, result in zip(first, results, strict=True):
+        tracking.set_tags(result["run_id"], {"race": verdict[spec["schedule"]]})
+    tracking.log_table(parent, table, "race.csv")
+    tracking.log_metrics(parent, {"schedules_pruned": float((table["race"] == "pruned").sum())},
+                         step=0)
+    print(race.race_line(table, plan.seeds), flush=True)
+    through = race.racing_through(table)
+    rest = [s for s in specs if s["cfg"]["seed"] != plan.seeds[0] and s["schedule"] in through]
+    later = train_stage(plan, rest, parent, experiment, threads, workers, "lr-decay-race-2")
+    return pd.concat([stage_history(first, results), stage_history(rest, later)],
+                     ignore_index=True), table
+
+
 def parent_figures(plan: DecayPlan, history: pd.DataFrame,
                    ranking: pd.DataFrame) -> dict[str, Figure]:
     best = ranking.iloc[0]["schedule"]
+    if "race" in ranking:  # a pruned schedule's line is its one seed's: say so in the legend
+        label = {s: f"{s} (pruned: seed {plan.seeds[0]})" for s in
+                 ranking.loc[ranking["race"] == "pruned", "schedule"]}
+        history = history.assign(schedule=history["schedule"].replace(label))
+        ranking = ranking.assign(schedule=ranking["schedule"].replace(label))
     previews = decay.schedule_previews(plan.schedules, plan.base.epochs, plan.steps_per_epoch,
                                        plan.base.optim.lr)
     gap = decay_plots.plot_gap(mean_curve(history[history["schedule"] == best]))
@@ -205,7 +247,8 @@ def decay_parent(plan: DecayPlan, experiment: str, runner: str) -> Iterator[str]
                     "seeds": list(plan.seeds), "schedules": list(plan.schedules),
                     "final_decay": plan.final_decay,
                     "losses": list(plan.losses), "steps_per_epoch": plan.steps_per_epoch,
-                    "runner": runner, "base_config": tracking.to_json(to_dict(base))}) as parent:
+                    "runner": runner, "prune": plan.prune,
+                    "base_config": tracking.to_json(to_dict(base))}) as parent:
         tracking.log_metrics(parent, {f"total_decay/{r.schedule}": r.total_decay
                                       for r in plan.decays.itertuples()
                                       if not math.isnan(r.total_decay)}, step=0)
@@ -216,11 +259,21 @@ def decay_parent(plan: DecayPlan, experiment: str, runner: str) -> Iterator[str]
         yield parent
 
 
+def raced_text(plan: DecayPlan) -> str:
+    """``, raced: 17 runs, not 27 (...)`` for the plan line; empty when not raced."""
+    arms, every = list(plan.schedules), len(plan.schedules) * len(plan.seeds)
+    if not race.races(plan.prune, arms, plan.seeds, CONTROLS):
+        return ""
+    return (f", raced: {race.planned_runs(plan.prune, arms, plan.seeds, CONTROLS)} runs, not "
+            f"{every} (all on seed {plan.seeds[0]}, the best third and constant on the rest; "
+            "--prune off: all)")
+
+
 def print_plan(plan: DecayPlan) -> None:
     base = plan.base
     print(f"decay_compare: lr={base.optim.lr:g} ({plan.lr_source}), {base.epochs} epochs x "
           f"{plan.steps_per_epoch} updates, {len(plan.schedules)} schedules x "
-          f"{len(plan.seeds)} seeds, {base.model.name} {base.optim.name} on "
+          f"{len(plan.seeds)} seeds{raced_text(plan)}, {base.model.name} {base.optim.name} on "
           f"{base.data.dataset} (subset {base.data.subset or 'all'})", flush=True)
     print_table(plan.decays)
 
@@ -297,26 +350,28 @@ def decay_compare(
     workers: int | None = None,
     experiment: str = EXPERIMENT,
     confirm_seeds: tuple[int, ...] = DEFAULT_CONFIRM_SEEDS,
+    prune: str = "seeds",
 ) -> dict:
     """Train every schedule x seed at ``lr`` (None: the matching lr-search's choice), rank
     the schedules by mean final validation loss, train the best and the runner-up again on
     the fresh ``confirm_seeds`` (out of sample; empty: not), then train the best with the
-    other losses.
+    other losses. ``prune``: ``seeds`` races the schedules over seeds (``train_comparison``:
+    the best third and constant go on past the first seed), ``off`` trains all on all.
 
     Returns the parent run id, the rate, the ranking and loss-choice records and the verdict
     of the best decaying schedule against constant.
     """
     check_runner(runner)
     plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides,
-                     confirm_seeds)
+                     confirm_seeds, prune)
     start = time.perf_counter()
     threads, tasks = set_torch_threads(runner, workers), parallel_tasks(runner, workers)
     print_plan(plan)
     with decay_parent(plan, experiment, runner) as parent:
-        specs = run_specs(plan, plan.schedules, plan.base.loss)
-        history = stage_history(specs, train_stage(plan, specs, parent, experiment, threads,
-                                                   tasks, "lr-decay"))
+        history, raced = train_comparison(plan, parent, experiment, threads, tasks)
         ranking = rank_schedules(history, plan.decays)
+        if raced is not None:
+            ranking = race.order_ranking(ranking, raced)
         ranking["rate_set_by"] = ranking["schedule"].map(lambda n: rate_set_by(plan, n))
         tracking.log_table(parent, ranking, "ranking.csv")
         for name, fig in parent_figures(plan, history, ranking).items():
@@ -338,6 +393,7 @@ def decay_compare(
             f"{best['final_val_loss_mean']:.4f}, error {best['final_val_error_mean']:.4f}, "
             f"mean over {len(plan.seeds)} seeds) at lr={plan.base.optim.lr:g}", ranking,
             evidence=[f"rate from: {plan.lr_source}"] + (
+                [] if raced is None else [race.race_line(raced, plan.seeds)]) + (
                 [] if confirmation is None else [confirmation["line"]]) + [test_text] + [
                 f"{loss} rate {plan.loss_rates[loss]:.3g}: {plan.loss_sources[loss]}"
                 for loss in plan.losses if loss != plan.base.loss] + ([] if vs is None else [
@@ -357,12 +413,13 @@ def decay_compare(
 
 def check(lr=None, epochs=DEFAULT_EPOCHS, seeds=DEFAULT_SEEDS, schedules=None,
           final_decay=DEFAULT_FINAL_DECAY, losses=DEFAULT_LOSSES, overrides=None,
-          experiment=EXPERIMENT, confirm_seeds=DEFAULT_CONFIRM_SEEDS
+          experiment=EXPERIMENT, confirm_seeds=DEFAULT_CONFIRM_SEEDS, prune=None
           ) -> tuple[dict, list[TrainConfig]]:
     """Every input checked and the budget sized (``make_plan``), before anything is recorded:
     the flow's keyword arguments and its base config."""
     plan = make_plan(lr, epochs, seeds, schedules, final_decay, losses, overrides,
-                     confirm_seeds)
+                     confirm_seeds, prune)
     return {"lr": lr, "epochs": epochs, "seeds": tuple(seeds), "schedules": schedules,
             "final_decay": final_decay, "losses": tuple(losses), "overrides": overrides,
-            "experiment": experiment, "confirm_seeds": plan.confirm_seeds}, [plan.base]
+            "experiment": experiment, "confirm_seeds": plan.confirm_seeds,
+            "prune": plan.prune}, [plan.base]

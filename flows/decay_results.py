@@ -79,7 +79,9 @@ def versus_constant(ranking: pd.DataFrame) -> dict | None:
     rows = ranking.set_index("schedule")["final_val_loss_mean"]
     if "constant" not in rows or len(rows) < 2:
         return None
-    best = rows.drop("constant").idxmin()
+    # The best-ranked decaying schedule: a raced ranking puts the schedules measured on every
+    # seed first (lrpipe.experiments.race), whatever a pruned one's single seed says.
+    best = next(s for s in ranking["schedule"] if s != "constant")
     return {"best_decaying": best, "best_val_loss": float(rows[best]),
             "constant_val_loss": float(rows["constant"]),
             "beats_constant": bool(rows[best] < rows["constant"])}
@@ -103,6 +105,8 @@ def ranking_text(ranking: pd.DataFrame) -> str:
         "gap grows from": ranking["gap_growth_epoch"].map(lambda e: "-" if pd.isna(e) else e),
         "final gap": ranking["final_gap_mean"].map("{:.4f}".format),
         "short": ranking["n_short"]})
+    if "race" in ranking:  # raced over seeds: how many each was measured on, and why
+        shown["seeds"], shown["race"] = ranking["n_seeds"].to_numpy(), ranking["race"].to_numpy()
     return shown.to_string(index=False)
 
 

@@ -49,6 +49,7 @@ from lrpipe.experiments.pipeline import (
     full_training_rates,
     sweep_regret,
 )
+from lrpipe.experiments.race import check_prune
 from lrpipe.experiments.sweep import sweep_configs
 from lrpipe.search import plan as search_plan
 
@@ -99,6 +100,7 @@ def pipeline(
     runner: str = "threads",
     workers: int | None = None,
     final_epochs: int | None = None,
+    prune: str | None = None,
 ) -> dict:
     """Search, full training at the chosen rate and its neighbours, decay, final, transfer.
 
@@ -109,6 +111,7 @@ def pipeline(
         skip: stages to leave out (search, sweep, decay, final, transfer).
         search: lr_search settings (subset, seeds, range_steps, regret_epochs, grid_span).
         final_epochs: the final training's budget (epochs; default 2x the decay comparison's).
+        prune: the decay comparison's (``seeds``, the default: raced over seeds; ``off``).
     Returns:
         chosen_lr, the final stage's result (None when it did not run) and one record per
         stage (stage, status, answer, run_id, url, result).
@@ -120,9 +123,10 @@ def pipeline(
             "lrs": lrs, "epochs": epochs, "skip": skip, "search": search, "runner": runner,
             "overrides": tracking.to_json(overrides or {}),
             # only when set: a killed run of the default settings resumes the same parent
-            **({} if final_epochs is None else {"final_epochs": final_epochs})}) as parent:
+            **({} if final_epochs is None else {"final_epochs": final_epochs}),
+            **({} if prune is None else {"prune": prune})}) as parent:
         records, chosen = _run_stages(lrs, epochs, skip, overrides, search, runner, workers,
-                                      parent, final_epochs)
+                                      parent, final_epochs, prune)
         final = next((r["result"] for r in records
                       if r["stage"] == "final" and r["status"] == "done"), None)
         for r in records:
@@ -172,7 +176,7 @@ def staged(parent: str, stage: str, run) -> dict:
 
 
 def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent,
-                final_epochs=None):
+                final_epochs=None, prune=None):
     """(stage records, chosen rate): each stage feeds the rate to the next."""
     records, found, chosen = [], None, None
     if "search" in skip:
@@ -200,7 +204,8 @@ def _run_stages(lrs, epochs, skip, overrides, search, runner, workers, parent,
     # optimizer on another network and task (a 10x head on top), another quantity.
     done: dict[str, dict] = {}
     later = {"decay": lambda: _with_runner(decay_flow.decay_compare, runner, workers)(
-                 lr=chosen, overrides=dict(overrides or {}), runner=runner, workers=workers),
+                 lr=chosen, overrides=dict(overrides or {}), runner=runner, workers=workers,
+                 prune=check_prune(prune)),
              "final": lambda: _with_runner(final_flow.final_training, runner, workers)(
                  lr=chosen, best_schedule=done.get("decay", {}).get("best_schedule"),
                  decay_epochs=decay_flow.DEFAULT_EPOCHS, epochs=final_epochs,
@@ -243,13 +248,14 @@ def _sweep_answer(swept: dict, chosen: float | None, epochs: int) -> str:
 
 
 def check(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None,
-          search=None, final_epochs=None) -> tuple[dict, list[TrainConfig]]:
+          search=None, final_epochs=None, prune=None) -> tuple[dict, list[TrainConfig]]:
     """The search's and the full training's checks, before anything is recorded (the later
     stages validate their own settings when they start): the flow's keyword arguments and
     the configs to preflight."""
     skip = check_skip(skip)
     check_number("epochs", epochs, low=1, integer=True)
     check_final_epochs(decay_flow.DEFAULT_EPOCHS, final_epochs)
+    prune = None if prune is None else check_prune(prune)
     base = merge(TrainConfig(), {**(overrides or {}), "epochs": epochs})
     cfgs = [base] if lrs is None else sweep_configs(base, list(lrs))
     if "transfer" not in skip and (is_plugin(base.model.name) or is_plugin(base.data.dataset)):
@@ -266,4 +272,4 @@ def check(lrs=None, epochs=DEFAULT_EPOCHS, skip=(), overrides=None,
         transfer_flow.validate(overrides=dict(overrides or {}))
     return {"lrs": None if lrs is None else list(lrs), "epochs": epochs, "skip": skip,
             "overrides": overrides, "search": dict(search or {}),
-            "final_epochs": final_epochs}, cfgs
+            "final_epochs": final_epochs, "prune": prune}, cfgs
