@@ -206,3 +206,18 @@ def test_the_pipeline_passes_prune_to_its_decay_stage_and_checks_it_first():
     assert pipeline.check(skip=["search", "transfer"])[0]["prune"] is None  # the default
     with pytest.raises(ConfigError, match=r"^prune: got 'all'; allowed: seeds, off$"):
         pipeline.check(skip=["search", "transfer"], prune="all")
+
+
+def test_prune_on_the_command_line_and_in_yaml(tmp_path, capsys, mlflow_store):
+    from flows import cli
+
+    for command in ("decay", "pipeline"):
+        args = cli.build_parser().parse_args([command, "--prune", "off"])
+        assert cli.settings_from(args)["prune"] == "off"
+    path = tmp_path / "decay.yaml"
+    path.write_text("prune: false\n")  # YAML's false reads as off
+    settings = cli.settings_from(cli.build_parser().parse_args(["decay", "--config", str(path)]))
+    assert dc.make_plan(0.1, 2, SEEDS, SCHEDULES, overrides=OVERRIDES,
+                        prune=settings["prune"]).prune == "off"
+    assert cli.main(["decay", "--lr", "0.1", "--prune", "epochs"]) == 2  # bad input, no run
+    assert "prune: got 'epochs'; allowed: seeds, off" in capsys.readouterr().err
