@@ -12,8 +12,9 @@ runs the command in a child process and prints, as one JSON line:
                  Dask workers): ``resource.getrusage(RUSAGE_CHILDREN)`` after it ended
   rc             its exit status
 
-The child is ``python -c`` with ``fit`` wrapped wherever it was imported by name: the wrapper
-stamps the wall clock when the first batch of the first call is drawn, and writes it to
+The child is ``python -c`` with ``fit`` wrapped as its module is first imported (an import
+hook: the command imports what it imports, in its own order): the wrapper stamps the wall clock
+when the first batch of the first call is drawn, and writes it to
 ``$LRPIPE_FIRST_STEP_FILE``. Nothing in lrpipe reads that variable; the figures are the
 command's own, less the wrapper's few microseconds.
 """
@@ -30,27 +31,41 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import os, sys, time
-import lrpipe.engine.loop as loop
+import importlib.abc, os, sys, time
 
-_fit, _done = loop.fit, []
+_done = []
 
-def _stamped(batches):
-    def draw():
-        for item in batches():
-            if not _done:
-                _done.append(time.time())
-                with open(os.environ["LRPIPE_FIRST_STEP_FILE"], "w") as out:
-                    out.write(repr(_done[0]))
-            yield item
-    return draw
+def _wrap(loop):
+    fit = loop.fit
+    def stamped_fit(members, batches, **kwargs):
+        def draw():
+            for item in batches():
+                if not _done:
+                    _done.append(time.time())
+                    with open(os.environ["LRPIPE_FIRST_STEP_FILE"], "w") as out:
+                        out.write(repr(_done[0]))
+                yield item
+        return fit(members, draw, **kwargs)
+    loop.fit = stamped_fit
 
-def fit(members, batches, **kwargs):
-    return _fit(members, _stamped(batches), **kwargs)
+class _OnImport(importlib.abc.MetaPathFinder):
+    # Wraps lrpipe.engine.loop.fit as the module is first imported, before any module takes
+    # fit by name, so that the command imports what it imports in the order it does.
+    def find_spec(self, name, path, target=None):
+        if name != "lrpipe.engine.loop":
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, path, target)
+            if spec is not None:
+                run = spec.loader.exec_module
+                def exec_module(module, run=run):
+                    run(module)
+                    _wrap(module)
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
 
-for module in list(sys.modules.values()):  # lrpipe's own imports took fit by name already
-    if getattr(module, "fit", None) is _fit:
-        module.fit = fit
+sys.meta_path.insert(0, _OnImport())
 from flows.cli import main
 sys.argv[0] = "lrpipe"
 raise SystemExit(main(sys.argv[1:]))

@@ -122,6 +122,12 @@ def start() -> TemporaryAPI:
     return _STARTED[0]
 
 
+def stop_unused() -> None:
+    """Stop this process's temporary API if one was started (a configured API serves)."""
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 def configured_url() -> str | None:
     """PREFECT_API_URL as Prefect reads it (environment or profile), or None."""
     from prefect.settings import get_current_settings

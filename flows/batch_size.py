@@ -27,7 +27,6 @@ from flows.report import publish_flow_report
 from lrpipe import report, runs, tracking
 from lrpipe.engine.config import ConfigError, TrainConfig, check_number, to_dict
 from lrpipe.experiments import batch_size as exp
-from lrpipe.plots.batch_size import plot_best_rate_vs_batch_size
 
 EXPERIMENT = "batch-size"
 FIGURE = "best_rate_vs_batch_size"
@@ -109,6 +108,8 @@ def notes(analysis: exp.BatchSizeAnalysis, plan: exp.BatchSizePlan) -> list[str]
 
 def log_results(parent: str, analysis: exp.BatchSizeAnalysis, results: pd.DataFrame) -> None:
     """The figure, the tables, each optimizer's slope and the verdict on the parent run."""
+    from lrpipe.plots.batch_size import plot_best_rate_vs_batch_size  # drawing loads here
+
     tracking.log_figure(parent, plot_best_rate_vs_batch_size(analysis.lines), FIGURE)
     for name, table in (("summary.csv", analysis.best), ("rates.csv", analysis.rates),
                         ("fits.csv", analysis.fits), ("runs.csv", results),

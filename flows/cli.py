@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict = {}
     try:
         settings = settings_from(args)
+        start_api_early(args.command)  # before Prefect loads: it starts a second sooner
         if not debug:
             quiet_prefect_tracebacks()
         return run_command_line(args.command, settings)
@@ -300,14 +301,18 @@ def quiet_prefect_tracebacks() -> None:
                 handler.setFormatter(MessageOnly(handler.formatter or logging.Formatter()))
 
 
-def start_api_early(command) -> None:
-    """A flow command with no configured Prefect API starts its temporary API now, while
-    lrpipe loads, the settings are checked and the data is mapped: the flow then finds it
-    ready, seconds sooner (``flows.api_server``). A command that fails its checks stops it
-    at exit, having recorded nothing in it."""
+def start_api_early(name: str) -> None:
+    """A flow command with no PREFECT_API_URL starts its temporary API now, as soon as its
+    flags parsed, while Prefect and lrpipe load, the settings are checked and the data is
+    mapped: the flow then finds it ready, seconds sooner (``flows.api_server``). A command
+    that fails its checks stops it at exit, having recorded nothing in it. An API URL set in
+    a Prefect profile is known only once Prefect loads; the flow then uses it and stops the
+    temporary one (``api_server.stop_unused``)."""
     from flows import api_server
+    from flows.commands import COMMANDS
 
-    if not command.direct and not api_server.configured_url():
+    if not COMMANDS[name].direct and name not in SERVES and \
+            not os.environ.get("PREFECT_API_URL"):
         api_server.start()
 
 
@@ -322,7 +327,6 @@ def run_command_line(command: str, settings: dict) -> int:
     if command in SERVES:  # Prefect's runner handles its own signals, in this thread
         run(**settings)
         return 0
-    start_api_early(COMMANDS[command])
     stop = _Stop()
     clear_stop()
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}

@@ -153,6 +153,7 @@ def shared_api(runner: str) -> Iterator[str | None]:
 
     url, processes = api_server.configured_url(), is_process_runner(runner)
     if url:
+        api_server.stop_unused()  # started before Prefect loaded, in case none was set
         with figures.in_background(), _exported_api(url) if processes else nullcontext():
             yield url if processes else None
         return

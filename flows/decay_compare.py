@@ -18,10 +18,10 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from prefect import flow
 
 from flows.batched import train_planned
@@ -66,8 +66,10 @@ from lrpipe.experiments.bands import check_seed_list
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
 from lrpipe.experiments.final import TEST_HEADING, test_set_name, test_table
 from lrpipe.experiments.final import untested_line as final_untested
-from lrpipe.plots import decay as decay_plots
 from lrpipe.search.plan import DEFAULT_CONFIRM_SEEDS, searched_identity
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_SEEDS = (0, 1, 2)  # >= 3 seeds: comparisons show a mean and a band
 DEFAULT_LOSSES = ("cross_entropy", "mse")
@@ -218,6 +220,8 @@ def train_comparison(plan: DecayPlan, parent: str, experiment: str, threads: int
 
 def parent_figures(plan: DecayPlan, history: pd.DataFrame,
                    ranking: pd.DataFrame) -> dict[str, Figure]:
+    from lrpipe.plots import decay as decay_plots  # drawing libraries load here, after training
+
     best = ranking.iloc[0]["schedule"]
     if "race" in ranking:  # a pruned schedule's line is its one seed's: say so in the legend
         label = {s: f"{s} (pruned: seed {plan.seeds[0]})" for s in

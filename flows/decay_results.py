@@ -4,13 +4,15 @@ loss choice, the best decaying schedule against constant, and the printed summar
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from lrpipe import tracking
 from lrpipe.experiments import decay
-from lrpipe.plots import decay as decay_plots
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def mean_curve(history: pd.DataFrame) -> pd.DataFrame:
@@ -64,6 +66,10 @@ def loss_table(history: pd.DataFrame) -> pd.DataFrame:
 
 def loss_figure(history: pd.DataFrame, schedule: str, rates: dict[str, float]) -> Figure:
     """Validation cross-entropy and error against epoch per training loss (at its rate)."""
+    from matplotlib.figure import Figure  # drawing libraries load here, after training
+
+    from lrpipe.plots import decay as decay_plots
+
     fig = Figure(figsize=(12.0, 4.5), layout="constrained")
     by_loss = history.assign(schedule=history["loss"].map(lambda x: f"{x}, lr={rates[x]:g}"))
     for ax, metric in zip(fig.subplots(1, 2), ("val_loss", "val_error"), strict=True):

@@ -26,7 +26,6 @@ from lrpipe import report, runs, tracking
 from lrpipe.engine.config import TrainConfig, check_number, to_dict
 from lrpipe.experiments import dropout as exp
 from lrpipe.experiments.bands import band_text
-from lrpipe.plots.dropout import arm_label, plot_dropout
 
 EXPERIMENT = "dropout"
 FIGURE = "dropout_gap"
@@ -49,6 +48,8 @@ def arms_table(rates: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
     mean [min..max] over seeds, and which rate is the arm's best."""
     best_lr = best.set_index("dropout")["best_lr"]
 
+    from lrpipe.plots.dropout import arm_label  # drawing libraries load after training
+
     def cell(r, col, digits=4):
         return band_text((r[f"{col}_mean"], r[f"{col}_min"], r[f"{col}_max"]), digits)
 
@@ -70,6 +71,8 @@ def evidence(plan: exp.DropoutPlan, source: str, base: TrainConfig) -> list[str]
 
 
 def notes(analysis: exp.DropoutAnalysis, plan: exp.DropoutPlan) -> list[str]:
+    from lrpipe.plots.dropout import arm_label
+
     out = [f"{arm_label(r.dropout)}: its best rate {r.best_lr:.3g} is the grid's edge; widen "
            "--grid to see past it." for r in analysis.best[analysis.best["at_edge"]].itertuples()]
     bad = int(analysis.rates["n_bad"].sum())
@@ -81,6 +84,8 @@ def notes(analysis: exp.DropoutAnalysis, plan: exp.DropoutPlan) -> list[str]:
 
 
 def log_results(parent: str, analysis: exp.DropoutAnalysis, history: pd.DataFrame) -> None:
+    from lrpipe.plots.dropout import plot_dropout
+
     tracking.log_figure(parent, plot_dropout(analysis.curves, analysis.rates, analysis.best),
                         FIGURE)
     for name, table in (("rates.csv", analysis.rates), ("best.csv", analysis.best),

@@ -36,7 +36,6 @@ from lrpipe import report, runs, tracking
 from lrpipe.engine.config import LOSSES, TrainConfig, check_number, merge
 from lrpipe.experiments import losses as exp
 from lrpipe.experiments.bands import band_text
-from lrpipe.plots.losses import plot_loss_comparison
 from lrpipe.search import plan as search_plan
 
 EXPERIMENT = "losses"
@@ -140,6 +139,8 @@ def loss_compare(
                 label="losses")
         history = exp.history_table(cfgs, finals)
         analysis = exp.analyze(history, rates)
+        from lrpipe.plots.losses import plot_loss_comparison  # drawing loads after training
+
         tracking.log_figure(parent, plot_loss_comparison(analysis.curves), FIGURE)
         for name, table in (("summary.csv", analysis.summary), ("curves.csv", analysis.curves),
                             ("history.csv", history),

@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 from prefect import flow
 
 from flows.batched import train_planned
@@ -36,7 +36,6 @@ from flows.search_tasks import explore_subset
 from lrpipe import runs, tracking
 from lrpipe.engine.config import TrainConfig, to_dict
 from lrpipe.experiments.confirm import check_fresh_seeds, confirm
-from lrpipe.plots.search import plot_halving, plot_range_test, plot_regret
 from lrpipe.report import final_metrics
 from lrpipe.search.choose import chosen_band, decide_rate, neighbour_rates, regret_table
 from lrpipe.search.plan import (
@@ -65,6 +64,9 @@ from lrpipe.search.plan import (
 )
 from lrpipe.search.report import regret_display, search_notes, search_tables
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # --- the flow's steps ---------------------------------------------------------------------
 
 def run_grid(base: TrainConfig, candidates: dict[str, float], grid_span: float, parent: str,
@@ -80,6 +82,10 @@ def run_grid(base: TrainConfig, candidates: dict[str, float], grid_span: float, 
 
 def halving_figure(halvings: list[dict]) -> Figure:
     """One ``plot_halving`` panel per seed, side by side."""
+    from matplotlib.figure import Figure  # drawing libraries load here, after training
+
+    from lrpipe.plots.search import plot_halving
+
     fig = Figure(figsize=(4.0 * len(halvings), 4.0), layout="constrained")
     for ax, h in zip(np.atleast_1d(fig.subplots(1, len(halvings))), halvings, strict=True):
         plot_halving(pd.DataFrame(h["ladder"]), ax=ax)
@@ -91,6 +97,8 @@ def halving_figure(halvings: list[dict]) -> Figure:
 def log_parent(parent: str, evidence: dict, curves: pd.DataFrame, halvings: list[dict],
                grid: pd.DataFrame, regret: pd.DataFrame, choice: dict) -> None:
     """Figures, tables, metrics, tags and the report on the parent run."""
+    from lrpipe.plots.search import plot_range_test, plot_regret
+
     tracking.log_figure(parent, plot_range_test(curves, evidence["bands"]), "range_test")
     tracking.log_figure(parent, halving_figure(halvings), "halving")
     tracking.log_figure(parent, plot_regret(grid, regret), "regret")

@@ -28,9 +28,6 @@ from lrpipe.experiments.sweep import (
     summary_text,
     sweep_configs,
 )
-from lrpipe.plots import sweep as plots
-from lrpipe.plots.ratios import plot_update_ratio_by_lr
-from lrpipe.plots.sweep import lr_palette
 from lrpipe.report import final_metrics
 
 # The tag MLflow's UI reads a run's colour from (its charts and runs table; the UI's own
@@ -43,8 +40,23 @@ def run_colors(summary: pd.DataFrame) -> dict[str, str]:
     """Child run id -> its rate's colour in the sweep's figures (``lr_palette``), as #rrggbb."""
     from matplotlib.colors import to_hex
 
+    from lrpipe.plots.sweep import lr_palette
+
     palette = lr_palette(summary["lr"])
     return {row.run_id: to_hex(palette[float(row.lr)]) for row in summary.itertuples()}
+
+
+def sweep_figures(history: pd.DataFrame, steps: pd.DataFrame,
+                  chosen: float | None) -> dict:
+    """The sweep's figures by name (``plots.sweep.sweep_figures``, and the update ratios when
+    the runs logged them)."""
+    from lrpipe.plots import sweep as plots  # drawing libraries load here, after training
+    from lrpipe.plots.ratios import plot_update_ratio_by_lr
+
+    figures = plots.sweep_figures(history, chosen_lr=chosen, steps=steps if len(steps) else None)
+    if any(c.startswith("ratio/") for c in history.columns):
+        figures["update_ratio"] = plot_update_ratio_by_lr(history)
+    return figures
 
 
 @flow(name="lr-sweep")
@@ -85,10 +97,7 @@ def lr_sweep(
         best = best_rate(summary)
         chosen = highlight if highlight is not None else (
             None if best is None else float(best["lr"]))
-        figures = plots.sweep_figures(history, chosen_lr=chosen,
-                                      steps=steps if len(steps) else None)
-        if any(c.startswith("ratio/") for c in history.columns):
-            figures["update_ratio"] = plot_update_ratio_by_lr(history)
+        figures = sweep_figures(history, steps, chosen)
         for name, fig in figures.items():
             tracking.log_figure(parent, fig, name)
         for run_id, color in run_colors(summary).items():

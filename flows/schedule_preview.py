@@ -27,7 +27,6 @@ from lrpipe.engine.config import (
 )
 from lrpipe.engine.schedules import decay_warning, plateau_max_decay, total_decay
 from lrpipe.experiments import decay
-from lrpipe.plots import decay as decay_plots
 from lrpipe.search.plan import SEARCHED_TAG, describe_searched, search_command, searched_identity
 
 EXPERIMENT = "lr-decay"
@@ -171,6 +170,8 @@ def preview_schedules(epochs: int = DEFAULT_EPOCHS, schedules=None,
     table = decay_table(selected, base.epochs, spe)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from lrpipe.plots import decay as decay_plots  # drawing libraries load here, when drawn
+
     fig = decay_plots.plot_schedules(decay.schedule_previews(selected, base.epochs, spe, rate))
     fig.savefig(path, dpi=100)
     with flow_parent("schedule-preview", experiment, "schedule preview", params={

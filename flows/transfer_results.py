@@ -7,7 +7,6 @@ import pandas as pd
 
 from lrpipe import tracking
 from lrpipe.experiments.transfer import TransferConfig, grid_table
-from lrpipe.plots import transfer as transfer_plots
 
 
 def result_frames(results: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,6 +50,8 @@ def verdict_line(c: dict, tc: TransferConfig) -> str:
 def log_outcome(parent: str, strategy_df: pd.DataFrame, grid_df: pd.DataFrame,
                 summary: pd.DataFrame) -> None:
     """Figures, tables and per-strategy final errors on the parent run."""
+    from lrpipe.plots import transfer as transfer_plots  # drawing libraries load here
+
     tracking.log_figure(parent, transfer_plots.plot_strategy_curves(strategy_df),
                         "strategy_curves")
     tracking.log_table(parent, summary, "summary.csv")

@@ -5,6 +5,7 @@ command line (Prefect's server code stays out of the command's process)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -88,3 +89,51 @@ def test_the_temporary_api_answers_and_stops(monkeypatch, tmp_path):
     finally:
         api.stop()
     assert api.process.poll() is not None
+
+
+FLOWS_PROBE = """
+import json, sys
+import flows.pipeline, flows.batch_size, flows.dropout, flows.losses, flows.schedule_preview
+print(json.dumps(sorted(m for m in ("matplotlib", "seaborn", "scipy.stats") if m in sys.modules)))
+"""
+
+
+def test_flow_modules_load_no_drawing_library_before_training():
+    """The drawing libraries (matplotlib, seaborn and scipy.stats under it: about 0.9 s) load
+    when a figure is drawn, after training, not on the way to the first step. The optimizer
+    flows still load them early (lrpipe.experiments.optimizers draws)."""
+    out = subprocess.run([sys.executable, "-c", FLOWS_PROBE], capture_output=True, text=True,
+                         timeout=300)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+EARLY_PROBE = """
+import json, sys
+from flows import api_server
+seen = []
+def start():
+    seen.append("prefect" in sys.modules)
+api_server.start = start
+from flows.cli import main
+code = main(["sweep", "--lrs", "0.1", "--set", "optim.name=bogus"])  # refused by its check
+print(json.dumps({"code": code, "prefect_loaded_at_start": seen}))
+"""
+
+
+def test_the_temporary_api_starts_before_prefect_loads(tmp_path):
+    """A flow command starts its temporary API as soon as its flags parse, before Prefect is
+    imported (about a second sooner); a check that then fails stops it at exit."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run([sys.executable, "-c", EARLY_PROBE], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "code": 2, "prefect_loaded_at_start": [False]}
+
+
+def test_a_configured_api_stops_the_early_one(monkeypatch):
+    stopped = []
+    fake = type("Fake", (), {"stop": lambda self: stopped.append(True)})()
+    monkeypatch.setattr(api_server, "_STARTED", [fake])
+    api_server.stop_unused()
+    assert stopped == [True] and api_server._STARTED == []
