@@ -77,5 +77,14 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="module")
+def api(prefect_harness) -> str:
+    """The test session's Prefect API URL, for commands run as subprocesses (each would
+    start its own otherwise)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def pytest_configure(config):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -4,12 +4,14 @@ Ctrl-C or a ``kill -9`` would, and read what MLflow holds afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lrpipe import tracking
@@ -73,3 +75,18 @@ def by_status(runs: list) -> dict[str, int]:
     for run in runs:
         counts[run.info.status] = counts.get(run.info.status, 0) + 1
     return counts
+
+
+@contextlib.contextmanager
+def tracking_into(uri: str) -> Iterator[str]:
+    """MLFLOW_TRACKING_URI set to ``uri`` for the block (an in-process reference run), and
+    restored after."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if before is None:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

@@ -7,12 +7,11 @@ exactly as an uninterrupted run does."""
 from __future__ import annotations
 
 import io
-import os
 import signal
 
 import pandas as pd
 import pytest
-from killing import all_runs, by_status, signal_group, start, wait_for_output
+from killing import all_runs, by_status, signal_group, start, tracking_into, wait_for_output
 
 from flows import decay_compare as dc
 from flows.commands import COMMANDS
@@ -72,28 +71,13 @@ def planned_hashes(best: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def api(prefect_harness):
-    """The test session's Prefect API, for the commands too: each would start its own."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def reference(api, tmp_path_factory):
     """The same comparison, uninterrupted (in this process, under the Prefect harness)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('decay-reference')}/mlflow.db"
     tracking.client(uri).search_experiments()
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with tracking_into(uri):
         result = COMMANDS["decay"].run(lr=LR, epochs=EPOCHS, seeds=SEEDS, schedules=list(SCHEDULES),
                         overrides=SETS, workers=2, confirm_seeds=[])
-    finally:
-        if before is None:
-            del os.environ["MLFLOW_TRACKING_URI"]
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
     return answer(uri, result["parent_run_id"])
 
 

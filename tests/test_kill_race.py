@@ -5,12 +5,11 @@ retrained), trains round 2, and reaches the uninterrupted run's race, ranking an
 from __future__ import annotations
 
 import io
-import os
 import signal
 
 import pandas as pd
 import pytest
-from killing import all_runs, by_status, signal_group, start, wait_for_output
+from killing import all_runs, by_status, signal_group, start, tracking_into, wait_for_output
 
 from flows.commands import COMMANDS
 from lrpipe import tracking
@@ -36,28 +35,14 @@ def answer(uri: str, parent: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(prefect_harness):
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def reference(api, tmp_path_factory):
     """The same raced comparison, uninterrupted (in this process)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('race-reference')}/mlflow.db"
     tracking.client(uri).search_experiments()
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with tracking_into(uri):
         result = COMMANDS["decay"].run(lr=LR, epochs=EPOCHS, seeds=SEEDS,
                                        schedules=list(SCHEDULES), losses=["cross_entropy"],
                                        overrides=SETS, workers=2, confirm_seeds=[])
-    finally:
-        if before is None:
-            del os.environ["MLFLOW_TRACKING_URI"]
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
     return answer(uri, result["parent_run_id"])
 
 

@@ -7,13 +7,12 @@ Also, fast: a fine-tuning task reused from MLflow returns what it returned when 
 from __future__ import annotations
 
 import io
-import os
 import signal
 
 import pandas as pd
 import pytest
 import yaml
-from killing import all_runs, by_status, signal_group, start, wait_for_output
+from killing import all_runs, by_status, signal_group, start, tracking_into, wait_for_output
 
 from flows import transfer as tr
 from flows.children import train_children
@@ -77,14 +76,6 @@ def answer(uri: str, parent: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def api(prefect_harness):
-    """The test session's Prefect API, for the commands too: each would start its own."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def config(tmp_path_factory):
     path = tmp_path_factory.mktemp("transfer-config") / "transfer.yaml"
     path.write_text(yaml.safe_dump({"overrides": OVERRIDES}))
@@ -98,15 +89,8 @@ def reference(api, tmp_path_factory):
     """The same flow, uninterrupted (in this process, under the Prefect harness)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('transfer-reference')}/mlflow.db"
     tracking.client(uri).search_experiments()
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with tracking_into(uri):
         result = COMMANDS["transfer"].run(**settings())
-    finally:
-        if before is None:
-            del os.environ["MLFLOW_TRACKING_URI"]
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
     assert result["reused"] is False  # a fresh store: pretrained by the flow itself
     return answer(uri, result["parent_run_id"])
 
