@@ -7,9 +7,7 @@ different parents: neither reuses the other's runs)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import statistics
 import sys
 import tempfile
@@ -20,22 +18,6 @@ from kit import Row, say
 from sweep_cases import CommandFailed, whole_command
 
 SEED_SETS = ((0, 1, 2), (3, 4, 5), (6, 7, 8))
-
-
-@contextlib.contextmanager
-def temporary_store():
-    """A fresh sqlite MLflow store, named by MLFLOW_TRACKING_URI for the commands run meanwhile."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    with tempfile.TemporaryDirectory(prefix="lrpipe-race-") as folder:
-        uri = f"sqlite:///{folder}/mlflow.db"
-        os.environ["MLFLOW_TRACKING_URI"] = uri
-        try:
-            yield uri
-        finally:
-            if before is None:
-                del os.environ["MLFLOW_TRACKING_URI"]
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def newest_answer(uri: str) -> dict:
@@ -69,13 +51,15 @@ def case_k(log: Path, quick: bool) -> list[Row]:
 
     measured: dict[str, list] = {"seeds": [], "off": []}
     answers: list[tuple[dict, dict]] = []
-    with temporary_store() as uri:
+    with tempfile.TemporaryDirectory(prefix="lrpipe-race-") as folder:
+        uri = f"sqlite:///{folder}/mlflow.db"
         try:
             for i, seeds in enumerate(sets):
                 pair = {}
                 for prune in ("seeds", "off")[::1 if i % 2 == 0 else -1]:
                     say(f"  (k) seeds {seeds}, --prune {prune} ...")
-                    wall, cpu = whole_command(argv(seeds, prune), log)
+                    wall, cpu = whole_command(argv(seeds, prune), log,
+                                              {"MLFLOW_TRACKING_URI": uri})
                     measured[prune].append((wall, cpu))
                     pair[prune] = newest_answer(uri)
                 answers.append((pair["seeds"], pair["off"]))

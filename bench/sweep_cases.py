@@ -216,10 +216,12 @@ class CommandFailed(RuntimeError):
     """A timed command exited non-zero."""
 
 
-def whole_command(argv: list[str], log: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds of ``argv`` run as a fresh process, measured from outside it:
-    start-up and exit included; CPU = user + sys of it and every descendant it waited for
-    (``RUSAGE_CHILDREN``; Prefect's temporary API server is one). Raises CommandFailed."""
+def whole_command(argv: list[str], log: Path,
+                  env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds of ``argv`` run as a fresh process (``env``: variables added to
+    this process's), measured from outside it: start-up and exit included; CPU = user + sys
+    of it and every descendant it waited for (``RUSAGE_CHILDREN``; Prefect's temporary API
+    server is one). Raises CommandFailed."""
     import resource
 
     def used() -> float:
@@ -229,7 +231,7 @@ def whole_command(argv: list[str], log: Path) -> tuple[float, float]:
     cpu, start = used(), time.perf_counter()
     with open(log, "a") as out:
         rc = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=out,
-                            env=os.environ.copy()).returncode
+                            env={**os.environ, **(env or {})}).returncode
     if rc:
         raise CommandFailed(f"`{' '.join(Path(a).name for a in argv[:2])}` exited {rc}: "
                             + log.read_text().strip().splitlines()[-1][:300])
