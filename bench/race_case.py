@@ -35,7 +35,7 @@ def newest_answer(uri: str) -> dict:
                          f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'",
                          max_results=200)
     return {"best": parent.data.tags["best_schedule"], "second": ranking["schedule"].iloc[1],
-            "runs": len(kids), "prune": parent.data.params["prune"]}
+            "runs": len(kids)}
 
 
 def case_k(log: Path, quick: bool) -> list[Row]:

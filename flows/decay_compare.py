@@ -203,7 +203,7 @@ def train_comparison(plan: DecayPlan, parent: str, experiment: str, threads: int
                           "lr-decay-race-1")
     finals = pd.DataFrame({"arm": [s["schedule"] for s in first], "val_loss": [
         math.inf if r["status"] == "diverged" else r["val_loss"] for r in results]})
-    table = race.round_one(finals, [c for c in CONTROLS if c in plan.schedules])
+    table = race.round_one(finals, CONTROLS)
     verdict = table.set_index("arm")["race"]
     for spec, result in zip(first, results, strict=True):
         tracking.set_tags(result["run_id"], {"race": verdict[spec["schedule"]]})
@@ -265,10 +265,11 @@ def decay_parent(plan: DecayPlan, experiment: str, runner: str) -> Iterator[str]
 
 def raced_text(plan: DecayPlan) -> str:
     """``, raced: 17 runs, not 27 (...)`` for the plan line; empty when not raced."""
-    arms, every = list(plan.schedules), len(plan.schedules) * len(plan.seeds)
-    if not race.races(plan.prune, arms, plan.seeds, CONTROLS):
+    count = race.planned_runs(plan.prune, list(plan.schedules), plan.seeds, CONTROLS)
+    every = len(plan.schedules) * len(plan.seeds)
+    if count == every:  # not raced
         return ""
-    return (f", raced: {race.planned_runs(plan.prune, arms, plan.seeds, CONTROLS)} runs, not "
+    return (f", raced: {count} runs, not "
             f"{every} (all on seed {plan.seeds[0]}, the best third and constant on the rest; "
             "--prune off: all)")
 

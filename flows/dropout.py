@@ -48,13 +48,11 @@ def arms_table(rates: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
     mean [min..max] over seeds, and which rate is the arm's best."""
     best_lr = best.set_index("dropout")["best_lr"]
 
-    from lrpipe.plots.dropout import arm_label  # drawing libraries load after training
-
     def cell(r, col, digits=4):
         return band_text((r[f"{col}_mean"], r[f"{col}_min"], r[f"{col}_max"]), digits)
 
     return pd.DataFrame([{
-        "arm": arm_label(r["dropout"]), "lr": f"{r['lr']:.3g}",
+        "arm": exp.arm_label(r["dropout"]), "lr": f"{r['lr']:.3g}",
         "train loss": cell(r, "train_loss"), "val loss": cell(r, "val_loss"),
         "gap (val - train)": cell(r, "gap"), "val error": cell(r, "val_error"),
         "train error": cell(r, "train_error"),
@@ -71,9 +69,7 @@ def evidence(plan: exp.DropoutPlan, source: str, base: TrainConfig) -> list[str]
 
 
 def notes(analysis: exp.DropoutAnalysis, plan: exp.DropoutPlan) -> list[str]:
-    from lrpipe.plots.dropout import arm_label
-
-    out = [f"{arm_label(r.dropout)}: its best rate {r.best_lr:.3g} is the grid's edge; widen "
+    out = [f"{exp.arm_label(r.dropout)}: its best rate {r.best_lr:.3g} is the grid's edge; widen "
            "--grid to see past it." for r in analysis.best[analysis.best["at_edge"]].itertuples()]
     bad = int(analysis.rates["n_bad"].sum())
     if bad:
@@ -84,7 +80,7 @@ def notes(analysis: exp.DropoutAnalysis, plan: exp.DropoutPlan) -> list[str]:
 
 
 def log_results(parent: str, analysis: exp.DropoutAnalysis, history: pd.DataFrame) -> None:
-    from lrpipe.plots.dropout import plot_dropout
+    from lrpipe.plots.dropout import plot_dropout  # drawing libraries load after training
 
     tracking.log_figure(parent, plot_dropout(analysis.curves, analysis.rates, analysis.best),
                         FIGURE)

@@ -82,6 +82,11 @@ class DropoutPlan:
         return float(f"{self.lr:.6g}")
 
 
+def arm_label(p: float) -> str:
+    """An arm's name in tables and legends: ``no dropout`` or ``dropout 0.5``."""
+    return "no dropout" if p == 0 else f"dropout {p:g}"
+
+
 def _distinct(name: str, values, *, integer: bool) -> tuple:
     allowed = "integers >= 0" if integer else "finite numbers > 0"
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or len(values) == 0:

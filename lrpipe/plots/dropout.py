@@ -17,6 +17,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lrpipe.experiments.dropout import arm_label  # noqa: E402
+
 CURVE_COLUMNS = ("dropout", "epoch", "gap_mean", "gap_min", "gap_max")
 RATE_COLUMNS = ("dropout", "lr", "val_loss_mean", "val_loss_min", "val_loss_max")
 BEST_COLUMNS = ("dropout", "best_lr", "val_loss_mean")
@@ -30,10 +32,6 @@ def _check(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
                          "(experiments.dropout)")
     if df.empty:
         raise ValueError(f"{what}: no rows; required: at least one")
-
-
-def arm_label(p: float) -> str:
-    return "no dropout" if p == 0 else f"dropout {p:g}"
 
 
 def arm_color(p: float) -> str:
